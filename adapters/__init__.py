@@ -1,0 +1,1 @@
+"""Thin anyio drivers for the core machines: sockets, clocks, entropy, and the command line."""

@@ -1,0 +1,78 @@
+"""The proxy's configuration: one immutable, validated value with every limit spelled out.
+
+Defaults follow Linkerd's proxy where it documents one, and otherwise name the reason next to the value.
+``ConfigError`` always names the field and says what would be accepted, so a command line or file that
+is wrong can be fixed from the message alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+MS = 1_000_000
+S = 1_000_000_000
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+    def __init__(self, field: str, problem: str, fix: str) -> None:
+        super().__init__(f"{field}: {problem}; {fix}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    """Limits and timeouts of one proxy. All durations are integer nanoseconds."""
+
+    # h11 refuses a request or response head larger than this (431 / 502). 16 KiB is h11's own default
+    # and about where Node (16 KiB) sits; nginx's large_client_header_buffers allows 4 x 8 KiB.
+    max_header_bytes: int = 16 * 1024
+    # HTTP/1.1 answers pipelined requests in order, so a connection has at most one request in flight;
+    # while it is in flight the proxy stops reading that connection and later requests wait in the
+    # kernel's socket buffer. The field exists so the limit is visible; HTTP/2 (issue 3) raises it.
+    max_requests_in_flight_per_connection: int = 1
+    # A downstream connection with no request in flight is closed after this long.
+    idle_timeout_ns: int = 60 * S
+    # Linkerd's outbound connect timeout is 1 s; a connect that takes longer answers 504.
+    connect_timeout_ns: int = 1 * S
+    # From the last byte of the request written upstream to the response head. 0 disables it.
+    response_timeout_ns: int = 10 * S
+    # Upstream connections per endpoint, busy or idle; a request that finds the pool full waits.
+    pool_max_connections_per_endpoint: int = 256
+    # Idle upstream connections kept per endpoint, and for how long.
+    pool_max_idle_per_endpoint: int = 16
+    pool_idle_timeout_ns: int = 10 * S
+    # Requests waiting for a pooled connection per endpoint; past this they get 503. Linkerd's
+    # default dispatch queue capacity is 100.
+    pool_max_waiters_per_endpoint: int = 100
+    # Bytes written to a connection that its peer has not yet taken; past this the proxy stops reading
+    # the connection feeding it. Also bounds request bytes held while an upstream connection opens.
+    max_buffered_bytes: int = 64 * 1024
+    # After a shutdown request, connections with a request in flight get this long to finish.
+    drain_timeout_ns: int = 10 * S
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(field.name, f"{value!r} is not an integer", "give a whole number")
+            if value < 0:
+                raise ConfigError(field.name, f"{value} is negative", "give 0 or more")
+        _at_least(self, "max_header_bytes", 1024, "1024 (a head smaller than 1 KiB rejects real clients)")
+        _at_least(self, "max_requests_in_flight_per_connection", 1, "1")
+        _at_most(self, "max_requests_in_flight_per_connection", 1, "1 (HTTP/1.1 answers in order)")
+        _at_least(self, "connect_timeout_ns", 1 * MS, "1 ms")
+        _at_least(self, "idle_timeout_ns", 1 * MS, "1 ms")
+        _at_least(self, "pool_max_connections_per_endpoint", 1, "1")
+        _at_least(self, "max_buffered_bytes", 1024, "1024")
+
+
+def _at_least(config: ProxyConfig, name: str, minimum: int, shown: str) -> None:
+    if getattr(config, name) < minimum:
+        raise ConfigError(name, f"{getattr(config, name)} is too small", f"use at least {shown}")
+
+
+def _at_most(config: ProxyConfig, name: str, maximum: int, shown: str) -> None:
+    if getattr(config, name) > maximum:
+        raise ConfigError(name, f"{getattr(config, name)} is too large", f"use at most {shown}")

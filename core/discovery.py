@@ -1,0 +1,50 @@
+"""Discovery state: which endpoints serve an authority.
+
+The proxy asks a ``Resolver`` for the endpoint set of each request's authority. Today the only resolver
+is static (the ``--to`` list, optionally per authority); the control-plane issue will feed the same
+interface from the destination service, delivered through ``Proxy.control``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tether.core.address import Address, parse_authority
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSet:
+    """The endpoints of one destination, in a stable order, under a name used in metrics and logs."""
+
+    name: str
+    endpoints: tuple[Address, ...]
+
+
+class Resolver(Protocol):
+    """Maps an authority (and, later, an original destination) to an endpoint set, or None if unknown."""
+
+    def resolve(self, authority: str) -> EndpointSet | None: ...
+
+
+class StaticResolver:
+    """Resolves from a fixed table of host names, falling back to a default set for any authority.
+
+    The fallback is what ``tether proxy --listen A --to B,C`` means: every request goes to B or C,
+    whatever its Host header says.
+    """
+
+    def __init__(
+        self,
+        default: Sequence[Address] | None = None,
+        by_host: Mapping[str, Sequence[Address]] | None = None,
+        default_name: str = "default",
+    ) -> None:
+        self._default = EndpointSet(default_name, tuple(default)) if default is not None else None
+        self._by_host = {host.lower(): EndpointSet(host.lower(), tuple(eps)) for host, eps in (by_host or {}).items()}
+
+    def resolve(self, authority: str) -> EndpointSet | None:
+        host, _port = parse_authority(authority)
+        found = self._by_host.get(host)
+        return found if found is not None else self._default

@@ -1,0 +1,64 @@
+"""Failures the proxy answers for itself, and the response each becomes.
+
+Every proxy-generated response carries ``l5d-proxy-error`` with a sentence a person can act on, as
+Linkerd's proxy does, so a client can tell "the proxy could not reach the endpoint" (502/503/504 with the
+header) from "the application answered 5xx" (no header).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ProxyErrorKind(enum.Enum):
+    """Why the proxy answered instead of the endpoint: an HTTP status and a snake_case label."""
+
+    MALFORMED_REQUEST = (400, "malformed_request")
+    HEADERS_TOO_LARGE = (431, "headers_too_large")
+    NO_ENDPOINTS = (503, "no_endpoints")
+    POOL_EXHAUSTED = (503, "pool_exhausted")
+    CONNECT_FAILED = (502, "connect_failed")
+    UPSTREAM_CLOSED = (502, "upstream_closed")
+    INVALID_RESPONSE = (502, "invalid_response")
+    CONNECT_TIMEOUT = (504, "connect_timeout")
+    RESPONSE_TIMEOUT = (504, "response_timeout")
+
+    def __init__(self, status: int, label: str) -> None:
+        self.status = status
+        self.label = label
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyError:
+    """One failure: its kind and a readable reason, sent as the ``l5d-proxy-error`` header value."""
+
+    kind: ProxyErrorKind
+    reason: str
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+
+def error_response_headers(error: ProxyError, *, close: bool) -> list[tuple[bytes, bytes]]:
+    """Headers of the response the proxy sends for ``error``; the body is the reason and a newline."""
+    body_length = len(error_body(error))
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(body_length).encode()),
+        (b"l5d-proxy-error", _header_safe(error.reason)),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    return headers
+
+
+def error_body(error: ProxyError) -> bytes:
+    return error.reason.encode("utf-8", "replace") + b"\n"
+
+
+def _header_safe(text: str) -> bytes:
+    # A reason can quote peer input (a reset message, a bad header); keep the header value legal.
+    cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
+    return cleaned[:512].encode("ascii")

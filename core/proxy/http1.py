@@ -1,0 +1,49 @@
+"""HTTP/1.1 message helpers for the proxy: which headers cross a hop, and how a request is rewritten."""
+
+from __future__ import annotations
+
+import h11
+
+# RFC 9110 section 7.6.1: these describe one connection, never the message, so a proxy drops them.
+# Framing headers (content-length, transfer-encoding) stay: h11 re-frames each side from them.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+
+
+def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers and any header the Connection header names."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named]
+
+
+def upstream_request(request: h11.Request, fallback_host: bytes) -> h11.Request:
+    """The request as the proxy writes it upstream: HTTP/1.1, hop-by-hop headers removed, Host kept."""
+    headers = forwarded_headers(list(request.headers))
+    if not any(name == b"host" for name, _ in headers):
+        # An HTTP/1.0 client may omit Host; HTTP/1.1 requires it.
+        headers.insert(0, (b"host", fallback_host))
+    return h11.Request(method=request.method, target=request.target, headers=headers)
+
+
+def request_authority(request: h11.Request) -> str:
+    for name, value in request.headers:
+        if name == b"host":
+            return value.decode("ascii", "replace")
+    target = request.target
+    if target.startswith((b"http://", b"https://")):
+        return target.split(b"/", 3)[2].decode("ascii", "replace")
+    return ""
+
+
+def downstream_response(response: h11.Response, *, close: bool) -> h11.Response:
+    headers = forwarded_headers(list(response.headers))
+    if close:
+        headers.append((b"connection", b"close"))
+    return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
+
+
+def describe_protocol_error(error: h11.RemoteProtocolError) -> str:
+    text = str(error) or type(error).__name__
+    return text[:200]
