@@ -1,0 +1,1 @@
+"""The deterministic simulator: a second driver for the unchanged core machines."""

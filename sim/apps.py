@@ -1,0 +1,393 @@
+"""Virtual applications: an HTTP server and a workload client that checks every answer it gets.
+
+The client is also the invariant checker. Each request carries ``x-request-id`` and asks the server for
+a response body of a given size; the server answers with a body computed from the request id and the
+SHA-256 of the request body it received. So the client can tell, byte for byte, that
+
+- the request body reached the server intact (the digest the server echoes matches),
+- the response body reached the client intact and complete,
+- the response belongs to this request and no other (the id matches),
+- each request ends exactly once: a response, or an error (connection closed or reset, timeout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import h11
+
+from tether.core.address import Address
+from tether.sim.kernel import Kernel
+from tether.sim.network import Network, VirtualSocket
+
+MS = 1_000_000
+
+
+def expected_body(request_id: str, request_digest: str, size: int) -> bytes:
+    """The response body a virtual server sends: a header line, then filler derived from the id."""
+    head = f"{request_id} {request_digest}\n".encode()
+    seed = hashlib.sha256(request_id.encode()).digest()
+    filler = (seed * (size // len(seed) + 1))[: max(0, size - len(head))]
+    return head + filler
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSpec:
+    port: int = 8080
+    latency_min_ns: int = 1 * MS
+    latency_tail_mean_ns: int = 2 * MS
+    failure_rate: float = 0.0  # share of requests answered 500
+
+
+class VirtualHttpServer:
+    """An HTTP/1.1 server on one virtual host; its latency and failures come from its own RNG."""
+
+    def __init__(self, network: Network, host: str, spec: ServerSpec, rng: random.Random) -> None:
+        self.network = network
+        self.kernel = network.kernel
+        self.host = host
+        self.spec = spec
+        self.rng = rng
+        self.requests_served = 0
+        network.listen(host, spec.port, self._accept)
+
+    def _accept(self, sock: VirtualSocket) -> _ServerConnection:
+        return _ServerConnection(self, sock)
+
+
+class _ServerConnection:
+    def __init__(self, server: VirtualHttpServer, sock: VirtualSocket) -> None:
+        self.server = server
+        self.sock = sock
+        self.parser = h11.Connection(h11.SERVER)
+        self.digest = hashlib.sha256()
+        self.request: h11.Request | None = None
+
+    def on_data(self, sock: VirtualSocket, data: bytes) -> None:
+        self.parser.receive_data(data)
+        self._pump()
+
+    def on_eof(self, sock: VirtualSocket) -> None:
+        self.parser.receive_data(b"")
+        self._pump()
+
+    def on_reset(self, sock: VirtualSocket) -> None:
+        self.request = None
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                event = self.parser.next_event()
+            except h11.RemoteProtocolError:
+                self.sock.reset()
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self.request = event
+                self.digest = hashlib.sha256()
+            elif isinstance(event, h11.Data):
+                self.digest.update(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._schedule_response()
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                self.sock.close()
+                return
+
+    def _schedule_response(self) -> None:
+        server = self.server
+        spec = server.spec
+        delay = spec.latency_min_ns + int(server.rng.expovariate(1.0 / spec.latency_tail_mean_ns)) \
+            if spec.latency_tail_mean_ns else spec.latency_min_ns
+        failed = server.rng.random() < spec.failure_rate
+        server.kernel.after(delay, lambda: self._respond(failed))
+
+    def _respond(self, failed: bool) -> None:
+        request = self.request
+        if request is None or self.sock.dead or self.parser.our_state is not h11.SEND_RESPONSE:
+            return
+        headers = dict(request.headers)
+        request_id = headers.get(b"x-request-id", b"-").decode()
+        size = int(headers.get(b"x-response-bytes", b"0"))
+        body = expected_body(request_id, self.digest.hexdigest(), size)
+        response_headers = [(b"x-request-id", request_id.encode())]
+        if headers.get(b"x-response-chunked") != b"1":
+            response_headers.append((b"content-length", str(len(body)).encode()))
+        status = 500 if failed else 200
+        self.server.requests_served += 1
+        out = self.parser.send(h11.Response(status_code=status, headers=response_headers))
+        if len(body) > 4096:  # several writes, so the network can interleave and split them
+            out += self.parser.send(h11.Data(data=body[: len(body) // 2]))
+            self.sock.send(out)
+            out = self.parser.send(h11.Data(data=body[len(body) // 2 :]))
+        else:
+            out += self.parser.send(h11.Data(data=body))
+        out += self.parser.send(h11.EndOfMessage())
+        self.sock.send(out)
+        self.request = None
+        if self.parser.our_state is h11.DONE and self.parser.their_state is h11.DONE:
+            self.parser.start_next_cycle()
+            self._pump()
+        else:
+            self.sock.close()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadSpec:
+    target: Address
+    authority: str
+    rate_per_s: float = 100.0
+    start_ns: int = 0
+    stop_ns: int = 10_000 * MS
+    max_connections: int = 8
+    max_queue: int = 1000  # requests waiting for a connection; past it they fail as "client_queue_full"
+    request_bytes: tuple[int, int] = (0, 0)  # a POST body size drawn from this range; 0 means GET
+    response_bytes: tuple[int, int] = (64, 512)
+    chunked_ratio: float = 0.25  # share of requests and responses framed with chunked encoding
+    timeout_ns: int = 60_000 * MS
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    started_ns: int
+    body: bytes
+    response_bytes: int
+    chunked: bool
+    ended_ns: int | None = None
+    status: int | None = None
+    error: str | None = None
+    proxy_error: str | None = None
+    connection: _ClientConnection | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.ended_ns is not None
+
+
+class WorkloadClient:
+    """An open-loop client: Poisson arrivals at ``rate_per_s`` from start to stop, keep-alive pool."""
+
+    def __init__(self, network: Network, host: str, spec: WorkloadSpec, rng: random.Random,
+                 on_violation: Callable[[str], None]) -> None:
+        self.network = network
+        self.kernel: Kernel = network.kernel
+        self.host = host
+        self.spec = spec
+        self.rng = rng
+        self.on_violation = on_violation
+        self.records: list[RequestRecord] = []
+        self._idle: list[_ClientConnection] = []
+        self._open = 0
+        self._queue: deque[RequestRecord] = deque()
+        self.kernel.at(spec.start_ns, self._next_arrival)
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for record in self.records if not record.done)
+
+    def _next_arrival(self) -> None:
+        if self.kernel.now_ns >= self.spec.stop_ns or not self.network.hosts[self.host].alive:
+            return
+        self._issue()
+        gap = int(self.rng.expovariate(self.spec.rate_per_s) * 1e9)
+        self.kernel.after(max(1, gap), self._next_arrival)
+
+    def _issue(self) -> None:
+        spec = self.spec
+        size = self.rng.randint(*spec.request_bytes)
+        record = RequestRecord(
+            request_id=f"{self.host}-{len(self.records) + 1}",
+            started_ns=self.kernel.now_ns,
+            body=self.rng.randbytes(size),
+            response_bytes=self.rng.randint(*spec.response_bytes),
+            chunked=self.rng.random() < spec.chunked_ratio,
+        )
+        self.records.append(record)
+        self.kernel.after(spec.timeout_ns, lambda: self._timed_out(record))
+        if self._idle:
+            self._idle.pop().start(record)
+        elif self._open < spec.max_connections:
+            self._open += 1
+            _ClientConnection(self, record)
+        elif len(self._queue) < spec.max_queue:
+            self._queue.append(record)
+        else:
+            self.finish(record, error="client_queue_full")
+
+    def finish(self, record: RequestRecord, *, status: int | None = None, error: str | None = None) -> None:
+        if record.done:
+            self.on_violation(f"request {record.request_id} ended twice ({record.status or record.error}, "
+                              f"then {status or error})")
+            return
+        record.ended_ns = self.kernel.now_ns
+        record.status = status
+        record.error = error
+        record.connection = None
+        self.kernel.log(self.host, f"{record.request_id} {'status ' + str(status) if status else 'error ' + str(error)}")
+
+    def connection_free(self, connection: _ClientConnection) -> None:
+        while self._queue:
+            record = self._queue.popleft()
+            if not record.done:
+                connection.start(record)
+                return
+        self._idle.append(connection)
+
+    def connection_gone(self, connection: _ClientConnection) -> None:
+        self._open -= 1
+        if connection in self._idle:
+            self._idle.remove(connection)
+        while self._queue and self._open < self.spec.max_connections:
+            record = self._queue.popleft()
+            if not record.done:
+                self._open += 1
+                _ClientConnection(self, record)
+
+    def _timed_out(self, record: RequestRecord) -> None:
+        if record.done:
+            return
+        connection = record.connection
+        self.finish(record, error="client_timeout")
+        if connection is not None:
+            connection.abort()
+        elif record in self._queue:
+            self._queue.remove(record)
+
+
+class _ClientConnection:
+    def __init__(self, client: WorkloadClient, first: RequestRecord) -> None:
+        self.client = client
+        self.sock: VirtualSocket | None = None
+        self.parser = h11.Connection(h11.CLIENT)
+        self.current: RequestRecord | None = first
+        self.body = bytearray()
+        self.response: h11.Response | None = None
+        self.gone = False
+        first.connection = self
+        client.network.connect(client.host, client.spec.target, self._connected)
+
+    def _connected(self, sock: VirtualSocket | None, reason: str) -> None:
+        if sock is None:
+            self._fail(f"connect_failed: {reason}")
+            return
+        if self.gone:
+            sock.reset()
+            return
+        self.sock = sock
+        sock.handler = self
+        record = self.current
+        if record is None or record.done:
+            self.current = None
+            self.client.connection_free(self)
+            return
+        self._send(record)
+
+    def start(self, record: RequestRecord) -> None:
+        self.current = record
+        record.connection = self
+        self._send(record)
+
+    def _send(self, record: RequestRecord) -> None:
+        assert self.sock is not None
+        headers = [("host", self.client.spec.authority), ("x-request-id", record.request_id),
+                   ("x-response-bytes", str(record.response_bytes))]
+        if record.chunked:
+            headers.append(("x-response-chunked", "1"))
+        method = "POST" if record.body else "GET"
+        if record.body:
+            headers.append(("transfer-encoding", "chunked") if record.chunked else ("content-length", str(len(record.body))))
+        out = self.parser.send(h11.Request(method=method, target=f"/r/{record.request_id}", headers=headers))
+        if record.body:
+            half = len(record.body) // 2
+            out += self.parser.send(h11.Data(data=record.body[:half]))
+            self.sock.send(out)
+            out = self.parser.send(h11.Data(data=record.body[half:]))
+        out += self.parser.send(h11.EndOfMessage())
+        self.sock.send(out)
+        self.body.clear()
+        self.response = None
+
+    def on_data(self, sock: VirtualSocket, data: bytes) -> None:
+        self.parser.receive_data(data)
+        self._pump()
+
+    def on_eof(self, sock: VirtualSocket) -> None:
+        self.parser.receive_data(b"")
+        self._pump()
+
+    def on_reset(self, sock: VirtualSocket) -> None:
+        self._fail("connection_reset")
+
+    def _pump(self) -> None:
+        while not self.gone:
+            try:
+                event = self.parser.next_event()
+            except h11.RemoteProtocolError:
+                self._fail("connection_closed_mid_response" if self.response else "connection_closed")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Response):
+                self.response = event
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self._response_complete()
+            elif isinstance(event, h11.ConnectionClosed):
+                self._fail("connection_closed")
+                return
+
+    def _response_complete(self) -> None:
+        record, response = self.current, self.response
+        if record is None or response is None:
+            self.client.on_violation(f"{self.client.host}: a response arrived with no request outstanding")
+            self.abort()
+            return
+        self._check(record, response)
+        if not record.done:
+            self.client.finish(record, status=response.status_code)
+        self.current = None
+        if self.parser.our_state is h11.DONE and self.parser.their_state is h11.DONE:
+            self.parser.start_next_cycle()
+            self.client.connection_free(self)
+        else:
+            self.abort()
+
+    def _check(self, record: RequestRecord, response: h11.Response) -> None:
+        headers = dict(response.headers)
+        proxy_error = headers.get(b"l5d-proxy-error")
+        if proxy_error is not None:
+            record.proxy_error = proxy_error.decode()
+            return
+        answered = headers.get(b"x-request-id", b"").decode()
+        if answered != record.request_id:
+            self.client.on_violation(f"request {record.request_id} got the response to {answered!r}")
+            return
+        expected = expected_body(record.request_id, hashlib.sha256(record.body).hexdigest(), record.response_bytes)
+        if bytes(self.body) != expected:
+            self.client.on_violation(
+                f"request {record.request_id}: response body differs ({len(self.body)} bytes, "
+                f"expected {len(expected)}; first line {bytes(self.body[:80])!r})")
+
+    def _fail(self, error: str) -> None:
+        if self.gone:
+            return
+        record = self.current
+        if record is not None and not record.done:
+            self.client.finish(record, error=error)
+        self.current = None
+        self.abort()
+
+    def abort(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        if self.sock is not None and not self.sock.dead:
+            self.sock.reset()
+        self.client.connection_gone(self)

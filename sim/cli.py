@@ -1,0 +1,98 @@
+"""``tether sim SCENARIO.yaml``: run a scenario in the simulator and summarise it.
+
+Registered as a plugin command (entry point group ``tether.commands``) so that the CLI in adapters/
+never imports the simulator. Exit codes: 0 the run held every invariant; 1 an invariant failed (the
+seed and replay command are printed); 2 bad usage or a bad scenario file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from tether.sim.scenario import ScenarioError, load_scenario
+from tether.sim.world import RunResult
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+
+
+@click.command("sim")
+@click.argument("scenario", metavar="SCENARIO.yaml")
+@click.option("--seed", type=int, default=None, help="Seed of the run (default: the scenario's, else 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the trace (one line per event; legend in docs/sim.md) to this file.")
+def sim_command(scenario: str, seed: int | None, as_json: bool, trace_path: str | None) -> None:
+    """Run SCENARIO.yaml in the deterministic simulator.
+
+    SCENARIO may also name a shipped scenario (for example 'basic'); `tether sim --list` is not needed:
+    they live in the package's scenarios/ folder and are listed when a name is not found.
+    """
+    path = _resolve(scenario)
+    try:
+        loaded = load_scenario(path)
+    except ScenarioError as error:
+        click.echo(f"tether sim: {error}", err=True)
+        sys.exit(2)
+    run_seed = loaded.default_seed if seed is None else seed
+    world = loaded.build(run_seed, keep_trace=trace_path is not None)
+    world.replay_hint = f"tether sim {scenario}"
+    if not as_json:
+        click.echo(f"simulating {path} with seed {run_seed} for {loaded.duration_ns / 1e9:g} virtual seconds ...",
+                   err=True)
+    result = world.run(loaded.duration_ns)
+    if trace_path is not None:
+        Path(trace_path).write_text("\n".join(world.kernel.trace.lines) + "\n")
+    if as_json:
+        click.echo(json.dumps(result.as_json(), sort_keys=False))
+    else:
+        _print_summary(result)
+    if result.violations:
+        click.echo(world.failure_message(result), err=True)
+        sys.exit(1)
+
+
+def _resolve(scenario: str) -> Path:
+    path = Path(scenario)
+    if path.exists():
+        return path
+    shipped = SCENARIOS / (scenario if scenario.endswith(".yaml") else f"{scenario}.yaml")
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.yaml")))
+    raise click.BadParameter(f"no file {scenario!r}, and no shipped scenario of that name (shipped: {names})",
+                             param_hint="SCENARIO")
+
+
+def _print_summary(result: RunResult) -> None:
+    console = Console()
+    table = Table(title=f"seed {result.seed}  trace {result.trace_hash[:16]}", show_header=True)
+    for column in ("requests", "success", "errors", "p50 ms", "p99 ms", "p99.9 ms", "virtual s", "wall s"):
+        table.add_column(column, justify="right")
+    ok = sum(count for status, count in result.responses.items() if status < 500)
+    latency = result.latency_ms
+    table.add_row(str(result.requests), f"{100 * ok / max(1, result.requests):.2f}%", str(sum(result.errors.values())),
+                  _ms(latency["p50"]), _ms(latency["p99"]), _ms(latency["p999"]), f"{result.virtual_s:g}",
+                  f"{result.wall_s:.2f}")
+    console.print(table)
+    detail = Table(show_header=True)
+    detail.add_column("outcome")
+    detail.add_column("count", justify="right")
+    for status, count in sorted(result.responses.items()):
+        detail.add_row(f"HTTP {status}", str(count))
+    for kind, count in sorted(result.errors.items()):
+        detail.add_row(f"error: {kind}", str(count))
+    for kind, count in sorted(result.proxy_errors.items()):
+        detail.add_row(f"proxy answered: {kind}", str(count))
+    console.print(detail)
+    verdict = "all invariants held" if not result.violations else f"{len(result.violations)} invariant violations"
+    console.print(verdict)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

@@ -1,0 +1,155 @@
+"""Drives a core ``Proxy`` on the virtual network: the simulator's counterpart of adapters/driver.py.
+
+It maps the machine's connection ids to virtual sockets, carries out effects, and keeps exactly one
+kernel event armed at the machine's ``next_deadline_ns()`` (stale timer events are recognised by a
+generation number and ignored). Writes complete at once on the virtual network, so ``sent`` follows
+each ``Send`` immediately; backpressure still applies through ``SetReading``, which pauses delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tether.core.address import Address
+from tether.core.effects import Close, Connect, LogError, Send, SetReading
+from tether.core.proxy import Proxy
+from tether.sim.network import Network, VirtualSocket
+
+
+class SimProxy:
+    """One proxy process on host ``host``, listening on ``port``; rebuilt by ``factory`` after a crash."""
+
+    def __init__(self, network: Network, host: str, port: int, factory: Callable[[int], Proxy]) -> None:
+        self.network = network
+        self.kernel = network.kernel
+        self.host = host
+        self.port = port
+        self.factory = factory
+        self.restarts = 0
+        self.proxy = factory(0)
+        self.errors_logged = 0
+        self._sockets: dict[int, VirtualSocket] = {}
+        self._ids: dict[int, int] = {}  # id(socket) -> conn id
+        self._pending_connects: dict[int, Callable[[], None]] = {}
+        self._timer_generation = 0
+        self._armed_ns: int | None = None
+        network.listen(host, port, self._accept)
+
+    def restart(self) -> None:
+        """After a crash: a fresh process with no connections and a new RNG stream."""
+        self.restarts += 1
+        self.proxy = self.factory(self.restarts)
+        self._sockets.clear()
+        self._ids.clear()
+        self._pending_connects.clear()
+        self._timer_generation += 1
+        self._armed_ns = None
+        self.network.listen(self.host, self.port, self._accept)
+
+    # ---------------------------------------------------------------- socket events -> machine
+
+    def _accept(self, sock: VirtualSocket) -> SimProxy:
+        peer = sock.peer.host if sock.peer is not None else "?"
+        conn_id = self.proxy.accepted(self.kernel.now_ns, peer=Address(peer, 1))
+        self._register(conn_id, sock)
+        self.kernel.log(self.host, f"accept c{conn_id} from {peer}")
+        self._apply()
+        return self
+
+    def on_data(self, sock: VirtualSocket, data: bytes) -> None:
+        conn_id = self._ids.get(id(sock))
+        if conn_id is not None:
+            self.proxy.received(conn_id, data, self.kernel.now_ns)
+            self._apply()
+
+    def on_eof(self, sock: VirtualSocket) -> None:
+        conn_id = self._ids.get(id(sock))
+        if conn_id is not None:
+            self.kernel.log(self.host, f"eof c{conn_id}")
+            self.proxy.received(conn_id, b"", self.kernel.now_ns)
+            self._apply()
+
+    def on_reset(self, sock: VirtualSocket) -> None:
+        conn_id = self._ids.pop(id(sock), None)
+        if conn_id is not None:
+            self._sockets.pop(conn_id, None)
+            self.kernel.log(self.host, f"reset c{conn_id}")
+            self.proxy.closed(conn_id, self.kernel.now_ns)
+            self._apply()
+
+    def _connect_result(self, conn_id: int, generation: int, sock: VirtualSocket | None, reason: str) -> None:
+        if generation != self.restarts or self._pending_connects.pop(conn_id, None) is None:
+            if sock is not None:
+                sock.reset()
+            return
+        if sock is None:
+            self.kernel.log(self.host, f"connect c{conn_id} failed: {reason}")
+            self.proxy.connect_failed(conn_id, reason, self.kernel.now_ns)
+        else:
+            sock.handler = self
+            self._register(conn_id, sock)
+            self.kernel.log(self.host, f"connected c{conn_id}")
+            self.proxy.connected(conn_id, self.kernel.now_ns)
+        self._apply()
+
+    # ---------------------------------------------------------------- machine effects -> sockets
+
+    def _apply(self) -> None:
+        proxy = self.proxy
+        for effect in proxy.effects():
+            if isinstance(effect, Send):
+                sock = self._sockets.get(effect.conn_id)
+                if sock is not None:
+                    sock.send(effect.data)
+                proxy.sent(effect.conn_id, len(effect.data), self.kernel.now_ns)
+            elif isinstance(effect, SetReading):
+                sock = self._sockets.get(effect.conn_id)
+                if sock is not None:
+                    sock.set_reading(effect.enabled)
+            elif isinstance(effect, Connect):
+                self._connect(effect.conn_id, effect.address)
+            elif isinstance(effect, Close):
+                self._close(effect.conn_id, reset=effect.reset)
+            elif isinstance(effect, LogError):
+                self.errors_logged += 1
+                self.kernel.log(self.host, f"error c{effect.conn_id}: {effect.message}")
+        self._arm_timer()
+
+    def _connect(self, conn_id: int, address: Address) -> None:
+        self.kernel.log(self.host, f"connect c{conn_id} to {address}")
+        generation = self.restarts
+        cancel = self.network.connect(
+            self.host, address, lambda sock, reason: self._connect_result(conn_id, generation, sock, reason))
+        self._pending_connects[conn_id] = cancel
+
+    def _close(self, conn_id: int, *, reset: bool) -> None:
+        cancel = self._pending_connects.pop(conn_id, None)
+        if cancel is not None:
+            cancel()
+            return
+        sock = self._sockets.pop(conn_id, None)
+        if sock is None:
+            return
+        self._ids.pop(id(sock), None)
+        self.kernel.log(self.host, f"{'reset' if reset else 'close'} c{conn_id}")
+        sock.reset() if reset else sock.close()
+
+    def _register(self, conn_id: int, sock: VirtualSocket) -> None:
+        self._sockets[conn_id] = sock
+        self._ids[id(sock)] = conn_id
+
+    def _arm_timer(self) -> None:
+        deadline = self.proxy.next_deadline_ns()
+        if deadline is None or (self._armed_ns is not None and self._armed_ns <= deadline):
+            return
+        self._armed_ns = deadline
+        self._timer_generation += 1
+        generation = self._timer_generation
+        self.kernel.at(max(deadline, self.kernel.now_ns), lambda: self._fire(generation))
+
+    def _fire(self, generation: int) -> None:
+        if generation != self._timer_generation or not self.network.hosts[self.host].alive:
+            return
+        self._armed_ns = None
+        self.proxy.on_timer(self.kernel.now_ns)
+        self._apply()

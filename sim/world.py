@@ -1,0 +1,247 @@
+"""A simulated mesh: hosts running virtual apps and core proxies on one virtual network, under faults.
+
+A run has two phases, after FoundationDB and TigerBeetle: until ``duration`` the workload runs and the
+fault schedule plays; then every fault is healed, crashed hosts restart, no new requests start, and the
+world runs until every request has ended (or a grace period passes). Safety invariants are checked as
+events happen (a wrong or corrupt response, a request ending twice); liveness is checked at the end
+(every request ended, and none by a client timeout that no crash explains).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tether.core.address import Address
+from tether.core.config import ProxyConfig
+from tether.core.discovery import StaticResolver
+from tether.core.proxy import Proxy
+from tether.sim.apps import RequestRecord, ServerSpec, VirtualHttpServer, WorkloadClient, WorkloadSpec
+from tether.sim.kernel import Kernel
+from tether.sim.network import LinkSpec, Network
+from tether.sim.proxy_host import SimProxy
+
+MS = 1_000_000
+S = 1_000_000_000
+GRACE_NS = 120 * S
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    """One scheduled fault. ``kind`` is partition, crash, loss or latency."""
+
+    kind: str
+    at_ns: int
+    duration_ns: int
+    hosts: tuple[str, ...]
+    one_way: bool = False
+    loss: float = 0.0
+    latency_min_ns: int = 0
+    latency_tail_mean_ns: int = 0
+
+
+class InvariantViolation(AssertionError):
+    """A safety or liveness property failed; the message carries the seed and the replay command."""
+
+
+@dataclass(slots=True)
+class RunResult:
+    seed: int
+    trace_hash: str
+    requests: int
+    responses: dict[int, int]
+    errors: dict[str, int]
+    latency_ms: dict[str, float | None]
+    virtual_s: float
+    wall_s: float
+    events: int
+    violations: list[str] = field(default_factory=list)
+    proxy_errors: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "seed": self.seed,
+            "trace_hash": self.trace_hash,
+            "requests": self.requests,
+            "responses": {str(status): count for status, count in sorted(self.responses.items())},
+            "errors": sum(self.errors.values()),
+            "errors_by_kind": dict(sorted(self.errors.items())),
+            "proxy_errors": dict(sorted(self.proxy_errors.items())),
+            "latency_ms": self.latency_ms,
+            "virtual_s": self.virtual_s,
+            "wall_s": round(self.wall_s, 3),
+            "events": self.events,
+            "violations": self.violations,
+        }
+
+
+class World:
+    def __init__(self, seed: int, *, default_link: LinkSpec | None = None, mss: int = 64 * 1024,
+                 keep_trace: bool = False, replay_hint: str = "") -> None:
+        self.seed = seed
+        self.kernel = Kernel(seed, keep_trace=keep_trace)
+        self.network = Network(self.kernel, self.kernel.rng_for("network"), default_link=default_link, mss=mss)
+        self.replay_hint = replay_hint
+        self.clients: list[WorkloadClient] = []
+        self.servers: dict[str, VirtualHttpServer] = {}
+        self.proxies: dict[str, SimProxy] = {}
+        self.violations: list[str] = []
+        self._server_specs: dict[str, ServerSpec] = {}
+        self._crashes: list[tuple[str, int, int]] = []  # host, from, to
+        self._heal_actions: list[Callable[[], None]] = []
+
+    # ---------------------------------------------------------------- building
+
+    def _host(self, name: str) -> None:
+        if name not in self.network.hosts:
+            self.network.add_host(name)
+
+    def add_server(self, host: str, spec: ServerSpec) -> None:
+        self._host(host)
+        self._server_specs[host] = spec
+        self.servers[host] = VirtualHttpServer(self.network, host, spec, self.kernel.rng_for("server", host, 0))
+
+    def add_proxy(self, host: str, port: int, endpoints: Sequence[Address], config: ProxyConfig,
+                  *, routes: dict[str, Sequence[Address]] | None = None, service: str = "default") -> None:
+        self._host(host)
+
+        def factory(restart: int) -> Proxy:
+            resolver = StaticResolver(default=endpoints, by_host=routes, default_name=service)
+            return Proxy(config, resolver, self.kernel.rng_for("proxy", host, restart))
+
+        self.proxies[host] = SimProxy(self.network, host, port, factory)
+
+    def add_client(self, host: str, spec: WorkloadSpec) -> None:
+        self._host(host)
+        rng = self.kernel.rng_for("workload", host)
+        self.clients.append(WorkloadClient(self.network, host, spec, rng, self._violation))
+
+    def set_link(self, a: str, b: str, spec: LinkSpec) -> None:
+        self._host(a)
+        self._host(b)
+        self.network.set_link(a, b, spec)
+
+    def schedule(self, fault: Fault) -> None:
+        for host in fault.hosts:
+            assert host in self.network.hosts, f"fault names unknown host {host!r}"
+        start, end = fault.at_ns, fault.at_ns + fault.duration_ns
+        if fault.kind == "partition":
+            a, b = fault.hosts
+            self.kernel.at(start, lambda: self.network.partition(a, b, one_way=fault.one_way))
+            self._until(end, lambda: self.network.heal(a, b, one_way=fault.one_way))
+        elif fault.kind == "crash":
+            (host,) = fault.hosts
+            self._crashes.append((host, start, end))
+            self.kernel.at(start, lambda: self.network.crash(host))
+            self._until(end, lambda: self._restart(host))
+        elif fault.kind in ("loss", "latency"):
+            a, b = fault.hosts
+            before = self.network.link(a, b)
+            worse = LinkSpec(
+                latency_min_ns=before.latency_min_ns + fault.latency_min_ns,
+                latency_tail_mean_ns=before.latency_tail_mean_ns + fault.latency_tail_mean_ns,
+                loss=max(before.loss, fault.loss))
+            self.kernel.at(start, lambda: self._set_link_logged(a, b, worse))
+            self._until(end, lambda: self._set_link_logged(a, b, before))
+        else:
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _until(self, end_ns: int, action: Callable[[], None]) -> None:
+        """Undo a fault at ``end_ns``, or when the run enters its healing phase, whichever is first."""
+        done = {"yes": False}
+
+        def once() -> None:
+            if not done["yes"]:
+                done["yes"] = True
+                action()
+
+        self.kernel.at(end_ns, once)
+        self._heal_actions.append(once)
+
+    def _set_link_logged(self, a: str, b: str, spec: LinkSpec) -> None:
+        self.network.set_link(a, b, spec)
+        self.kernel.log("network", f"link {a}<->{b} {spec}")
+
+    def _restart(self, host: str) -> None:
+        self.network.restart(host)
+        if host in self.proxies:
+            self.proxies[host].restart()
+        if host in self.servers:
+            restarts = self.network.hosts[host].epoch
+            spec = self._server_specs[host]
+            self.servers[host] = VirtualHttpServer(self.network, host, spec, self.kernel.rng_for("server", host, restarts))
+
+    def _violation(self, message: str) -> None:
+        self.kernel.log("invariant", message)
+        self.violations.append(f"t={self.kernel.now_ns / 1e9:.6f}s {message}")
+
+    # ---------------------------------------------------------------- running
+
+    def run(self, duration_ns: int, *, check: bool = False) -> RunResult:
+        started = time.perf_counter()
+        self.kernel.run_until(duration_ns)
+        self.kernel.log("world", "healing: faults end, no new requests")
+        for heal in self._heal_actions:
+            heal()
+        self.kernel.run_until(duration_ns + GRACE_NS, stop=lambda: all(c.pending == 0 for c in self.clients))
+        self._check_liveness()
+        result = self._result(time.perf_counter() - started)
+        if check and result.violations:
+            raise InvariantViolation(self.failure_message(result))
+        return result
+
+    def failure_message(self, result: RunResult) -> str:
+        shown = "\n  ".join(result.violations[:10])
+        more = f"\n  (+{len(result.violations) - 10} more)" if len(result.violations) > 10 else ""
+        return (f"{len(result.violations)} invariant violation(s) with seed {self.seed}:\n  {shown}{more}\n"
+                f"python {platform.python_version()}; replay with: {self.replay_hint or 'tether sim SCENARIO'}"
+                f" --seed {self.seed}")
+
+    def _check_liveness(self) -> None:
+        for client in self.clients:
+            for record in client.records:
+                if not record.done:
+                    self._violation(f"request {record.request_id} got neither a response nor an error")
+                elif record.error == "client_timeout" and not self._crash_explains(client.spec.target.host, record):
+                    self._violation(f"request {record.request_id} timed out at the client with no crash to explain it")
+
+    def _crash_explains(self, host: str, record: RequestRecord) -> bool:
+        # A powered-off host never answers or resets, so the client can only time out; that is correct.
+        assert record.ended_ns is not None
+        return any(h == host and start <= record.ended_ns and end >= record.started_ns
+                   for h, start, end in self._crashes)
+
+    def _result(self, wall_s: float) -> RunResult:
+        records = [record for client in self.clients for record in client.records]
+        responses: dict[int, int] = {}
+        errors: dict[str, int] = {}
+        latencies: list[float] = []
+        for record in records:
+            if record.status is not None:
+                responses[record.status] = responses.get(record.status, 0) + 1
+            elif record.error is not None:
+                kind = record.error.split(":")[0]
+                errors[kind] = errors.get(kind, 0) + 1
+            if record.ended_ns is not None:
+                latencies.append((record.ended_ns - record.started_ns) / MS)
+        proxy_errors: dict[str, int] = {}
+        for sim_proxy in self.proxies.values():
+            for stats in sim_proxy.proxy.stats.services.values():
+                for kind, count in stats.proxy_errors_by_kind.items():
+                    proxy_errors[kind] = proxy_errors.get(kind, 0) + count
+        return RunResult(
+            seed=self.seed, trace_hash=self.kernel.trace.hexdigest(), requests=len(records), responses=responses,
+            errors=errors, latency_ms=_percentiles(latencies), virtual_s=self.kernel.now_ns / S, wall_s=wall_s,
+            events=self.kernel.events_run, violations=list(self.violations), proxy_errors=proxy_errors)
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "p999": None}
+    if len(values) == 1:
+        return {"p50": round(values[0], 3), "p99": round(values[0], 3), "p999": round(values[0], 3)}
+    cuts = statistics.quantiles(values, n=1000, method="inclusive")
+    return {"p50": round(cuts[499], 3), "p99": round(cuts[989], 3), "p999": round(cuts[998], 3)}
