@@ -47,6 +47,7 @@ def cli(log_level: str) -> None:
     """Tether: a service mesh whose every decision also runs in a deterministic simulator."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the errors
 
 
 def parse_address(value: str, what: str) -> Address:
@@ -93,6 +94,26 @@ def proxy(listen: str, to: str, connect_timeout_ms: int, response_timeout_ms: in
         sys.exit(EXIT_BIND)
     except KeyboardInterrupt:
         pass
+
+
+@cli.command()
+@click.option("--duration", "duration_s", type=click.FloatRange(min=0.5), default=None,
+              help="Stop after this many seconds (default: run until Ctrl-C).")
+@click.option("--rate", "rate_per_s", type=click.FloatRange(min=0.1, max=5000), default=50.0, show_default=True,
+              help="Requests per second the load generator sends to the web service.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end instead of tables.")
+def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
+    """Run a small mesh on loopback (web -> backend, each behind a Tether proxy) with live metrics.
+
+    Exits 0 when every request succeeded, 1 when some failed.
+    """
+    import anyio
+    from rich.console import Console
+
+    from tether.adapters.demo import run_demo
+
+    code = anyio.run(run_demo, duration_s, rate_per_s, as_json, Console())
+    sys.exit(code)
 
 
 def main() -> None:

@@ -69,19 +69,24 @@ class ProxyDriver:
             self._task_group = task_group
             task_group.start_soon(self._run_timer)
             accept_scope = anyio.CancelScope()
-            task_group.start_soon(self._accept_until_cancelled, listener, accept_scope)
+            task_group.start_soon(self._accept_until_cancelled, listener, accept_scope, task_group)
             await stop.wait()
             accept_scope.cancel()
-            await listener.aclose()
             self.proxy.shutdown(self._clock_ns())
             self._apply_effects()
             while not self.proxy.is_drained():
                 await anyio.sleep(0.01)
             task_group.cancel_scope.cancel()
 
-    async def _accept_until_cancelled(self, listener: anyio.abc.SocketListener, scope: anyio.CancelScope) -> None:
-        with scope:
-            await listener.serve(self._accepted)
+    async def _accept_until_cancelled(self, listener: anyio.abc.SocketListener, scope: anyio.CancelScope,
+                                      connections: anyio.abc.TaskGroup) -> None:
+        # Connection tasks live in ``connections``, not under ``scope``: cancelling the accept loop at
+        # shutdown must not cut the requests in flight, which the machine drains.
+        try:
+            with scope:
+                await listener.serve(self._accepted, task_group=connections)
+        finally:
+            await listener.aclose()
 
     async def _accepted(self, stream: anyio.abc.SocketStream) -> None:
         peer = stream.extra(anyio.abc.SocketAttribute.remote_address, None)

@@ -78,6 +78,7 @@ class Upstream:
     exchange_id: int | None = None
     unsent_bytes: int = 0
     reading: bool = True
+    eof: bool = False  # the endpoint closed its side
 
 
 class Proxy:
@@ -143,6 +144,7 @@ class Proxy:
             # Nothing was asked on this connection: bytes are a protocol violation and EOF a close.
             self._close_upstream(upstream, reset=bool(data))
             return
+        upstream.eof = upstream.eof or not data
         upstream.h11.receive_data(data)
         self._pump_upstream(upstream, now_ns)
 
@@ -443,8 +445,13 @@ class Proxy:
             try:
                 event = upstream.h11.next_event()
             except h11.RemoteProtocolError as error:
-                reason = f"invalid response from {upstream.endpoint}: {http1.describe_protocol_error(error)}"
-                self._upstream_broke(upstream, reason, now_ns, kind=ProxyErrorKind.INVALID_RESPONSE)
+                if upstream.eof:
+                    # h11 reports an early EOF as a protocol error; say what happened instead.
+                    reason = f"{upstream.endpoint} closed the connection before the response was complete"
+                    self._upstream_broke(upstream, reason, now_ns)
+                else:
+                    reason = f"invalid response from {upstream.endpoint}: {http1.describe_protocol_error(error)}"
+                    self._upstream_broke(upstream, reason, now_ns, kind=ProxyErrorKind.INVALID_RESPONSE)
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
