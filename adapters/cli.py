@@ -118,3 +118,7 @@ def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -150,6 +150,7 @@ class WorkloadSpec:
     response_bytes: tuple[int, int] = (64, 512)
     chunked_ratio: float = 0.25  # share of requests and responses framed with chunked encoding
     timeout_ns: int = 60_000 * MS
+    idle_timeout_ns: int = 5_000 * MS  # an idle keep-alive connection is closed after this long
 
 
 @dataclass(slots=True)
@@ -164,6 +165,7 @@ class RequestRecord:
     error: str | None = None
     proxy_error: str | None = None
     connection: _ClientConnection | None = None
+    probe: bool = False  # issued in the liveness phase, after every fault healed
 
     @property
     def done(self) -> bool:
@@ -198,7 +200,12 @@ class WorkloadClient:
         gap = int(self.rng.expovariate(self.spec.rate_per_s) * 1e9)
         self.kernel.after(max(1, gap), self._next_arrival)
 
-    def _issue(self) -> None:
+    def probe(self, count: int, spacing_ns: int) -> None:
+        """Issue ``count`` liveness probes, one every ``spacing_ns``, starting now."""
+        for index in range(count):
+            self.kernel.after(index * spacing_ns, lambda: self._issue(probe=True))
+
+    def _issue(self, *, probe: bool = False) -> None:
         spec = self.spec
         size = self.rng.randint(*spec.request_bytes)
         record = RequestRecord(
@@ -207,6 +214,7 @@ class WorkloadClient:
             body=self.rng.randbytes(size),
             response_bytes=self.rng.randint(*spec.response_bytes),
             chunked=self.rng.random() < spec.chunked_ratio,
+            probe=probe,
         )
         self.records.append(record)
         self.kernel.after(spec.timeout_ns, lambda: self._timed_out(record))
@@ -238,6 +246,14 @@ class WorkloadClient:
                 connection.start(record)
                 return
         self._idle.append(connection)
+        connection.idle_since_ns = self.kernel.now_ns
+        self.kernel.after(self.spec.idle_timeout_ns, lambda: self._maybe_expire(connection))
+
+    def _maybe_expire(self, connection: _ClientConnection) -> None:
+        idle_ns = self.kernel.now_ns - connection.idle_since_ns
+        if connection in self._idle and idle_ns >= self.spec.idle_timeout_ns:
+            self._idle.remove(connection)
+            connection.close()
 
     def connection_gone(self, connection: _ClientConnection) -> None:
         self._open -= 1
@@ -269,6 +285,7 @@ class _ClientConnection:
         self.body = bytearray()
         self.response: h11.Response | None = None
         self.gone = False
+        self.idle_since_ns = 0
         first.connection = self
         client.network.connect(client.host, client.spec.target, self._connected)
 
@@ -383,6 +400,15 @@ class _ClientConnection:
             self.client.finish(record, error=error)
         self.current = None
         self.abort()
+
+    def close(self) -> None:
+        """Close an idle connection cleanly (FIN)."""
+        if self.gone:
+            return
+        self.gone = True
+        if self.sock is not None and not self.sock.dead:
+            self.sock.close()
+        self.client.connection_gone(self)
 
     def abort(self) -> None:
         if self.gone:

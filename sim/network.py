@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from tether.core.address import Address
@@ -95,6 +95,12 @@ class VirtualSocket:
 
     def set_reading(self, enabled: bool) -> None:
         self.reading = enabled
+        if enabled and self.backlog:
+            # Deliver what waited as a new event, never from inside the caller's own call: a machine
+            # that resumes reading must not be re-entered while it is still handing out effects.
+            self.network.kernel.after(0, self._deliver_backlog)
+
+    def _deliver_backlog(self) -> None:
         while self.reading and self.backlog and not self.dead:
             kind, payload = self.backlog.popleft()
             self.network.hand_to_app(self, kind, payload)
@@ -148,6 +154,12 @@ class Network:
             else:
                 self._blocked[pair] = count
         self.kernel.log("network", f"heal {a} {'->' if one_way else '<->'} {b}")
+
+    def clear_loss(self) -> None:
+        """Make every link lossless, keeping its latency."""
+        self.default_link = replace(self.default_link, loss=0.0)
+        self._links = {pair: replace(spec, loss=0.0) for pair, spec in self._links.items()}
+        self.kernel.log("network", "loss cleared on every link")
 
     def blocked(self, a: str, b: str) -> bool:
         return (a, b) in self._blocked

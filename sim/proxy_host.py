@@ -95,25 +95,33 @@ class SimProxy:
     # ---------------------------------------------------------------- machine effects -> sockets
 
     def _apply(self) -> None:
-        proxy = self.proxy
-        for effect in proxy.effects():
-            if isinstance(effect, Send):
-                sock = self._sockets.get(effect.conn_id)
-                if sock is not None:
-                    sock.send(effect.data)
-                proxy.sent(effect.conn_id, len(effect.data), self.kernel.now_ns)
-            elif isinstance(effect, SetReading):
-                sock = self._sockets.get(effect.conn_id)
-                if sock is not None:
-                    sock.set_reading(effect.enabled)
-            elif isinstance(effect, Connect):
-                self._connect(effect.conn_id, effect.address)
-            elif isinstance(effect, Close):
-                self._close(effect.conn_id, reset=effect.reset)
-            elif isinstance(effect, LogError):
-                self.errors_logged += 1
-                self.kernel.log(self.host, f"error c{effect.conn_id}: {effect.message}")
+        # Acknowledging a write (``sent``) can itself produce effects, such as resuming a paused reader;
+        # keep draining until the machine has nothing more to say.
+        effects = self.proxy.effects()
+        while effects:
+            for effect in effects:
+                self._carry_out(effect)
+            effects = self.proxy.effects()
         self._arm_timer()
+
+    def _carry_out(self, effect: object) -> None:
+        proxy = self.proxy
+        if isinstance(effect, Send):
+            sock = self._sockets.get(effect.conn_id)
+            if sock is not None:
+                sock.send(effect.data)
+            proxy.sent(effect.conn_id, len(effect.data), self.kernel.now_ns)
+        elif isinstance(effect, SetReading):
+            sock = self._sockets.get(effect.conn_id)
+            if sock is not None:
+                sock.set_reading(effect.enabled)
+        elif isinstance(effect, Connect):
+            self._connect(effect.conn_id, effect.address)
+        elif isinstance(effect, Close):
+            self._close(effect.conn_id, reset=effect.reset)
+        elif isinstance(effect, LogError):
+            self.errors_logged += 1
+            self.kernel.log(self.host, f"error c{effect.conn_id}: {effect.message}")
 
     def _connect(self, conn_id: int, address: Address) -> None:
         self.kernel.log(self.host, f"connect c{conn_id} to {address}")

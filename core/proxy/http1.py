@@ -47,3 +47,13 @@ def downstream_response(response: h11.Response, *, close: bool) -> h11.Response:
 def describe_protocol_error(error: h11.RemoteProtocolError) -> str:
     text = str(error) or type(error).__name__
     return text[:200]
+
+
+def head_size(message: h11.Request | h11.Response) -> int:
+    """Bytes of a parsed head, as it was on the wire give or take whitespace.
+
+    h11 enforces ``max_incomplete_event_size`` only while a head is still incomplete; a whole oversized
+    head that arrives in one read passes through, so the proxy measures every head itself.
+    """
+    start = len(message.target) + len(message.method) if isinstance(message, h11.Request) else len(message.reason) + 13
+    return start + 12 + sum(len(name) + len(value) + 4 for name, value in message.headers)

@@ -275,6 +275,11 @@ class Proxy:
         self._exchanges[exchange.exchange_id] = exchange
         downstream.exchange_id = exchange.exchange_id
         self.stats.service(service).requests += 1
+        if http1.head_size(request) > self.config.max_header_bytes:
+            downstream.closing = True
+            reason = f"request head larger than {self.config.max_header_bytes} bytes"
+            self._fail(exchange, ProxyError(ProxyErrorKind.HEADERS_TOO_LARGE, reason), now_ns)
+            return
         if endpoint_set is None or not endpoint_set.endpoints:
             error = ProxyError(ProxyErrorKind.NO_ENDPOINTS, f"no endpoints for {authority or 'this request'}")
             self._fail_after_request(exchange, error, now_ns)
@@ -460,7 +465,7 @@ class Proxy:
             if isinstance(event, h11.InformationalResponse):
                 self._informational(exchange, upstream, event, now_ns)
             elif isinstance(event, h11.Response):
-                self._response_started(exchange, event, now_ns)
+                self._response_started(exchange, upstream, event, now_ns)
             elif isinstance(event, h11.Data):
                 self._response_body(exchange, bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -482,7 +487,11 @@ class Proxy:
             self._send(downstream, downstream.h11.send(h11.InformationalResponse(
                 status_code=event.status_code, headers=http1.forwarded_headers(list(event.headers)))))
 
-    def _response_started(self, exchange: Exchange, response: h11.Response, now_ns: int) -> None:
+    def _response_started(self, exchange: Exchange, upstream: Upstream, response: h11.Response, now_ns: int) -> None:
+        if http1.head_size(response) > self.config.max_header_bytes:
+            reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
+            self._upstream_broke(upstream, reason, now_ns, kind=ProxyErrorKind.INVALID_RESPONSE)
+            return
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.advance(Step.RESPONSE_HEAD)
         exchange.response_status = response.status_code
