@@ -97,6 +97,7 @@ class World:
         self.violations: list[str] = []
         self._server_specs: dict[str, ServerSpec] = {}
         self._heal_actions: list[Callable[[], None]] = []
+        self._healing = False
 
     # ---------------------------------------------------------------- building
 
@@ -135,11 +136,11 @@ class World:
         start, end = fault.at_ns, fault.at_ns + fault.duration_ns
         if fault.kind == "partition":
             a, b = fault.hosts
-            self.kernel.at(start, lambda: self.network.partition(a, b, one_way=fault.one_way))
+            self._from(start, lambda: self.network.partition(a, b, one_way=fault.one_way))
             self._until(end, lambda: self.network.heal(a, b, one_way=fault.one_way))
         elif fault.kind == "crash":
             (host,) = fault.hosts
-            self.kernel.at(start, lambda: self.network.crash(host))
+            self._from(start, lambda: self.network.crash(host))
             self._until(end, lambda: self._restart(host))
         elif fault.kind in ("loss", "latency"):
             a, b = fault.hosts
@@ -148,10 +149,14 @@ class World:
                 latency_min_ns=before.latency_min_ns + fault.latency_min_ns,
                 latency_tail_mean_ns=before.latency_tail_mean_ns + fault.latency_tail_mean_ns,
                 loss=max(before.loss, fault.loss))
-            self.kernel.at(start, lambda: self._set_link_logged(a, b, worse))
+            self._from(start, lambda: self._set_link_logged(a, b, worse))
             self._until(end, lambda: self._set_link_logged(a, b, before))
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _from(self, start_ns: int, action: Callable[[], None]) -> None:
+        """Start a fault at ``start_ns`` unless the run is already healing (a fault past the run's end)."""
+        self.kernel.at(start_ns, lambda: None if self._healing else action())
 
     def _until(self, end_ns: int, action: Callable[[], None]) -> None:
         """Undo a fault at ``end_ns``, or when the run enters its healing phase, whichever is first."""
@@ -188,6 +193,7 @@ class World:
         started = time.perf_counter()
         self.kernel.run_until(duration_ns)
         self.kernel.log("world", "healing: faults end, no new requests")
+        self._healing = True
         for heal in self._heal_actions:
             heal()
         all_ended = lambda: all(client.pending == 0 for client in self.clients)  # noqa: E731
