@@ -1,0 +1,132 @@
+"""Real processes on loopback: nginx as the upstream, `tether proxy` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@dataclass
+class Nginx:
+    port: int
+    root: Path
+    access_log: Path
+
+
+NGINX_CONF = """
+user root;
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    log_format conn '$request_method $uri $status $connection $connection_requests';
+    access_log {prefix}/access.log conn;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 10000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {prefix}/www;
+        client_max_body_size 64m;
+        location /upload/ {{ dav_methods PUT DELETE; create_full_put_path on; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.fail("nginx is not installed; .ci/run installs it (apt-get install nginx)")
+    prefix = tmp_path / "nginx"
+    (prefix / "www" / "upload").mkdir(parents=True)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port))
+    process = subprocess.Popen([binary, "-c", str(conf), "-p", str(prefix)], stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port)
+        yield Nginx(port, prefix / "www", prefix / "access.log")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@dataclass
+class TetherProxy:
+    port: int
+    process: subprocess.Popen[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_tether_proxy(*targets: int, extra: list[str] | None = None) -> TetherProxy:
+    port = free_port()
+    to = ",".join(f"127.0.0.1:{target}" for target in targets)
+    command = [sys.executable, "-m", "tether.adapters.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--to", to,
+               *(extra or [])]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert "listening on" in line, line + (process.stderr.read() if process.poll() is not None else "")
+    return TetherProxy(port, process)
+
+
+@pytest.fixture
+def tether_proxy_to():
+    started: list[TetherProxy] = []
+
+    def start(*targets: int, extra: list[str] | None = None) -> TetherProxy:
+        proxy = start_tether_proxy(*targets, extra=extra)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.process.send_signal(signal.SIGINT)
+            try:
+                proxy.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proxy.process.kill()
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
