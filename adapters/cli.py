@@ -15,7 +15,6 @@ import sys
 from importlib.metadata import entry_points
 
 import click
-
 from tether.core.address import Address, AddressError
 from tether.core.config import MS, ConfigError, ProxyConfig
 
@@ -41,12 +40,18 @@ class _PluginGroup(click.Group):
 
 
 @click.group(cls=_PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity (stderr).")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log verbosity (stderr).",
+)
 def cli(log_level: str) -> None:
     """Tether: a service mesh whose every decision also runs in a deterministic simulator."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the errors
 
 
@@ -59,19 +64,32 @@ def parse_address(value: str, what: str) -> Address:
 
 @cli.command()
 @click.option("--listen", "listen", required=True, metavar="HOST:PORT", help="Address to accept clients on.")
-@click.option("--to", "to", required=True, metavar="HOST:PORT[,HOST:PORT...]",
-              help="Endpoints to forward every request to (round robin for now).")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    metavar="HOST:PORT[,HOST:PORT...]",
+    help="Endpoints to forward every request to (round robin for now).",
+)
 @click.option("--connect-timeout-ms", default=1000, show_default=True, help="Upstream connect timeout (504).")
-@click.option("--response-timeout-ms", default=10000, show_default=True,
-              help="From the request's last byte to the response head (504); 0 disables.")
+@click.option(
+    "--response-timeout-ms",
+    default=10000,
+    show_default=True,
+    help="From the request's last byte to the response head (504); 0 disables.",
+)
 @click.option("--idle-timeout-ms", default=60000, show_default=True, help="Close client connections idle this long.")
-@click.option("--drain-timeout-ms", default=10000, show_default=True,
-              help="On SIGTERM/Ctrl-C, how long requests in flight may take to finish.")
-def proxy(listen: str, to: str, connect_timeout_ms: int, response_timeout_ms: int, idle_timeout_ms: int,
-          drain_timeout_ms: int) -> None:
+@click.option(
+    "--drain-timeout-ms",
+    default=10000,
+    show_default=True,
+    help="On SIGTERM/Ctrl-C, how long requests in flight may take to finish.",
+)
+def proxy(
+    listen: str, to: str, connect_timeout_ms: int, response_timeout_ms: int, idle_timeout_ms: int, drain_timeout_ms: int
+) -> None:
     """Run an HTTP/1.1 proxy from LISTEN to the endpoints in TO."""
     import anyio
-
     from tether.adapters.serve import run_proxy
 
     listen_address = parse_address(listen, "--listen")
@@ -97,10 +115,21 @@ def proxy(listen: str, to: str, connect_timeout_ms: int, response_timeout_ms: in
 
 
 @cli.command()
-@click.option("--duration", "duration_s", type=click.FloatRange(min=0.5), default=None,
-              help="Stop after this many seconds (default: run until Ctrl-C).")
-@click.option("--rate", "rate_per_s", type=click.FloatRange(min=0.1, max=5000), default=50.0, show_default=True,
-              help="Requests per second the load generator sends to the web service.")
+@click.option(
+    "--duration",
+    "duration_s",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    help="Stop after this many seconds (default: run until Ctrl-C).",
+)
+@click.option(
+    "--rate",
+    "rate_per_s",
+    type=click.FloatRange(min=0.1, max=5000),
+    default=50.0,
+    show_default=True,
+    help="Requests per second the load generator sends to the web service.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end instead of tables.")
 def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
     """Run a small mesh on loopback (web -> backend, each behind a Tether proxy) with live metrics.
@@ -109,7 +138,6 @@ def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
     """
     import anyio
     from rich.console import Console
-
     from tether.adapters.demo import run_demo
 
     code = anyio.run(run_demo, duration_s, rate_per_s, as_json, Console())

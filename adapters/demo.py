@@ -24,7 +24,6 @@ import httpx
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-
 from tether.adapters.demo_apps import BackendApp, Handler, WebApp, serve_http
 from tether.adapters.driver import ProxyDriver
 from tether.adapters.serve import build_proxy
@@ -62,8 +61,9 @@ async def _listen() -> tuple[anyio.abc.SocketListener, Address]:
     return listener, Address(str(host), int(port))
 
 
-async def _start_service(task_group: anyio.abc.TaskGroup, name: str, handler: Handler, stop: anyio.Event
-                         ) -> DemoService:
+async def _start_service(
+    task_group: anyio.abc.TaskGroup, name: str, handler: Handler, stop: anyio.Event
+) -> DemoService:
     app_listener, app_address = await _listen()
     task_group.start_soon(serve_http, app_listener, handler)
     proxy = build_proxy(ProxyConfig(), [app_address], service=name)
@@ -106,8 +106,10 @@ async def _stop_on_signal(stop: anyio.Event) -> None:
 
 async def _generate_load(target: Address, rate_per_s: float, counts: LoadCounts, stop: anyio.Event) -> None:
     limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT)
-    async with httpx.AsyncClient(base_url=f"http://{target}", timeout=10.0, limits=limits) as client, \
-            anyio.create_task_group() as task_group:
+    async with (
+        httpx.AsyncClient(base_url=f"http://{target}", timeout=10.0, limits=limits) as client,
+        anyio.create_task_group() as task_group,
+    ):
         in_flight = 0
 
         async def one(book: int) -> None:
@@ -139,8 +141,14 @@ async def _generate_load(target: Address, rate_per_s: float, counts: LoadCounts,
                 await stop.wait()
 
 
-async def _show(services: list[DemoService], counts: LoadCounts, duration_s: float | None, as_json: bool,
-                console: Console, stop: anyio.Event) -> None:
+async def _show(
+    services: list[DemoService],
+    counts: LoadCounts,
+    duration_s: float | None,
+    as_json: bool,
+    console: Console,
+    stop: anyio.Event,
+) -> None:
     deadline = None if duration_s is None else time.monotonic() + duration_s
     for service in services:
         service.history.append((time.monotonic(), service.stats().copy()))
@@ -165,8 +173,10 @@ def _window(service: DemoService) -> tuple[ServiceStats, float]:
     (first_at, first), (last_at, last) = service.history[0], service.history[-1]
     delta = ServiceStats(
         requests=last.requests - first.requests,
-        responses_by_status={status: count - first.responses_by_status.get(status, 0)
-                             for status, count in last.responses_by_status.items()},
+        responses_by_status={
+            status: count - first.responses_by_status.get(status, 0)
+            for status, count in last.responses_by_status.items()
+        },
         aborted=last.aborted - first.aborted,
         latency=last.latency.minus(first.latency),
     )
@@ -198,8 +208,13 @@ def _table(services: list[DemoService], counts: LoadCounts, *, window: bool, ela
         stats, seconds = _window(service) if window else (service.stats(), max(elapsed, 1e-9))
         row = service_row(stats, seconds)
         success = "-" if row["success_rate"] is None else f"{100 * float(row['success_rate']):.2f}%"
-        table.add_row(service.name, "1/1", success, f"{row['rps']:.1f}",
-                      *(_ms(row[key]) for key in ("p50_ms", "p95_ms", "p99_ms")))
+        table.add_row(
+            service.name,
+            "1/1",
+            success,
+            f"{row['rps']:.1f}",
+            *(_ms(row[key]) for key in ("p50_ms", "p95_ms", "p99_ms")),
+        )
     return table
 
 
@@ -211,8 +226,13 @@ def _report(services: list[DemoService], counts: LoadCounts, elapsed: float, as_
     if as_json:
         document = {
             "duration_s": round(elapsed, 3),
-            "load": {"sent": counts.sent, "succeeded": counts.succeeded, "failed": counts.failed,
-                     "skipped": counts.skipped, "last_error": counts.last_error},
+            "load": {
+                "sent": counts.sent,
+                "succeeded": counts.succeeded,
+                "failed": counts.failed,
+                "skipped": counts.skipped,
+                "last_error": counts.last_error,
+            },
             "services": {service.name: service_row(service.stats(), elapsed) for service in services},
         }
         console.print_json(json.dumps(document))

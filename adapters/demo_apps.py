@@ -34,8 +34,11 @@ async def _connection(stream: anyio.abc.SocketStream, handler: Handler) -> None:
             status, body = await handler(request) if ok else (400, b"bad request\n")
             headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
             try:
-                await stream.send(parser.send(h11.Response(status_code=status, headers=headers))
-                                  + parser.send(h11.Data(data=body)) + parser.send(h11.EndOfMessage()))
+                await stream.send(
+                    parser.send(h11.Response(status_code=status, headers=headers))
+                    + parser.send(h11.Data(data=body))
+                    + parser.send(h11.EndOfMessage())
+                )
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return
             if parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
@@ -72,8 +75,9 @@ async def _read_request(stream: anyio.abc.SocketStream, parser: h11.Connection) 
 class BackendApp:
     """``GET /books/N``: a small JSON document after a short, random delay."""
 
-    def __init__(self, rng: random.Random, *, latency_ms: tuple[float, float] = (1.0, 8.0),
-                 failure_rate: float = 0.0) -> None:
+    def __init__(
+        self, rng: random.Random, *, latency_ms: tuple[float, float] = (1.0, 8.0), failure_rate: float = 0.0
+    ) -> None:
         self.rng = rng
         self.latency_ms = latency_ms
         self.failure_rate = failure_rate
@@ -90,8 +94,9 @@ class WebApp:
     """``GET /api/books/N``: asks the backend, through the backend's proxy, and wraps the answer."""
 
     def __init__(self, backend_via_proxy: str) -> None:
-        self.client = httpx.AsyncClient(base_url=backend_via_proxy, timeout=10.0,
-                                        limits=httpx.Limits(max_keepalive_connections=32))
+        self.client = httpx.AsyncClient(
+            base_url=backend_via_proxy, timeout=10.0, limits=httpx.Limits(max_keepalive_connections=32)
+        )
 
     async def __call__(self, request: h11.Request) -> tuple[int, bytes]:
         book = request.target.decode().rsplit("/", 1)[-1]

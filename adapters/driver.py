@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, SetReading
 from tether.core.proxy import Proxy
@@ -78,8 +77,9 @@ class ProxyDriver:
                 await anyio.sleep(0.01)
             task_group.cancel_scope.cancel()
 
-    async def _accept_until_cancelled(self, listener: anyio.abc.SocketListener, scope: anyio.CancelScope,
-                                      connections: anyio.abc.TaskGroup) -> None:
+    async def _accept_until_cancelled(
+        self, listener: anyio.abc.SocketListener, scope: anyio.CancelScope, connections: anyio.abc.TaskGroup
+    ) -> None:
         # Connection tasks live in ``connections``, not under ``scope``: cancelling the accept loop at
         # shutdown must not cut the requests in flight, which the machine drains.
         try:

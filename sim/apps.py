@@ -16,10 +16,9 @@ import hashlib
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h11
-
 from tether.core.address import Address
 from tether.sim.kernel import Kernel
 from tether.sim.network import Network, VirtualSocket
@@ -102,8 +101,11 @@ class _ServerConnection:
     def _schedule_response(self) -> None:
         server = self.server
         spec = server.spec
-        delay = spec.latency_min_ns + int(server.rng.expovariate(1.0 / spec.latency_tail_mean_ns)) \
-            if spec.latency_tail_mean_ns else spec.latency_min_ns
+        delay = (
+            spec.latency_min_ns + int(server.rng.expovariate(1.0 / spec.latency_tail_mean_ns))
+            if spec.latency_tail_mean_ns
+            else spec.latency_min_ns
+        )
         failed = server.rng.random() < spec.failure_rate
         server.kernel.after(delay, lambda: self._respond(failed))
 
@@ -149,7 +151,8 @@ class WorkloadSpec:
     request_bytes: tuple[int, int] = (0, 0)  # a POST body size drawn from this range; 0 means GET
     response_bytes: tuple[int, int] = (64, 512)
     chunked_ratio: float = 0.25  # share of requests and responses framed with chunked encoding
-    timeout_ns: int = 60_000 * MS
+    timeout_ns: int = 60_000 * MS  # from the moment a request is given a connection
+    queue_timeout_ns: int = 10_000 * MS  # waiting for a connection; past it: "client_queue_timeout"
     idle_timeout_ns: int = 5_000 * MS  # an idle keep-alive connection is closed after this long
 
 
@@ -175,8 +178,9 @@ class RequestRecord:
 class WorkloadClient:
     """An open-loop client: Poisson arrivals at ``rate_per_s`` from start to stop, keep-alive pool."""
 
-    def __init__(self, network: Network, host: str, spec: WorkloadSpec, rng: random.Random,
-                 on_violation: Callable[[str], None]) -> None:
+    def __init__(
+        self, network: Network, host: str, spec: WorkloadSpec, rng: random.Random, on_violation: Callable[[str], None]
+    ) -> None:
         self.network = network
         self.kernel: Kernel = network.kernel
         self.host = host
@@ -217,7 +221,6 @@ class WorkloadClient:
             probe=probe,
         )
         self.records.append(record)
-        self.kernel.after(spec.timeout_ns, lambda: self._timed_out(record))
         if self._idle:
             self._idle.pop().start(record)
         elif self._open < spec.max_connections:
@@ -225,19 +228,23 @@ class WorkloadClient:
             _ClientConnection(self, record)
         elif len(self._queue) < spec.max_queue:
             self._queue.append(record)
+            self.kernel.after(spec.queue_timeout_ns, lambda: self._queue_timed_out(record))
         else:
             self.finish(record, error="client_queue_full")
 
     def finish(self, record: RequestRecord, *, status: int | None = None, error: str | None = None) -> None:
         if record.done:
-            self.on_violation(f"request {record.request_id} ended twice ({record.status or record.error}, "
-                              f"then {status or error})")
+            self.on_violation(
+                f"request {record.request_id} ended twice ({record.status or record.error}, then {status or error})"
+            )
             return
         record.ended_ns = self.kernel.now_ns
         record.status = status
         record.error = error
         record.connection = None
-        self.kernel.log(self.host, f"{record.request_id} {'status ' + str(status) if status else 'error ' + str(error)}")
+        self.kernel.log(
+            self.host, f"{record.request_id} {'status ' + str(status) if status else 'error ' + str(error)}"
+        )
 
     def connection_free(self, connection: _ClientConnection) -> None:
         while self._queue:
@@ -265,15 +272,22 @@ class WorkloadClient:
                 self._open += 1
                 _ClientConnection(self, record)
 
-    def _timed_out(self, record: RequestRecord) -> None:
-        if record.done:
+    def attach(self, record: RequestRecord, connection: _ClientConnection) -> None:
+        """``record`` leaves the queue for ``connection``; its timeout starts now."""
+        record.connection = connection
+        self.kernel.after(self.spec.timeout_ns, lambda: self._timed_out(record, connection))
+
+    def _timed_out(self, record: RequestRecord, connection: _ClientConnection) -> None:
+        if record.done or record.connection is not connection:
             return
-        connection = record.connection
         self.finish(record, error="client_timeout")
-        if connection is not None:
-            connection.abort()
-        elif record in self._queue:
+        connection.abort()
+
+    def _queue_timed_out(self, record: RequestRecord) -> None:
+        # The client's own overload: the request never got a connection. Not a verdict on the mesh.
+        if not record.done and record.connection is None and record in self._queue:
             self._queue.remove(record)
+            self.finish(record, error="client_queue_timeout")
 
 
 class _ClientConnection:
@@ -286,7 +300,7 @@ class _ClientConnection:
         self.response: h11.Response | None = None
         self.gone = False
         self.idle_since_ns = 0
-        first.connection = self
+        client.attach(first, self)
         client.network.connect(client.host, client.spec.target, self._connected)
 
     def _connected(self, sock: VirtualSocket | None, reason: str) -> None:
@@ -307,18 +321,23 @@ class _ClientConnection:
 
     def start(self, record: RequestRecord) -> None:
         self.current = record
-        record.connection = self
+        self.client.attach(record, self)
         self._send(record)
 
     def _send(self, record: RequestRecord) -> None:
         assert self.sock is not None
-        headers = [("host", self.client.spec.authority), ("x-request-id", record.request_id),
-                   ("x-response-bytes", str(record.response_bytes))]
+        headers = [
+            ("host", self.client.spec.authority),
+            ("x-request-id", record.request_id),
+            ("x-response-bytes", str(record.response_bytes)),
+        ]
         if record.chunked:
             headers.append(("x-response-chunked", "1"))
         method = "POST" if record.body else "GET"
         if record.body:
-            headers.append(("transfer-encoding", "chunked") if record.chunked else ("content-length", str(len(record.body))))
+            headers.append(
+                ("transfer-encoding", "chunked") if record.chunked else ("content-length", str(len(record.body)))
+            )
         out = self.parser.send(h11.Request(method=method, target=f"/r/{record.request_id}", headers=headers))
         if record.body:
             half = len(record.body) // 2
@@ -390,7 +409,8 @@ class _ClientConnection:
         if bytes(self.body) != expected:
             self.client.on_violation(
                 f"request {record.request_id}: response body differs ({len(self.body)} bytes, "
-                f"expected {len(expected)}; first line {bytes(self.body[:80])!r})")
+                f"expected {len(expected)}; first line {bytes(self.body[:80])!r})"
+            )
 
     def _fail(self, error: str) -> None:
         if self.gone:

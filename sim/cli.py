@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
-
 from tether.sim.scenario import ScenarioError, load_scenario
 from tether.sim.world import RunResult
 
@@ -25,8 +24,13 @@ SCENARIOS = Path(__file__).parent / "scenarios"
 @click.argument("scenario", metavar="SCENARIO.yaml")
 @click.option("--seed", type=int, default=None, help="Seed of the run (default: the scenario's, else 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write the trace (one line per event; legend in docs/sim.md) to this file.")
+@click.option(
+    "--trace",
+    "trace_path",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the trace (one line per event; legend in docs/sim.md) to this file.",
+)
 def sim_command(scenario: str, seed: int | None, as_json: bool, trace_path: str | None) -> None:
     """Run SCENARIO.yaml in the deterministic simulator.
 
@@ -43,8 +47,9 @@ def sim_command(scenario: str, seed: int | None, as_json: bool, trace_path: str 
     world = loaded.build(run_seed, keep_trace=trace_path is not None)
     world.replay_hint = f"tether sim {scenario}"
     if not as_json:
-        click.echo(f"simulating {path} with seed {run_seed} for {loaded.duration_ns / 1e9:g} virtual seconds ...",
-                   err=True)
+        click.echo(
+            f"simulating {path} with seed {run_seed} for {loaded.duration_ns / 1e9:g} virtual seconds ...", err=True
+        )
     result = world.run(loaded.duration_ns)
     if trace_path is not None:
         Path(trace_path).write_text("\n".join(world.kernel.trace.lines) + "\n")
@@ -65,8 +70,9 @@ def _resolve(scenario: str) -> Path:
     if shipped.exists():
         return shipped
     names = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.yaml")))
-    raise click.BadParameter(f"no file {scenario!r}, and no shipped scenario of that name (shipped: {names})",
-                             param_hint="SCENARIO")
+    raise click.BadParameter(
+        f"no file {scenario!r}, and no shipped scenario of that name (shipped: {names})", param_hint="SCENARIO"
+    )
 
 
 def _print_summary(result: RunResult) -> None:
@@ -76,9 +82,16 @@ def _print_summary(result: RunResult) -> None:
         table.add_column(column, justify="right")
     ok = sum(count for status, count in result.responses.items() if status < 500)
     latency = result.latency_ms
-    table.add_row(str(result.requests), f"{100 * ok / max(1, result.requests):.2f}%", str(sum(result.errors.values())),
-                  _ms(latency["p50"]), _ms(latency["p99"]), _ms(latency["p999"]), f"{result.virtual_s:g}",
-                  f"{result.wall_s:.2f}")
+    table.add_row(
+        str(result.requests),
+        f"{100 * ok / max(1, result.requests):.2f}%",
+        str(sum(result.errors.values())),
+        _ms(latency["p50"]),
+        _ms(latency["p99"]),
+        _ms(latency["p999"]),
+        f"{result.virtual_s:g}",
+        f"{result.wall_s:.2f}",
+    )
     console.print(table)
     detail = Table(show_header=True)
     detail.add_column("outcome")

@@ -109,8 +109,9 @@ class VirtualSocket:
 class Network:
     """Hosts by name, their listeners, and the links between them."""
 
-    def __init__(self, kernel: Kernel, rng: random.Random, *, default_link: LinkSpec | None = None,
-                 mss: int = 64 * 1024) -> None:
+    def __init__(
+        self, kernel: Kernel, rng: random.Random, *, default_link: LinkSpec | None = None, mss: int = 64 * 1024
+    ) -> None:
         assert mss > 0
         self.kernel = kernel
         self.rng = rng
@@ -155,6 +156,9 @@ class Network:
                 self._blocked[pair] = count
         self.kernel.log("network", f"heal {a} {'->' if one_way else '<->'} {b}")
 
+    def lossy(self) -> bool:
+        return self.default_link.loss > 0 or any(spec.loss > 0 for spec in self._links.values())
+
     def clear_loss(self) -> None:
         """Make every link lossless, keeping its latency."""
         self.default_link = replace(self.default_link, loss=0.0)
@@ -180,8 +184,9 @@ class Network:
 
     # ---------------------------------------------------------------- connections
 
-    def connect(self, src: str, dst: Address, on_result: Callable[[VirtualSocket | None, str], None]
-                ) -> Callable[[], None]:
+    def connect(
+        self, src: str, dst: Address, on_result: Callable[[VirtualSocket | None, str], None]
+    ) -> Callable[[], None]:
         """Open a connection from host ``src``; ``on_result(sock, "")`` or ``(None, reason)`` follows.
 
         Returns a function that abandons the attempt (a connect timeout on the caller's side).
@@ -194,17 +199,30 @@ class Network:
         self._send_syn(src, dst, on_result, attempt, retry=0)
         return cancel
 
-    def _send_syn(self, src: str, dst: Address, on_result: Callable[[VirtualSocket | None, str], None],
-                  attempt: dict[str, bool], retry: int) -> None:
+    def _send_syn(
+        self,
+        src: str,
+        dst: Address,
+        on_result: Callable[[VirtualSocket | None, str], None],
+        attempt: dict[str, bool],
+        retry: int,
+    ) -> None:
         target = self.hosts.get(dst.host)
-        lost = (target is None or not target.alive or self.blocked(src, dst.host) or self.blocked(dst.host, src)
-                or self.rng.random() < self.link(src, dst.host).loss)
+        lost = (
+            target is None
+            or not target.alive
+            or self.blocked(src, dst.host)
+            or self.blocked(dst.host, src)
+            or self.rng.random() < self.link(src, dst.host).loss
+        )
         if lost:
             if retry >= len(SYN_RETRY_DELAYS_NS):
                 self.kernel.after(0, lambda: None if attempt["cancelled"] else on_result(None, "connection timed out"))
                 return
-            self.kernel.after(SYN_RETRY_DELAYS_NS[retry], lambda: None if attempt["cancelled"] else
-                              self._send_syn(src, dst, on_result, attempt, retry + 1))
+            self.kernel.after(
+                SYN_RETRY_DELAYS_NS[retry],
+                lambda: None if attempt["cancelled"] else self._send_syn(src, dst, on_result, attempt, retry + 1),
+            )
             return
         assert target is not None
         there = self._delay(src, dst.host)
@@ -215,8 +233,9 @@ class Network:
             if accept is None:
                 # RST for a closed port; a dead host answers nothing, so the caller's timeout decides.
                 if target.alive:
-                    self.kernel.after(back, lambda: None if attempt["cancelled"] else
-                                      on_result(None, "connection refused"))
+                    self.kernel.after(
+                        back, lambda: None if attempt["cancelled"] else on_result(None, "connection refused")
+                    )
                 return
             if attempt["cancelled"]:
                 return
@@ -262,7 +281,12 @@ class Network:
         self._put_on_wire(sock, kind, payload)
 
     def _retry_held(self, sock: VirtualSocket) -> None:
-        if not sock.held or sock.peer is None or not self.hosts[sock.host].alive or sock.epoch != self.hosts[sock.host].epoch:
+        if (
+            not sock.held
+            or sock.peer is None
+            or not self.hosts[sock.host].alive
+            or sock.epoch != self.hosts[sock.host].epoch
+        ):
             sock.held.clear()
             sock.held_since_ns = None
             return

@@ -127,7 +127,8 @@ class SimProxy:
         self.kernel.log(self.host, f"connect c{conn_id} to {address}")
         generation = self.restarts
         cancel = self.network.connect(
-            self.host, address, lambda sock, reason: self._connect_result(conn_id, generation, sock, reason))
+            self.host, address, lambda sock, reason: self._connect_result(conn_id, generation, sock, reason)
+        )
         self._pending_connects[conn_id] = cancel
 
     def _close(self, conn_id: int, *, reset: bool) -> None:

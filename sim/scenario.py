@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from tether.core.address import Address, AddressError
 from tether.core.config import MS, ConfigError, ProxyConfig
 from tether.sim.apps import ServerSpec, WorkloadSpec
@@ -26,8 +25,13 @@ _PROXY_CONFIG_MS_FIELDS = {
     "pool_idle_timeout_ms": "pool_idle_timeout_ns",
     "drain_timeout_ms": "drain_timeout_ns",
 }
-_PROXY_CONFIG_PLAIN_FIELDS = ("max_header_bytes", "pool_max_connections_per_endpoint", "pool_max_idle_per_endpoint",
-                              "pool_max_waiters_per_endpoint", "max_buffered_bytes")
+_PROXY_CONFIG_PLAIN_FIELDS = (
+    "max_header_bytes",
+    "pool_max_connections_per_endpoint",
+    "pool_max_idle_per_endpoint",
+    "pool_max_waiters_per_endpoint",
+    "max_buffered_bytes",
+)
 
 
 class ScenarioError(ValueError):
@@ -51,8 +55,9 @@ class _Reader:
             if key not in keys:
                 raise self.fail(str(key), "unknown field", f"use one of: {', '.join(keys)}")
 
-    def number(self, key: str, default: float | None = None, *, minimum: float = 0.0,
-               maximum: float | None = None) -> float:
+    def number(
+        self, key: str, default: float | None = None, *, minimum: float = 0.0, maximum: float | None = None
+    ) -> float:
         value = self.data.get(key, default)
         if value is None:
             raise self.fail(key, "missing", "give a number")
@@ -96,8 +101,13 @@ class _Reader:
         value = self.data.get(key, list(default))
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value, value]
-        if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) for v in value)
-                or value[0] < 0 or value[0] > value[1]):
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int) for v in value)
+            or value[0] < 0
+            or value[0] > value[1]
+        ):
             raise self.fail(key, f"{value!r} is not a range", "write [LOW, HIGH] with 0 <= LOW <= HIGH")
         return int(value[0]), int(value[1])
 
@@ -148,17 +158,25 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
     network = top.child("network")
     network.known("latency_ms", "loss", "mss")
     latency_min, latency_tail = network.latency("latency_ms", (0.2, 0.1))
-    default_link = LinkSpec(latency_min_ns=latency_min, latency_tail_mean_ns=latency_tail,
-                            loss=network.number("loss", 0.0, maximum=0.9))
+    default_link = LinkSpec(
+        latency_min_ns=latency_min, latency_tail_mean_ns=latency_tail, loss=network.number("loss", 0.0, maximum=0.9)
+    )
     mss = int(network.number("mss", 65536, minimum=1))
-    world = World(seed, default_link=default_link, mss=mss, keep_trace=keep_trace,
-                  replay_hint=f"tether sim {scenario.source}")
+    world = World(
+        seed, default_link=default_link, mss=mss, keep_trace=keep_trace, replay_hint=f"tether sim {scenario.source}"
+    )
     for server in top.items("servers"):
         server.known("host", "port", "latency_ms", "failure_rate")
         low, tail = server.latency("latency_ms", (1.0, 2.0))
-        world.add_server(server.text("host"), ServerSpec(port=int(server.number("port", 8080, minimum=1)),
-                         latency_min_ns=low, latency_tail_mean_ns=tail,
-                         failure_rate=server.number("failure_rate", 0.0, maximum=1.0)))
+        world.add_server(
+            server.text("host"),
+            ServerSpec(
+                port=int(server.number("port", 8080, minimum=1)),
+                latency_min_ns=low,
+                latency_tail_mean_ns=tail,
+                failure_rate=server.number("failure_rate", 0.0, maximum=1.0),
+            ),
+        )
     for proxy in top.items("proxies"):
         _add_proxy(world, proxy)
     for client in top.items("clients"):
@@ -167,8 +185,9 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
         link.known("between", "latency_ms", "loss")
         a, b = _two_hosts(link, "between", world)
         low, tail = link.latency("latency_ms", (latency_min / MS, latency_tail / MS))
-        world.set_link(a, b, LinkSpec(latency_min_ns=low, latency_tail_mean_ns=tail,
-                                      loss=link.number("loss", 0.0, maximum=0.9)))
+        world.set_link(
+            a, b, LinkSpec(latency_min_ns=low, latency_tail_mean_ns=tail, loss=link.number("loss", 0.0, maximum=0.9))
+        )
     for fault in top.items("faults"):
         world.schedule(_fault(fault, world))
     return world
@@ -177,8 +196,10 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
 def _add_proxy(world: World, proxy: _Reader) -> None:
     proxy.known("host", "port", "to", "service", "routes", "config")
     endpoints = [proxy.address(item, "to") for item in proxy.data.get("to", [])]
-    routes = {str(host): [proxy.address(item, f"routes.{host}") for item in items]
-              for host, items in dict(proxy.data.get("routes", {})).items()}
+    routes = {
+        str(host): [proxy.address(item, f"routes.{host}") for item in items]
+        for host, items in dict(proxy.data.get("routes", {})).items()
+    }
     options = proxy.child("config")
     options.known(*_PROXY_CONFIG_MS_FIELDS, *_PROXY_CONFIG_PLAIN_FIELDS)
     values: dict[str, int] = {}
@@ -192,13 +213,30 @@ def _add_proxy(world: World, proxy: _Reader) -> None:
         config = ProxyConfig(**values)
     except ConfigError as error:
         raise options.fail(error.field, str(error), "see docs/configuration.md") from None
-    world.add_proxy(proxy.text("host"), int(proxy.number("port", 4140, minimum=1)), endpoints, config,
-                    routes=routes, service=proxy.text("service", "default"))
+    world.add_proxy(
+        proxy.text("host"),
+        int(proxy.number("port", 4140, minimum=1)),
+        endpoints,
+        config,
+        routes=routes,
+        service=proxy.text("service", "default"),
+    )
 
 
 def _add_client(world: World, client: _Reader, duration_ns: int) -> None:
-    client.known("host", "target", "authority", "rate_per_s", "start_s", "stop_s", "connections", "request_bytes",
-                 "response_bytes", "chunked_ratio", "timeout_s")
+    client.known(
+        "host",
+        "target",
+        "authority",
+        "rate_per_s",
+        "start_s",
+        "stop_s",
+        "connections",
+        "request_bytes",
+        "response_bytes",
+        "chunked_ratio",
+        "timeout_s",
+    )
     spec = WorkloadSpec(
         target=client.address(client.data.get("target"), "target"),
         authority=client.text("authority", "default"),
@@ -233,13 +271,22 @@ def _fault(fault: _Reader, world: World) -> Fault:
     hosts_value = fault.data.get("hosts")
     if kind == "crash":
         if not isinstance(hosts_value, list) or len(hosts_value) != 1 or hosts_value[0] not in world.network.hosts:
-            raise fault.fail("hosts", f"{hosts_value!r} is not one known host",
-                             f"write [HOST] with HOST one of {sorted(world.network.hosts)}")
+            raise fault.fail(
+                "hosts",
+                f"{hosts_value!r} is not one known host",
+                f"write [HOST] with HOST one of {sorted(world.network.hosts)}",
+            )
         hosts: tuple[str, ...] = (str(hosts_value[0]),)
     else:
         hosts = _two_hosts(fault, "hosts", world)
     extra_min, extra_tail = fault.latency("latency_ms", (0.0, 0.0)) if "latency_ms" in fault.data else (0, 0)
-    return Fault(kind=kind, at_ns=int(fault.number("at_s") * S), duration_ns=int(fault.number("duration_s") * S),
-                 hosts=hosts, one_way=bool(fault.data.get("one_way", False)),
-                 loss=fault.number("loss", 0.0, maximum=0.9), latency_min_ns=extra_min,
-                 latency_tail_mean_ns=extra_tail)
+    return Fault(
+        kind=kind,
+        at_ns=int(fault.number("at_s") * S),
+        duration_ns=int(fault.number("duration_s") * S),
+        hosts=hosts,
+        one_way=bool(fault.data.get("one_way", False)),
+        loss=fault.number("loss", 0.0, maximum=0.9),
+        latency_min_ns=extra_min,
+        latency_tail_mean_ns=extra_tail,
+    )

@@ -85,8 +85,15 @@ class RunResult:
 
 
 class World:
-    def __init__(self, seed: int, *, default_link: LinkSpec | None = None, mss: int = 64 * 1024,
-                 keep_trace: bool = False, replay_hint: str = "") -> None:
+    def __init__(
+        self,
+        seed: int,
+        *,
+        default_link: LinkSpec | None = None,
+        mss: int = 64 * 1024,
+        keep_trace: bool = False,
+        replay_hint: str = "",
+    ) -> None:
         self.seed = seed
         self.kernel = Kernel(seed, keep_trace=keep_trace)
         self.network = Network(self.kernel, self.kernel.rng_for("network"), default_link=default_link, mss=mss)
@@ -98,6 +105,7 @@ class World:
         self._server_specs: dict[str, ServerSpec] = {}
         self._heal_actions: list[Callable[[], None]] = []
         self._healing = False
+        self._faulted = False  # any scheduled fault or lossy link: client timeouts can then be legitimate
 
     # ---------------------------------------------------------------- building
 
@@ -110,8 +118,16 @@ class World:
         self._server_specs[host] = spec
         self.servers[host] = VirtualHttpServer(self.network, host, spec, self.kernel.rng_for("server", host, 0))
 
-    def add_proxy(self, host: str, port: int, endpoints: Sequence[Address], config: ProxyConfig,
-                  *, routes: dict[str, Sequence[Address]] | None = None, service: str = "default") -> None:
+    def add_proxy(
+        self,
+        host: str,
+        port: int,
+        endpoints: Sequence[Address],
+        config: ProxyConfig,
+        *,
+        routes: dict[str, Sequence[Address]] | None = None,
+        service: str = "default",
+    ) -> None:
         self._host(host)
 
         def factory(restart: int) -> Proxy:
@@ -148,7 +164,8 @@ class World:
             worse = LinkSpec(
                 latency_min_ns=before.latency_min_ns + fault.latency_min_ns,
                 latency_tail_mean_ns=before.latency_tail_mean_ns + fault.latency_tail_mean_ns,
-                loss=max(before.loss, fault.loss))
+                loss=max(before.loss, fault.loss),
+            )
             self._from(start, lambda: self._set_link_logged(a, b, worse))
             self._until(end, lambda: self._set_link_logged(a, b, before))
         else:
@@ -181,7 +198,9 @@ class World:
         if host in self.servers:
             restarts = self.network.hosts[host].epoch
             spec = self._server_specs[host]
-            self.servers[host] = VirtualHttpServer(self.network, host, spec, self.kernel.rng_for("server", host, restarts))
+            self.servers[host] = VirtualHttpServer(
+                self.network, host, spec, self.kernel.rng_for("server", host, restarts)
+            )
 
     def _violation(self, message: str) -> None:
         self.kernel.log("invariant", message)
@@ -191,6 +210,7 @@ class World:
 
     def run(self, duration_ns: int, *, check: bool = False) -> RunResult:
         started = time.perf_counter()
+        self._faulted = bool(self._heal_actions) or self.network.lossy()
         self.kernel.run_until(duration_ns)
         self.kernel.log("world", "healing: faults end, no new requests")
         self._healing = True
@@ -213,19 +233,23 @@ class World:
     def failure_message(self, result: RunResult) -> str:
         shown = "\n  ".join(result.violations[:10])
         more = f"\n  (+{len(result.violations) - 10} more)" if len(result.violations) > 10 else ""
-        return (f"{len(result.violations)} invariant violation(s) with seed {self.seed}:\n  {shown}{more}\n"
-                f"python {platform.python_version()}; replay with: {self.replay_hint or 'tether sim SCENARIO'}"
-                f" --seed {self.seed}")
+        return (
+            f"{len(result.violations)} invariant violation(s) with seed {self.seed}:\n  {shown}{more}\n"
+            f"python {platform.python_version()}; replay with: {self.replay_hint or 'tether sim SCENARIO'}"
+            f" --seed {self.seed}"
+        )
 
     def _check_liveness(self) -> None:
-        faulted = bool(self._heal_actions)
+        faulted = self._faulted
         for client in self.clients:
             for record in client.records:
                 if not record.done:
                     self._violation(f"request {record.request_id} got neither a response nor an error")
                 elif record.probe and (record.error is not None or record.proxy_error is not None):
-                    self._violation(f"liveness: probe {record.request_id} failed after every fault healed: "
-                                    f"{record.error or record.proxy_error}")
+                    self._violation(
+                        f"liveness: probe {record.request_id} failed after every fault healed: "
+                        f"{record.error or record.proxy_error}"
+                    )
                 elif record.error == "client_timeout" and not faulted:
                     # Without faults every request is answered well within the client's timeout; with
                     # faults a wedged client connection is possible, and the probes check recovery.
@@ -250,9 +274,18 @@ class World:
                 for kind, count in stats.proxy_errors_by_kind.items():
                     proxy_errors[kind] = proxy_errors.get(kind, 0) + count
         return RunResult(
-            seed=self.seed, trace_hash=self.kernel.trace.hexdigest(), requests=len(records), responses=responses,
-            errors=errors, latency_ms=_percentiles(latencies), virtual_s=self.kernel.now_ns / S, wall_s=wall_s,
-            events=self.kernel.events_run, violations=list(self.violations), proxy_errors=proxy_errors)
+            seed=self.seed,
+            trace_hash=self.kernel.trace.hexdigest(),
+            requests=len(records),
+            responses=responses,
+            errors=errors,
+            latency_ms=_percentiles(latencies),
+            virtual_s=self.kernel.now_ns / S,
+            wall_s=wall_s,
+            events=self.kernel.events_run,
+            violations=list(self.violations),
+            proxy_errors=proxy_errors,
+        )
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:

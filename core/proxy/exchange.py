@@ -16,7 +16,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import h11
-
 from tether.core.address import Address
 from tether.core.proxy.errors import ProxyError
 

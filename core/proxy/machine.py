@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 import h11
-
 from tether.core.address import Address
 from tether.core.balance import Picker, RoundRobin
 from tether.core.config import ProxyConfig
@@ -334,8 +333,13 @@ class Proxy:
         downstream.closing = True
         if exchange is None:
             service = downstream.target or "unknown"
-            exchange = Exchange(self._new_id(), downstream.conn_id, h11.Request(method="GET", target="/",
-                                headers=[("host", "unknown")]), service, now_ns)
+            exchange = Exchange(
+                self._new_id(),
+                downstream.conn_id,
+                h11.Request(method="GET", target="/", headers=[("host", "unknown")]),
+                service,
+                now_ns,
+            )
             self._exchanges[exchange.exchange_id] = exchange
             downstream.exchange_id = exchange.exchange_id
             self.stats.service(service).requests += 1
@@ -368,8 +372,9 @@ class Proxy:
 
     def _open_upstream(self, pool: EndpointPool, now_ns: int) -> Upstream:
         conn_id = self._new_id()
-        upstream = Upstream(conn_id, h11.Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes),
-                            pool.endpoint)
+        upstream = Upstream(
+            conn_id, h11.Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes), pool.endpoint
+        )
         self._upstream[conn_id] = upstream
         pool.connection_ids.add(conn_id)
         self.stats.connections_opened += 1
@@ -475,8 +480,9 @@ class Proxy:
         if upstream.conn_id in self._upstream:
             self._sync_reading_upstream(upstream)
 
-    def _informational(self, exchange: Exchange, upstream: Upstream, event: h11.InformationalResponse,
-                       now_ns: int) -> None:
+    def _informational(
+        self, exchange: Exchange, upstream: Upstream, event: h11.InformationalResponse, now_ns: int
+    ) -> None:
         if event.status_code == 101:
             # Upgrades (WebSocket) belong to the data-plane issue; until then refuse them cleanly.
             reason = f"{upstream.endpoint} switched protocols, which this proxy does not support yet"
@@ -484,8 +490,14 @@ class Proxy:
             return
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None and downstream.h11.our_state is h11.SEND_RESPONSE:
-            self._send(downstream, downstream.h11.send(h11.InformationalResponse(
-                status_code=event.status_code, headers=http1.forwarded_headers(list(event.headers)))))
+            self._send(
+                downstream,
+                downstream.h11.send(
+                    h11.InformationalResponse(
+                        status_code=event.status_code, headers=http1.forwarded_headers(list(event.headers))
+                    )
+                ),
+            )
 
     def _response_started(self, exchange: Exchange, upstream: Upstream, response: h11.Response, now_ns: int) -> None:
         if http1.head_size(response) > self.config.max_header_bytes:
@@ -524,8 +536,15 @@ class Proxy:
         else:
             self._exchanges.pop(exchange.exchange_id, None)
 
-    def _upstream_broke(self, upstream: Upstream, reason: str, now_ns: int, *,
-                        kind: ProxyErrorKind = ProxyErrorKind.UPSTREAM_CLOSED, already_closed: bool = False) -> None:
+    def _upstream_broke(
+        self,
+        upstream: Upstream,
+        reason: str,
+        now_ns: int,
+        *,
+        kind: ProxyErrorKind = ProxyErrorKind.UPSTREAM_CLOSED,
+        already_closed: bool = False,
+    ) -> None:
         exchange = self._exchange(upstream.exchange_id)
         if already_closed:
             self._forget_upstream(upstream)
@@ -534,8 +553,9 @@ class Proxy:
         if exchange is None or not exchange.live:
             return
         if exchange.response_started:
-            self._effects.append(LogError(conn_id=exchange.downstream_id,
-                                          message=f"{reason}; aborting the response to the client"))
+            self._effects.append(
+                LogError(conn_id=exchange.downstream_id, message=f"{reason}; aborting the response to the client")
+            )
             self._abandon(exchange, now_ns)
             downstream = self._downstream.get(exchange.downstream_id)
             if downstream is not None:
@@ -614,7 +634,12 @@ class Proxy:
         self._exchanges.pop(exchange.exchange_id, None)
         downstream.exchange_id = None
         parser = downstream.h11
-        if downstream.closing or self._draining or parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
+        if (
+            downstream.closing
+            or self._draining
+            or parser.our_state is not h11.DONE
+            or parser.their_state is not h11.DONE
+        ):
             self._close_downstream(downstream)
             return
         parser.start_next_cycle()

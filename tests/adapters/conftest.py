@@ -98,10 +98,20 @@ class TetherProxy:
 def start_tether_proxy(*targets: int, extra: list[str] | None = None) -> TetherProxy:
     port = free_port()
     to = ",".join(f"127.0.0.1:{target}" for target in targets)
-    command = [sys.executable, "-m", "tether.adapters.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--to", to,
-               *(extra or [])]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "tether.adapters.cli",
+        "proxy",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--to",
+        to,
+        *(extra or []),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     assert process.stdout is not None
     line = process.stdout.readline()
     assert "listening on" in line, line + (process.stderr.read() if process.poll() is not None else "")

@@ -26,8 +26,9 @@ def test_cli_lists_plugin_sim_command() -> None:
 
 
 def test_cli_bad_address_exits_2_naming_the_option() -> None:
-    done = subprocess.run([*TETHER, "proxy", "--listen", "127.0.0.1", "--to", "127.0.0.1:1"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*TETHER, "proxy", "--listen", "127.0.0.1", "--to", "127.0.0.1:1"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert "--listen" in done.stderr and "HOST:PORT" in done.stderr
 
@@ -37,8 +38,12 @@ def test_cli_port_in_use_exits_3() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run([*TETHER, "proxy", "--listen", f"127.0.0.1:{port}", "--to", "127.0.0.1:1"],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [*TETHER, "proxy", "--listen", f"127.0.0.1:{port}", "--to", "127.0.0.1:1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert done.returncode == 3
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
@@ -57,8 +62,9 @@ def test_demo_runs_with_full_success() -> None:
 
 
 def test_sim_json_has_the_documented_fields() -> None:
-    done = subprocess.run([*TETHER, "sim", "basic", "--seed", "5", "--json"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [*TETHER, "sim", "basic", "--seed", "5", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     for key in ("seed", "trace_hash", "requests", "responses", "errors", "latency_ms", "virtual_s", "wall_s"):

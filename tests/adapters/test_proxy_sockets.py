@@ -21,8 +21,12 @@ TEN_MB = 10 * 1024 * 1024
 def test_curl_keep_alive_reuses_both_connections(nginx, tether_proxy_to) -> None:
     (nginx.root / "hello.txt").write_text("hello\n")
     proxy = tether_proxy_to(nginx.port)
-    done = subprocess.run(["curl", "-sv", f"{proxy.url}/hello.txt", f"{proxy.url}/hello.txt", f"{proxy.url}/hello.txt"],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        ["curl", "-sv", f"{proxy.url}/hello.txt", f"{proxy.url}/hello.txt", f"{proxy.url}/hello.txt"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "hello\n" * 3
     assert done.stderr.count("< HTTP/1.1 200") == 3
@@ -64,8 +68,24 @@ def test_curl_chunked_upload_through_proxy(nginx, tether_proxy_to, tmp_path: Pat
     source = tmp_path / "up.bin"
     source.write_bytes(os.urandom(3 * 1024 * 1024))
     proxy = tether_proxy_to(nginx.port)
-    done = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Transfer-Encoding: chunked",
-                           "-T", str(source), f"{proxy.url}/upload/curl.bin"], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-T",
+            str(source),
+            f"{proxy.url}/upload/curl.bin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.stdout in ("201", "204"), done.stderr
     assert (nginx.root / "upload" / "curl.bin").read_bytes() == source.read_bytes()
 
@@ -76,8 +96,12 @@ def test_upstream_down_is_502_with_proxy_error(tether_proxy_to, unused_port: int
     response = httpx.get(f"{proxy.url}/", timeout=10)
     assert response.status_code == 502
     assert response.headers["l5d-proxy-error"].startswith(f"connect to 127.0.0.1:{closed_port} failed")
-    done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{proxy.url}/"],
-                          capture_output=True, text=True, timeout=10)
+    done = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{proxy.url}/"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert done.stdout == "502"
 
 

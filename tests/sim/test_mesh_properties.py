@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from tether.sim.scenario import scenario_from_mapping
 
 HOSTS = ["client", "out", "in-1", "in-2", "app-1", "app-2"]
@@ -49,26 +48,48 @@ def mesh(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "duration_s": duration_s,
         "network": {
-            "latency_ms": {"min": draw(st.sampled_from([0.05, 0.5, 2.0])), "tail_mean": draw(st.sampled_from([0.0, 0.5, 5.0]))},
+            "latency_ms": {
+                "min": draw(st.sampled_from([0.05, 0.5, 2.0])),
+                "tail_mean": draw(st.sampled_from([0.0, 0.5, 5.0])),
+            },
             "loss": draw(st.sampled_from([0.0, 0.0, 0.01, 0.05])),
             "mss": draw(st.sampled_from([1460, 65536] if big else [7, 536])),
         },
         "servers": [
-            {"host": "app-1", "port": 8080, "latency_ms": {"min": 1, "tail_mean": draw(st.sampled_from([1, 20]))},
-             "failure_rate": draw(st.sampled_from([0.0, 0.1]))},
+            {
+                "host": "app-1",
+                "port": 8080,
+                "latency_ms": {"min": 1, "tail_mean": draw(st.sampled_from([1, 20]))},
+                "failure_rate": draw(st.sampled_from([0.0, 0.1])),
+            },
             {"host": "app-2", "port": 8080, "latency_ms": {"min": 1, "tail_mean": 3}},
         ],
         "proxies": [
-            {"host": "out", "port": 4140, "service": "app", "to": ["in-1:4143", "in-2:4143"],
-             "config": {"connect_timeout_ms": 1000, "response_timeout_ms": draw(st.sampled_from([500, 3000])),
-                        "max_buffered_bytes": draw(st.sampled_from([1024, 65536]))}},
+            {
+                "host": "out",
+                "port": 4140,
+                "service": "app",
+                "to": ["in-1:4143", "in-2:4143"],
+                "config": {
+                    "connect_timeout_ms": 1000,
+                    "response_timeout_ms": draw(st.sampled_from([500, 3000])),
+                    "max_buffered_bytes": draw(st.sampled_from([1024, 65536])),
+                },
+            },
             {"host": "in-1", "port": 4143, "to": ["app-1:8080"], "config": {"response_timeout_ms": 5000}},
             {"host": "in-2", "port": 4143, "to": ["app-2:8080"], "config": {"response_timeout_ms": 5000}},
         ],
         "clients": [
-            {"host": "client", "target": "out:4140", "authority": "app", "rate_per_s": draw(st.sampled_from([20, 80])),
-             "connections": draw(st.sampled_from([1, 4, 16])), "request_bytes": [0, draw(st.sampled_from([0, 70000] if big else [0, 1500]))],
-             "response_bytes": [0, draw(st.sampled_from([20000, 150000] if big else [100, 1500]))], "timeout_s": 60},
+            {
+                "host": "client",
+                "target": "out:4140",
+                "authority": "app",
+                "rate_per_s": draw(st.sampled_from([20, 80])),
+                "connections": draw(st.sampled_from([1, 4, 16])),
+                "request_bytes": [0, draw(st.sampled_from([0, 70000] if big else [0, 1500]))],
+                "response_bytes": [0, draw(st.sampled_from([20000, 150000] if big else [100, 1500]))],
+                "timeout_s": 60,
+            },
         ],
         "faults": draw(faults(duration_s)),
     }
@@ -80,8 +101,10 @@ def report(data: dict[str, Any], seed: int, violations: list[str]) -> str:
     folder.mkdir(exist_ok=True)
     path = folder / f"mesh-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
     path.write_text(text)
-    return (f"{len(violations)} violations, first: {violations[0]}\n"
-            f"replay with: tether sim {path} --seed {seed}\nscenario: {json.dumps(data)}")
+    return (
+        f"{len(violations)} violations, first: {violations[0]}\n"
+        f"replay with: tether sim {path} --seed {seed}\nscenario: {json.dumps(data)}"
+    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

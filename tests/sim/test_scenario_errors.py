@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tether.sim.scenario import ScenarioError, load_scenario
 
 GOOD = """
@@ -49,7 +48,8 @@ def test_scenario_fault_with_unknown_host_is_refused(tmp_path: Path) -> None:
 def test_tether_sim_exits_2_on_bad_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("duration_s: [1, 2]\n")
-    done = subprocess.run([sys.executable, "-m", "tether.adapters.cli", "sim", str(path)], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "tether.adapters.cli", "sim", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert "duration_s" in done.stderr and "bad.yaml" in done.stderr
