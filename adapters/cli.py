@@ -15,6 +15,7 @@ import sys
 from importlib.metadata import entry_points
 
 import click
+
 from tether.core.address import Address, AddressError
 from tether.core.config import MS, ConfigError, ProxyConfig
 
@@ -90,6 +91,7 @@ def proxy(
 ) -> None:
     """Run an HTTP/1.1 proxy from LISTEN to the endpoints in TO."""
     import anyio
+
     from tether.adapters.serve import run_proxy
 
     listen_address = parse_address(listen, "--listen")
@@ -138,6 +140,7 @@ def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
     """
     import anyio
     from rich.console import Console
+
     from tether.adapters.demo import run_demo
 
     code = anyio.run(run_demo, duration_s, rate_per_s, as_json, Console())

@@ -24,6 +24,7 @@ import httpx
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
 from tether.adapters.demo_apps import BackendApp, Handler, WebApp, serve_http
 from tether.adapters.driver import ProxyDriver
 from tether.adapters.serve import build_proxy

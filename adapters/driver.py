@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, SetReading
 from tether.core.proxy import Proxy
@@ -106,14 +107,13 @@ class ProxyDriver:
                 stream = await anyio.connect_tcp(address.host, address.port)
             except OSError as error:
                 self._connections.pop(conn_id, None)
-                self.proxy.connect_failed(conn_id, error.strerror or str(error), self._clock_ns())
-                self._apply_effects()
+                reason = error.strerror or str(error)
+                self._feed(conn_id, self.proxy.connect_failed, conn_id, reason, self._clock_ns())
                 return
             connection.connect_scope = None
             connection.stream = stream
             stream.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.proxy.connected(conn_id, self._clock_ns())
-            self._apply_effects()
+            self._feed(conn_id, self.proxy.connected, conn_id, self._clock_ns())
         if scope.cancelled_caught:
             return  # the machine gave up on the connect (its timeout) and already forgot the id
         await self._run_connection(conn_id, connection)
@@ -138,8 +138,7 @@ class ProxyDriver:
             except (anyio.BrokenResourceError, OSError):
                 self._lost(conn_id)
                 return
-            self.proxy.received(conn_id, data, self._clock_ns())
-            self._apply_effects()
+            self._feed(conn_id, self.proxy.received, conn_id, data, self._clock_ns())
             if not data:
                 return
 
@@ -167,8 +166,21 @@ class ProxyDriver:
                 self._lost(conn_id)
                 await _close_stream(stream, reset=True)
                 return
-            self.proxy.sent(conn_id, len(data), self._clock_ns())
-            self._apply_effects()
+            self._feed(conn_id, self.proxy.sent, conn_id, len(data), self._clock_ns())
+
+    def _feed(self, conn_id: int | None, method: Callable[..., None], *args: object) -> None:
+        """Give the machine one input. A bug it raises costs that connection, never the process."""
+        try:
+            method(*args)
+        except Exception:
+            log.exception("%s: internal error handling connection %s; aborting it", self.name, conn_id)
+            if conn_id is not None:
+                self._close(conn_id, reset=True)
+                try:
+                    self.proxy.closed(conn_id, self._clock_ns())
+                except Exception:
+                    log.exception("%s: internal error while dropping connection %s", self.name, conn_id)
+        self._apply_effects()
 
     def _lost(self, conn_id: int) -> None:
         connection = self._connections.get(conn_id)
@@ -231,8 +243,7 @@ class ProxyDriver:
             now_ns = self._clock_ns()
             deadline = self.proxy.next_deadline_ns()
             if deadline is not None and deadline <= now_ns:
-                self.proxy.on_timer(now_ns)
-                self._apply_effects()
+                self._feed(None, self.proxy.on_timer, now_ns)
 
 
 async def _close_stream(stream: anyio.abc.SocketStream, *, reset: bool) -> None:

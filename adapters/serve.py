@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 import anyio
+
 from tether.adapters.driver import ProxyDriver
 from tether.core.address import Address
 from tether.core.config import ProxyConfig

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
+
 from tether.core.address import Address
 from tether.sim.kernel import Kernel
 from tether.sim.network import Network, VirtualSocket

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+
 from tether.sim.scenario import ScenarioError, load_scenario
 from tether.sim.world import RunResult
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from tether.core.address import Address, AddressError
 from tether.core.config import MS, ConfigError, ProxyConfig
 from tether.sim.apps import ServerSpec, WorkloadSpec

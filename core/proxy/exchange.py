@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import h11
+
 from tether.core.address import Address
 from tether.core.proxy.errors import ProxyError
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 import h11
+
 from tether.core.address import Address
 from tether.core.balance import Picker, RoundRobin
 from tether.core.config import ProxyConfig

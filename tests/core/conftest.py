@@ -4,6 +4,7 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
+
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tether.sim.scenario import scenario_from_mapping
 
 HOSTS = ["client", "out", "in-1", "in-2", "app-1", "app-2"]

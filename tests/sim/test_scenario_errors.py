@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tether.sim.scenario import ScenarioError, load_scenario
 
 GOOD = """
