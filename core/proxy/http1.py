@@ -7,15 +7,28 @@ import h11
 # RFC 9110 section 7.6.1: these describe one connection, never the message, so a proxy drops them.
 # Framing headers (content-length, transfer-encoding) stay: h11 re-frames each side from them.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+# A Connection header may name any header as hop-by-hop, but dropping these would change how the message is
+# framed or routed (a peer could name content-length and desynchronise the endpoint), so they always stay.
+NEVER_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 
 def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers and any header the Connection header names."""
+    """Drop hop-by-hop headers and any header the Connection header names, keeping framing intact.
+
+    A message with both Transfer-Encoding and Content-Length loses the Content-Length: RFC 9112 section
+    6.3 says Transfer-Encoding wins and an intermediary must not forward both (request smuggling).
+    """
     named: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
-    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named]
+    named -= NEVER_HOP_BY_HOP
+    chunked = any(name == b"transfer-encoding" for name, _ in headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if name not in HOP_BY_HOP and name not in named and not (chunked and name == b"content-length")
+    ]
 
 
 def upstream_request(request: h11.Request, fallback_host: bytes) -> h11.Request:

@@ -524,7 +524,10 @@ class Proxy:
 
     def _response_done(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None:
         exchange.advance(Step.RESPONSE_DONE)
-        reusable = upstream.h11.our_state is h11.DONE and upstream.h11.their_state is h11.DONE
+        # Bytes after the response (a second, unrequested response) would be read as the answer to the
+        # next request on this connection: such a connection is never reused.
+        leftover, _closed = upstream.h11.trailing_data
+        reusable = upstream.h11.our_state is h11.DONE and upstream.h11.their_state is h11.DONE and not leftover
         if reusable:
             upstream.h11.start_next_cycle()
             self._release_upstream(upstream, now_ns)

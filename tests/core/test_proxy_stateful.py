@@ -1,12 +1,14 @@
 """Stateful test of the HTTP/1.1 proxy machine: Hypothesis is the driver, every client and every endpoint.
 
-The test calls ``Proxy`` directly, the way the anyio adapter and the simulator do, and plays both ends
-with h11 connections of its own: an h11 client per downstream connection and an h11 server per upstream
-connection. Bytes in either direction are split at drawn points and wait in a per-connection outbox until a
-``deliver`` rule (or teardown) hands them to ``proxy.received``, and only while the proxy reads that
-connection (``SetReading``). ``Send`` effects go straight into the peer's parser; their ``proxy.sent``
-acknowledgement is immediate or, in the delayed mode the initialize rule may draw, left to ``acknowledge``
-rules, which is what exercises backpressure.
+The test calls ``Proxy`` directly, the way the anyio adapter and the simulator do, and plays both ends with
+h11 of its own: clients (GET, or POST framed by content-length or chunked; pipelined up to two deep; now and
+then malformed bytes or a chunked body cut off by a bad chunk header) and endpoints (connects accepted or
+refused; responses whole, close-delimited, cut off mid-response, not HTTP at all, or with an oversized head;
+half-closes and resets). Bytes in either direction are split at drawn points and wait in a per-connection
+outbox until a ``deliver`` rule (or teardown) hands them to ``proxy.received``, and only while the proxy
+reads that connection (``SetReading``). ``Send`` effects go straight into the peer's parser; their
+``proxy.sent`` acknowledgement is immediate or, in the delayed mode the initialize rule may draw, left to
+``acknowledge`` rules, which is what exercises backpressure. ``advance_time`` runs the proxy's timers.
 
 The model is deliberately naive: a ``RequestRecord`` per request (its unique x-request-id, its body, what
 the endpoint saw and answered, what the client saw). Checks, numbered as in the test plan:
@@ -14,12 +16,17 @@ the endpoint saw and answered, what the client saw). Checks, numbered as in the 
 1. every request gets exactly one response or a close of its connection (teardown, after 10 virtual
    minutes, so every timeout has fired);
 2. bodies arrive byte for byte in both directions, and a response carrying ``l5d-proxy-error`` has one of
-   the proxy's statuses;
+   the proxy's statuses (400 or 431 for malformed bytes);
 3. a client only ever sees the response to its own request (the endpoint echoes x-request-id);
-4. an endpoint that dies mid-response never yields a complete response at the client.
+4. an endpoint that dies mid-response never yields a complete response at the client, and a client that
+   already has that response's head sees its connection closed.
 
-Plus driver bookkeeping: no effect names a connection the proxy already closed, and
-``proxy.open_connections`` always equals the connections the driver holds open.
+Plus protocol and driver bookkeeping: hop-by-hop headers and a content-length beside transfer-encoding
+never reach an endpoint; no effect names a connection the proxy already closed; ``proxy.open_connections``
+always equals the connections the driver holds open, and is 0 once everything has timed out.
+
+Bugs the machine found are kept as plain reproductions at the end of the file. While a newly found bug
+stands, the inputs that trigger it can be left out of the machine by naming them in ``KNOWN_BUGS``.
 """
 
 from __future__ import annotations
@@ -102,11 +109,11 @@ UNSOLICITED_RESPONSE = b"HTTP/1.1 200 OK\r\nx-request-id: unsolicited\r\ncontent
 # Headers that describe one connection (RFC 9110 section 7.6.1); x-hop is one the client names in Connection.
 HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"x-hop")
 
-# Inputs that trip the proxy bugs pinned by the xfail tests at the end of this file. They stay out of the
-# state machine while those bugs stand, so that it keeps guarding everything else. To draw them anyway, set
-# TETHER_STATEFUL_KNOWN_BUGS to "all" or to a comma-separated list of names; drop a name from KNOWN_BUGS once
-# its xfail test passes.
-KNOWN_BUGS = frozenset({"framing-header-in-connection", "content-length-with-chunked", "unsolicited-response"})
+# Inputs that trip a known, unfixed proxy bug (named in KNOWN_BUGS) stay out of the state machine so that it
+# keeps guarding everything else; TETHER_STATEFUL_KNOWN_BUGS="all" (or a list of names) draws them anyway.
+# Empty now: the three bugs found (framing-header-in-connection, content-length-with-chunked,
+# unsolicited-response) are fixed and their reproductions at the end of this file are regression tests.
+KNOWN_BUGS: frozenset[str] = frozenset()
 EXPLORED_BUGS = set(os.environ.get("TETHER_STATEFUL_KNOWN_BUGS", "").replace(" ", "").split(","))
 
 
@@ -977,7 +984,7 @@ class ProxyMachine(RuleBasedStateMachine):
 
 
 ProxyMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=400,
     stateful_step_count=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -1000,9 +1007,7 @@ def test_malformed_samples_are_malformed(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Proxy bugs the state machine found (with TETHER_STATEFUL_KNOWN_BUGS set), shrunk to plain reproductions.
-# Each is strict: once the bug is fixed the test passes, xfail turns that into a failure, and the marker (and
-# the name in KNOWN_BUGS) should go.
+# Proxy bugs the state machine found, shrunk to plain reproductions; fixed, they stay as regression tests.
 
 
 class _Wire:
@@ -1063,13 +1068,6 @@ def _first_response_id(data: bytes) -> bytes | None:
     return _header(list(response.headers), b"x-request-id")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=h11.LocalProtocolError,
-    reason="proxy bug: a client's 'Connection: content-length' strips the request's framing header before it is "
-    "forwarded (http1.forwarded_headers), so writing the body upstream raises h11.LocalProtocolError out of "
-    "Proxy.connected (machine.py _bind; _request_body when the body comes later)",
-)
 def test_proxy_forwards_request_whose_connection_header_names_its_content_length() -> None:
     wire = _Wire()
     client = wire.accept()
@@ -1079,18 +1077,11 @@ def test_proxy_forwards_request_whose_connection_header_names_its_content_length
         assert bytes(wire.written[client]).startswith(b"HTTP/1.1 400 "), wire.written
         return
     (upstream,) = wire.connects
-    wire.connect(upstream)  # raises today: "Too much data for declared Content-Length"
+    wire.connect(upstream)
     _head, body, ended = _request_seen_by_endpoint(bytes(wire.written[upstream]))
     assert (body, ended) == (b"abc", True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="proxy bug: a chunked request that also carries Content-Length is forwarded with both headers "
-    "(http1.upstream_request keeps every framing header); RFC 9112 section 6.3 requires an intermediary to drop "
-    "Content-Length, or an endpoint that honours it reads a different body (request smuggling)",
-)
 def test_proxy_drops_content_length_from_chunked_request() -> None:
     wire = _Wire()
     client = wire.accept()
@@ -1106,17 +1097,9 @@ def test_proxy_drops_content_length_from_chunked_request() -> None:
     wire.connect(upstream)
     head, body, ended = _request_seen_by_endpoint(bytes(wire.written[upstream]))
     assert (body, ended) == (b"abc", True)
-    assert _header(list(head.headers), b"content-length") is None, head  # fails today: b"4" is forwarded
+    assert _header(list(head.headers), b"content-length") is None, head
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="proxy bug: bytes that arrive in the same read as the end of a response stay in the upstream h11 "
-    "buffer; machine.py _response_done still finds the connection reusable (it checks only our_state/their_state, "
-    "not h11's trailing_data), and the buffered bytes are then parsed as the next request's response, which goes "
-    "to another client",
-)
 def test_proxy_never_hands_bytes_left_after_a_response_to_the_next_request() -> None:
     wire = _Wire()
     first, second = wire.accept(), wire.accept()
