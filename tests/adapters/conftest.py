@@ -61,6 +61,8 @@ http {{
         root {prefix}/www;
         client_max_body_size 64m;
         location /upload/ {{ dav_methods PUT DELETE; create_full_put_path on; }}
+        # gzip makes the length unknown up front, so nginx answers with chunked transfer encoding
+        location /chunked/ {{ alias {prefix}/www/; gzip on; gzip_types *; gzip_min_length 0; gzip_comp_level 1; }}
     }}
 }}
 """

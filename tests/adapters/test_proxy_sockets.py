@@ -48,6 +48,20 @@ def test_httpx_downloads_10mb_intact(nginx, tether_proxy_to) -> None:
     assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
 
 
+def test_httpx_chunked_download_10mb_intact(nginx, tether_proxy_to) -> None:
+    payload = os.urandom(TEN_MB)
+    (nginx.root / "big.bin").write_bytes(payload)
+    proxy = tether_proxy_to(nginx.port)
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        digest = hashlib.sha256()
+        with client.stream("GET", "/chunked/big.bin", headers={"accept-encoding": "gzip"}) as response:
+            assert response.status_code == 200
+            assert response.headers.get("transfer-encoding") == "chunked"
+            for chunk in response.iter_bytes():  # decoded from gzip
+                digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
 def test_httpx_chunked_upload_10mb_intact(nginx, tether_proxy_to) -> None:
     payload = os.urandom(TEN_MB)
     proxy = tether_proxy_to(nginx.port)
