@@ -59,13 +59,10 @@ class VirtualHttpServer:
         return _ServerConnection(self, sock)
 
 
-class _ServerConnection:
-    def __init__(self, server: VirtualHttpServer, sock: VirtualSocket) -> None:
-        self.server = server
-        self.sock = sock
-        self.parser = h11.Connection(h11.SERVER)
-        self.digest = hashlib.sha256()
-        self.request: h11.Request | None = None
+class _H11Peer:
+    """Feeds a virtual socket's bytes to an h11 parser; subclasses say what to do with the events."""
+
+    parser: h11.Connection
 
     def on_data(self, sock: VirtualSocket, data: bytes) -> None:
         self.parser.receive_data(data)
@@ -74,6 +71,18 @@ class _ServerConnection:
     def on_eof(self, sock: VirtualSocket) -> None:
         self.parser.receive_data(b"")
         self._pump()
+
+    def _pump(self) -> None:
+        raise NotImplementedError
+
+
+class _ServerConnection(_H11Peer):
+    def __init__(self, server: VirtualHttpServer, sock: VirtualSocket) -> None:
+        self.server = server
+        self.sock = sock
+        self.parser = h11.Connection(h11.SERVER)
+        self.digest = hashlib.sha256()
+        self.request: h11.Request | None = None
 
     def on_reset(self, sock: VirtualSocket) -> None:
         self.request = None
@@ -291,7 +300,7 @@ class WorkloadClient:
             self.finish(record, error="client_queue_timeout")
 
 
-class _ClientConnection:
+class _ClientConnection(_H11Peer):
     def __init__(self, client: WorkloadClient, first: RequestRecord) -> None:
         self.client = client
         self.sock: VirtualSocket | None = None
@@ -349,14 +358,6 @@ class _ClientConnection:
         self.sock.send(out)
         self.body.clear()
         self.response = None
-
-    def on_data(self, sock: VirtualSocket, data: bytes) -> None:
-        self.parser.receive_data(data)
-        self._pump()
-
-    def on_eof(self, sock: VirtualSocket) -> None:
-        self.parser.receive_data(b"")
-        self._pump()
 
     def on_reset(self, sock: VirtualSocket) -> None:
         self._fail("connection_reset")
