@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from importlib.metadata import entry_points
 
 import click
@@ -86,8 +87,24 @@ def parse_address(value: str, what: str) -> Address:
     show_default=True,
     help="On SIGTERM/Ctrl-C, how long requests in flight may take to finish.",
 )
+@click.option(
+    "--admin",
+    "admin",
+    default="127.0.0.1:4191",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Admin server: /metrics, /ready, /live, /proxy-log-level, /shutdown.",
+)
+@click.option("--shutdown-endpoint", is_flag=True, help="Enable POST /shutdown on the admin server.")
 def proxy(
-    listen: str, to: str, connect_timeout_ms: int, response_timeout_ms: int, idle_timeout_ms: int, drain_timeout_ms: int
+    listen: str,
+    to: str,
+    connect_timeout_ms: int,
+    response_timeout_ms: int,
+    idle_timeout_ms: int,
+    drain_timeout_ms: int,
+    admin: str,
+    shutdown_endpoint: bool,
 ) -> None:
     """Run an HTTP/1.1 proxy from LISTEN to the endpoints in TO."""
     import anyio
@@ -95,6 +112,7 @@ def proxy(
     from tether.adapters.serve import run_proxy
 
     listen_address = parse_address(listen, "--listen")
+    admin_address = parse_address(admin, "--admin")
     endpoints = [parse_address(part, "--to") for part in to.split(",") if part.strip()]
     if not endpoints:
         raise click.BadParameter("name at least one endpoint, for example --to 127.0.0.1:8080", param_hint="--to")
@@ -108,9 +126,15 @@ def proxy(
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     try:
-        anyio.run(run_proxy, listen_address, endpoints, config)
+        anyio.run(
+            partial(
+                run_proxy, listen_address, endpoints, config, admin=admin_address, shutdown_endpoint=shutdown_endpoint
+            )
+        )
     except OSError as error:
-        click.echo(f"tether proxy: cannot listen on {listen_address}: {error.strerror or error}", err=True)
+        click.echo(
+            f"tether proxy: cannot listen on {listen_address} or {admin_address}: {error.strerror or error}", err=True
+        )
         sys.exit(EXIT_BIND)
     except KeyboardInterrupt:
         pass

@@ -25,8 +25,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tether.adapters.demo_apps import BackendApp, Handler, WebApp, serve_http
+from tether.adapters.demo_apps import BackendApp, WebApp
 from tether.adapters.driver import ProxyDriver
+from tether.adapters.http_server import Handler, serve_http
 from tether.adapters.serve import build_proxy
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
@@ -67,7 +68,7 @@ async def _start_service(
 ) -> DemoService:
     app_listener, app_address = await _listen()
     task_group.start_soon(serve_http, app_listener, handler)
-    proxy = build_proxy(ProxyConfig(), [app_address], service=name)
+    proxy = build_proxy(ProxyConfig(), [app_address], service=name, direction="inbound")
     proxy_listener, proxy_address = await _listen()
     task_group.start_soon(lambda: ProxyDriver(proxy, name=name).serve(proxy_listener, stop=stop))
     return DemoService(name, proxy, proxy_address)

@@ -8,68 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Awaitable, Callable
 
 import anyio
-import anyio.abc
 import h11
 import httpx
 
-Handler = Callable[[h11.Request], Awaitable[tuple[int, bytes]]]
-MAX_REQUEST_BODY = 1024 * 1024
-
-
-async def serve_http(listener: anyio.abc.SocketListener, handler: Handler) -> None:
-    """Serve ``handler`` on every connection of ``listener`` until cancelled."""
-    await listener.serve(lambda stream: _connection(stream, handler))
-
-
-async def _connection(stream: anyio.abc.SocketStream, handler: Handler) -> None:
-    parser = h11.Connection(h11.SERVER)
-    async with stream:
-        while True:
-            request, ok = await _read_request(stream, parser)
-            if request is None:
-                return
-            status, body = await handler(request) if ok else (400, b"bad request\n")
-            headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
-            try:
-                await stream.send(
-                    parser.send(h11.Response(status_code=status, headers=headers))
-                    + parser.send(h11.Data(data=body))
-                    + parser.send(h11.EndOfMessage())
-                )
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-            if parser.our_state is not h11.DONE or parser.their_state is not h11.DONE:
-                return
-            parser.start_next_cycle()
-
-
-async def _read_request(stream: anyio.abc.SocketStream, parser: h11.Connection) -> tuple[h11.Request | None, bool]:
-    request: h11.Request | None = None
-    body_bytes = 0
-    while True:
-        try:
-            event = parser.next_event()
-        except h11.RemoteProtocolError:
-            return None, False
-        if event is h11.NEED_DATA:
-            try:
-                parser.receive_data(await stream.receive(65536))
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                parser.receive_data(b"")
-            continue
-        if isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body_bytes += len(event.data)
-            if body_bytes > MAX_REQUEST_BODY:
-                return request, False
-        elif isinstance(event, h11.EndOfMessage):
-            return request, True
-        else:
-            return None, False
+JSON = "application/json"
 
 
 class BackendApp:
@@ -82,12 +26,12 @@ class BackendApp:
         self.latency_ms = latency_ms
         self.failure_rate = failure_rate
 
-    async def __call__(self, request: h11.Request) -> tuple[int, bytes]:
+    async def __call__(self, request: h11.Request, body: bytes) -> tuple[int, bytes, str]:
         await anyio.sleep(self.rng.uniform(*self.latency_ms) / 1000)
         if self.rng.random() < self.failure_rate:
-            return 500, b'{"error": "backend failure (injected)"}'
+            return 500, b'{"error": "backend failure (injected)"}', JSON
         book = request.target.decode().rsplit("/", 1)[-1]
-        return 200, json.dumps({"id": book, "title": f"Book {book}", "pages": 100 + len(book) * 7}).encode()
+        return 200, json.dumps({"id": book, "title": f"Book {book}", "pages": 100 + len(book) * 7}).encode(), JSON
 
 
 class WebApp:
@@ -98,15 +42,15 @@ class WebApp:
             base_url=backend_via_proxy, timeout=10.0, limits=httpx.Limits(max_keepalive_connections=32)
         )
 
-    async def __call__(self, request: h11.Request) -> tuple[int, bytes]:
+    async def __call__(self, request: h11.Request, body: bytes) -> tuple[int, bytes, str]:
         book = request.target.decode().rsplit("/", 1)[-1]
         try:
             answer = await self.client.get(f"/books/{book}", headers={"host": "backend"})
         except httpx.HTTPError as error:
-            return 502, json.dumps({"error": f"backend unreachable: {error}"}).encode()
+            return 502, json.dumps({"error": f"backend unreachable: {error}"}).encode(), JSON
         if answer.status_code != 200:
-            return 502, json.dumps({"error": f"backend answered {answer.status_code}"}).encode()
-        return 200, json.dumps({"book": answer.json(), "served_by": "web"}).encode()
+            return 502, json.dumps({"error": f"backend answered {answer.status_code}"}).encode(), JSON
+        return 200, json.dumps({"book": answer.json(), "served_by": "web"}).encode(), JSON
 
     async def aclose(self) -> None:
         await self.client.aclose()

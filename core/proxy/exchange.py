@@ -19,6 +19,7 @@ import h11
 
 from tether.core.address import Address
 from tether.core.proxy.errors import ProxyError
+from tether.core.proxy.telemetry import HttpLabels
 
 
 class ExchangeState(enum.Enum):
@@ -78,6 +79,7 @@ class Exchange:
     # body has been read and discarded, so the connection survives.
     deferred_error: ProxyError | None = None
     discarded_bytes: int = 0
+    labels: HttpLabels = HttpLabels("outbound", "", "")  # metric labels, set when the endpoint is known
 
     def advance(self, step: Step) -> ExchangeState:
         try:

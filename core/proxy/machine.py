@@ -45,6 +45,7 @@ from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, err
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
 from tether.core.proxy.pool import EndpointPool
 from tether.core.proxy.stats import ProxyStats
+from tether.core.proxy.telemetry import Telemetry
 from tether.core.timers import Deadlines
 
 NS_PER_MS = 1_000_000
@@ -91,10 +92,11 @@ class Proxy:
         rng: random.Random,
         *,
         picker: Picker | None = None,
+        direction: str = "outbound",
     ) -> None:
         self.config = config
         self.resolver = resolver
-        self.stats = ProxyStats()
+        self.telemetry = Telemetry(direction=direction)
         self._rng = rng
         self._picker: Picker = picker if picker is not None else RoundRobin()
         self._effects: list[Effect] = []
@@ -106,6 +108,11 @@ class Proxy:
         self._deadlines = Deadlines()
         self._draining = False
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
+
+    @property
+    def stats(self) -> ProxyStats:
+        """Per-service counters (the Linkerd-shaped families are in ``telemetry``)."""
+        return self.telemetry.services
 
     # ------------------------------------------------------------------ driver inputs
 
@@ -120,9 +127,10 @@ class Proxy:
         """A client connected; returns the id the driver must use for this connection from now on."""
         self._now_ns = now_ns
         conn_id = self._new_id()
-        self.stats.connections_accepted += 1
+        self.telemetry.tcp_opened(conn_id, "src", "", now_ns)
         if self._draining:
             self._effects.append(Close(conn_id=conn_id))
+            self.telemetry.tcp_closed(conn_id, now_ns)
             return conn_id
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         self._downstream[conn_id] = Downstream(conn_id, parser, peer, target, identity)
@@ -132,6 +140,7 @@ class Proxy:
     def received(self, conn_id: int, data: bytes, now_ns: int) -> None:
         """Bytes arrived on ``conn_id``; ``b""`` means the peer closed its sending side."""
         self._now_ns = now_ns
+        self.telemetry.tcp_read(conn_id, len(data))
         downstream = self._downstream.get(conn_id)
         if downstream is not None:
             downstream.h11.receive_data(data)
@@ -164,6 +173,7 @@ class Proxy:
         if upstream is None or upstream.state is not UpstreamState.CONNECTING:
             return
         self._deadlines.cancel(("connect", conn_id))
+        self.telemetry.tcp_opened(conn_id, "dst", str(upstream.endpoint), now_ns)
         exchange = self._exchange(upstream.exchange_id)
         if exchange is not None and exchange.state is ExchangeState.QUEUED:
             self._bind(exchange, upstream, now_ns)
@@ -188,6 +198,7 @@ class Proxy:
         downstream = self._downstream.pop(conn_id, None)
         if downstream is not None:
             self._deadlines.cancel(("idle", conn_id))
+            self.telemetry.tcp_closed(conn_id, now_ns)
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.live:
                 self._abandon(exchange, now_ns)
@@ -274,7 +285,11 @@ class Proxy:
         exchange = Exchange(self._new_id(), downstream.conn_id, forwarded, service, now_ns)
         self._exchanges[exchange.exchange_id] = exchange
         downstream.exchange_id = exchange.exchange_id
-        self.stats.service(service).requests += 1
+        if endpoint_set is not None and endpoint_set.endpoints:
+            exchange.endpoint = self._picker.pick(endpoint_set, self._rng)
+        target_addr = str(exchange.endpoint) if exchange.endpoint is not None else ""
+        exchange.labels = self.telemetry.http_labels(authority, target_addr)
+        self.telemetry.request_started(service, exchange.labels)
         if http1.head_size(request) > self.config.max_header_bytes:
             downstream.closing = True
             reason = f"request head larger than {self.config.max_header_bytes} bytes"
@@ -284,7 +299,6 @@ class Proxy:
             error = ProxyError(ProxyErrorKind.NO_ENDPOINTS, f"no endpoints for {authority or 'this request'}")
             self._fail_after_request(exchange, error, now_ns)
             return
-        exchange.endpoint = self._picker.pick(endpoint_set, self._rng)
         self._dispatch(exchange, now_ns)
 
     def _request_body(self, downstream: Downstream, data: bytes) -> None:
@@ -343,7 +357,8 @@ class Proxy:
             )
             self._exchanges[exchange.exchange_id] = exchange
             downstream.exchange_id = exchange.exchange_id
-            self.stats.service(service).requests += 1
+            exchange.labels = self.telemetry.http_labels(downstream.target or "", "")
+            self.telemetry.request_started(service, exchange.labels)
         self._fail(exchange, ProxyError(kind, reason), now_ns)
 
     def _downstream_idle(self, conn_id: int, now_ns: int) -> None:
@@ -378,7 +393,6 @@ class Proxy:
         )
         self._upstream[conn_id] = upstream
         pool.connection_ids.add(conn_id)
-        self.stats.connections_opened += 1
         self._effects.append(Connect(conn_id=conn_id, address=pool.endpoint))
         self._deadlines.set(("connect", conn_id), now_ns + self.config.connect_timeout_ns)
         return upstream
@@ -508,9 +522,8 @@ class Proxy:
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.advance(Step.RESPONSE_HEAD)
         exchange.response_status = response.status_code
-        stats = self.stats.service(exchange.service)
-        stats.latency.record((now_ns - exchange.started_ns) / NS_PER_MS)
-        stats.responses_by_status[response.status_code] = stats.responses_by_status.get(response.status_code, 0) + 1
+        latency_ms = (now_ns - exchange.started_ns) / NS_PER_MS
+        self.telemetry.response_started(exchange.service, exchange.labels, response.status_code, latency_ms)
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is None:
             return
@@ -597,10 +610,9 @@ class Proxy:
         assert not exchange.response_started, exchange.exchange_id
         exchange.advance(Step.FAILED)
         self._detach_upstream(exchange)
-        stats = self.stats.service(exchange.service)
-        stats.latency.record((now_ns - exchange.started_ns) / NS_PER_MS)
-        stats.responses_by_status[error.status] = stats.responses_by_status.get(error.status, 0) + 1
-        stats.proxy_errors_by_kind[error.kind.label] = stats.proxy_errors_by_kind.get(error.kind.label, 0) + 1
+        latency_ms = (now_ns - exchange.started_ns) / NS_PER_MS
+        self.telemetry.response_started(exchange.service, exchange.labels, error.status, latency_ms)
+        self.telemetry.proxy_error(exchange.service, error.kind.label)
         self._effects.append(LogError(conn_id=exchange.downstream_id, message=f"{error.status} {error.reason}"))
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is None:
@@ -655,7 +667,7 @@ class Proxy:
         after the head went out)."""
         exchange.advance(Step.FAILED)
         self._exchanges.pop(exchange.exchange_id, None)
-        self.stats.service(exchange.service).aborted += 1
+        self.telemetry.aborted(exchange.service)
         self._detach_upstream(exchange)
 
     def _detach_upstream(self, exchange: Exchange) -> None:
@@ -685,6 +697,7 @@ class Proxy:
             return
         self._deadlines.cancel(("idle", downstream.conn_id))
         self._effects.append(Close(conn_id=downstream.conn_id, reset=reset))
+        self.telemetry.tcp_closed(downstream.conn_id, self._now_ns)
 
     def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None:
         if upstream.conn_id not in self._upstream:
@@ -695,6 +708,7 @@ class Proxy:
     def _forget_upstream(self, upstream: Upstream) -> None:
         if self._upstream.pop(upstream.conn_id, None) is None:
             return
+        self.telemetry.tcp_closed(upstream.conn_id, self._now_ns)
         for kind in ("connect", "pool-idle"):
             self._deadlines.cancel((kind, upstream.conn_id))
         pool = self._pool(upstream.endpoint)
@@ -705,6 +719,7 @@ class Proxy:
     def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None:
         if data:
             connection.unsent_bytes += len(data)
+            self.telemetry.tcp_written(connection.conn_id, len(data))
             self._effects.append(Send(conn_id=connection.conn_id, data=data))
 
     def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None:

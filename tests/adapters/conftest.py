@@ -90,7 +90,12 @@ def nginx(tmp_path: Path) -> Iterator[Nginx]:
 @dataclass
 class TetherProxy:
     port: int
+    admin_port: int
     process: subprocess.Popen[str]
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def url(self) -> str:
@@ -98,7 +103,7 @@ class TetherProxy:
 
 
 def start_tether_proxy(*targets: int, extra: list[str] | None = None) -> TetherProxy:
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     to = ",".join(f"127.0.0.1:{target}" for target in targets)
     command = [
         sys.executable,
@@ -109,6 +114,8 @@ def start_tether_proxy(*targets: int, extra: list[str] | None = None) -> TetherP
         f"127.0.0.1:{port}",
         "--to",
         to,
+        "--admin",
+        f"127.0.0.1:{admin_port}",
         *(extra or []),
     ]
     process = subprocess.Popen(
@@ -117,7 +124,7 @@ def start_tether_proxy(*targets: int, extra: list[str] | None = None) -> TetherP
     assert process.stdout is not None
     line = process.stdout.readline()
     assert "listening on" in line, line + (process.stderr.read() if process.poll() is not None else "")
-    return TetherProxy(port, process)
+    return TetherProxy(port, admin_port, process)
 
 
 @pytest.fixture

@@ -196,3 +196,32 @@ def test_proxy_pool_limit_queues_then_serves(make_harness) -> None:
     assert h.take(upstream).startswith(b"GET /x"), "the waiter is served on the released connection"
     h.recv(upstream, OK)
     assert h.take(second).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_proxy_telemetry_counts_with_linkerd_labels(make_harness) -> None:
+    h = make_harness()
+    client, upstream = open_exchange(h)
+    h.recv(upstream, OK)
+    telemetry = h.proxy.telemetry
+    (labels,) = telemetry.request_total
+    assert (labels.direction, labels.authority, labels.target_addr) == ("outbound", "svc", "10.0.0.1:80")
+    assert telemetry.request_total[labels] == 1
+    assert telemetry.response_total == {(labels, "success", 200): 1}
+    assert telemetry.response_latency_ms[(labels, 200)].count == 1
+    by_peer = {tcp.peer: tcp for tcp in telemetry.tcp_open_total}
+    assert telemetry.tcp_open_connections == {by_peer["src"]: 1, by_peer["dst"]: 1}
+    assert telemetry.tcp_read_bytes_total[by_peer["src"]] == len(GET)
+    assert telemetry.tcp_read_bytes_total[by_peer["dst"]] == len(OK)
+    assert telemetry.tcp_write_bytes_total[by_peer["src"]] == len(h.take(client))
+    h.recv(client, b"")  # the client leaves
+    h.advance(11)  # the pooled upstream connection idles out
+    assert telemetry.tcp_open_connections == {by_peer["src"]: 0, by_peer["dst"]: 0}
+    assert telemetry.tcp_close_total == {by_peer["src"]: 1, by_peer["dst"]: 1}
+    assert telemetry.tcp_connection_duration_ms[by_peer["dst"]].count == 1
+
+
+def test_proxy_failed_request_is_a_failure_response(make_harness) -> None:
+    h = make_harness(endpoints=[])
+    h.recv(h.accept(), GET)
+    ((labels, classification, status),) = h.proxy.telemetry.response_total
+    assert (labels.authority, labels.target_addr, classification, status) == ("svc", "", "failure", 503)

@@ -1,0 +1,133 @@
+"""What the proxy counts, with Linkerd's metric names and labels, kept as plain data in core.
+
+The machine reports events here (a request started, a response head arrived, bytes moved, a connection
+opened or closed); this module keeps two views of them:
+
+- ``services``: per destination service, for ``tether demo`` and the simulator's summaries;
+- the Linkerd families, keyed by label tuples: ``request_total``, ``response_total``,
+  ``response_latency_ms``, ``tcp_open_total``, ``tcp_close_total``, ``tcp_open_connections``,
+  ``tcp_read_bytes_total``, ``tcp_write_bytes_total``, ``tcp_connection_duration_ms``.
+
+Rendering (Prometheus text) is the admin adapter's job. Until the identity issue brings mTLS every
+connection is labelled ``tls="no_identity", no_tls_reason="disabled"``, as Linkerd labels a proxy whose
+identity is disabled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tether.core.proxy.stats import LatencyHistogram, ProxyStats
+
+NO_TLS = ("no_identity", "disabled")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class HttpLabels:
+    direction: str
+    authority: str
+    target_addr: str
+    tls: str = NO_TLS[0]
+    no_tls_reason: str = NO_TLS[1]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TcpLabels:
+    direction: str
+    peer: str  # "src": a connection a client opened to us; "dst": one we opened to an endpoint
+    target_addr: str
+    tls: str = NO_TLS[0]
+    no_tls_reason: str = NO_TLS[1]
+
+
+@dataclass(slots=True)
+class _OpenConnection:
+    labels: TcpLabels
+    opened_ns: int
+
+
+def classify(status: int) -> str:
+    """Linkerd's HTTP classification: a 5xx is a failure, anything else a success."""
+    return "failure" if status >= 500 else "success"
+
+
+@dataclass(slots=True)
+class Telemetry:
+    direction: str = "outbound"
+    services: ProxyStats = field(default_factory=ProxyStats)
+    request_total: dict[HttpLabels, int] = field(default_factory=dict)
+    response_total: dict[tuple[HttpLabels, str, int], int] = field(default_factory=dict)
+    response_latency_ms: dict[tuple[HttpLabels, int], LatencyHistogram] = field(default_factory=dict)
+    tcp_open_total: dict[TcpLabels, int] = field(default_factory=dict)
+    tcp_close_total: dict[TcpLabels, int] = field(default_factory=dict)
+    tcp_open_connections: dict[TcpLabels, int] = field(default_factory=dict)
+    tcp_read_bytes_total: dict[TcpLabels, int] = field(default_factory=dict)
+    tcp_write_bytes_total: dict[TcpLabels, int] = field(default_factory=dict)
+    tcp_connection_duration_ms: dict[TcpLabels, LatencyHistogram] = field(default_factory=dict)
+    _open: dict[int, _OpenConnection] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- HTTP
+
+    def http_labels(self, authority: str, target_addr: str) -> HttpLabels:
+        return HttpLabels(self.direction, authority, target_addr)
+
+    def request_started(self, service: str, labels: HttpLabels) -> None:
+        self.services.service(service).requests += 1
+        _add(self.request_total, labels, 1)
+
+    def response_started(self, service: str, labels: HttpLabels, status: int, latency_ms: float) -> None:
+        stats = self.services.service(service)
+        stats.latency.record(latency_ms)
+        _add(stats.responses_by_status, status, 1)
+        _add(self.response_total, (labels, classify(status), status), 1)
+        histogram = self.response_latency_ms.get((labels, status))
+        if histogram is None:
+            histogram = self.response_latency_ms[(labels, status)] = LatencyHistogram()
+        histogram.record(latency_ms)
+
+    def proxy_error(self, service: str, kind_label: str) -> None:
+        _add(self.services.service(service).proxy_errors_by_kind, kind_label, 1)
+
+    def aborted(self, service: str) -> None:
+        self.services.service(service).aborted += 1
+
+    # ---------------------------------------------------------------- TCP
+
+    def tcp_opened(self, conn_id: int, peer: str, target_addr: str, now_ns: int) -> None:
+        assert conn_id not in self._open, conn_id
+        labels = TcpLabels(self.direction, peer, target_addr)
+        self._open[conn_id] = _OpenConnection(labels, now_ns)
+        _add(self.tcp_open_total, labels, 1)
+        _add(self.tcp_open_connections, labels, 1)
+        if peer == "src":
+            self.services.connections_accepted += 1
+        else:
+            self.services.connections_opened += 1
+
+    def tcp_read(self, conn_id: int, byte_count: int) -> None:
+        connection = self._open.get(conn_id)
+        if connection is not None and byte_count:
+            _add(self.tcp_read_bytes_total, connection.labels, byte_count)
+
+    def tcp_written(self, conn_id: int, byte_count: int) -> None:
+        connection = self._open.get(conn_id)
+        if connection is not None and byte_count:
+            _add(self.tcp_write_bytes_total, connection.labels, byte_count)
+
+    def tcp_closed(self, conn_id: int, now_ns: int) -> None:
+        """Idempotent: closing an id that never opened (a failed connect) or closed already does nothing."""
+        connection = self._open.pop(conn_id, None)
+        if connection is None:
+            return
+        labels = connection.labels
+        _add(self.tcp_close_total, labels, 1)
+        _add(self.tcp_open_connections, labels, -1)
+        assert self.tcp_open_connections[labels] >= 0, labels
+        histogram = self.tcp_connection_duration_ms.get(labels)
+        if histogram is None:
+            histogram = self.tcp_connection_duration_ms[labels] = LatencyHistogram()
+        histogram.record((now_ns - connection.opened_ns) / 1_000_000)
+
+
+def _add(table: dict, key: object, amount: int) -> None:  # type: ignore[type-arg]
+    table[key] = table.get(key, 0) + amount
