@@ -198,6 +198,7 @@ class WorkloadClient:
         self.rng = rng
         self.on_violation = on_violation
         self.records: list[RequestRecord] = []
+        self._pending = 0  # records not yet done; kept as a count, the run's stop check reads it per event
         self._idle: list[_ClientConnection] = []
         self._open = 0
         self._queue: deque[RequestRecord] = deque()
@@ -205,7 +206,7 @@ class WorkloadClient:
 
     @property
     def pending(self) -> int:
-        return sum(1 for record in self.records if not record.done)
+        return self._pending
 
     def _next_arrival(self) -> None:
         if self.kernel.now_ns >= self.spec.stop_ns or not self.network.hosts[self.host].alive:
@@ -231,6 +232,7 @@ class WorkloadClient:
             probe=probe,
         )
         self.records.append(record)
+        self._pending += 1
         if self._idle:
             self._idle.pop().start(record)
         elif self._open < spec.max_connections:
@@ -249,6 +251,7 @@ class WorkloadClient:
             )
             return
         record.ended_ns = self.kernel.now_ns
+        self._pending -= 1
         record.status = status
         record.error = error
         record.connection = None
