@@ -31,13 +31,8 @@ stands, the inputs that trigger it can be left out of the machine by naming them
 
 from __future__ import annotations
 
-import functools
-import os
 import random
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import h11
 import pytest
@@ -53,241 +48,46 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from stateful_support import (
+    BAD_CHUNK_HEADER,
+    BODIES,
+    CONNECTION_OPTIONS,
+    ENDPOINTS,
+    EOF,
+    HOP_BY_HOP,
+    INVALID_RESPONSE,
+    MALFORMED,
+    MALFORMED_MAX,
+    MALFORMED_REQUEST_STATUSES,
+    MAX_CLIENTS,
+    MAX_CLIENTS_OPEN,
+    MOSTLY_TRUE,
+    PROXY_ERROR_STATUSES,
+    REQUEST_KINDS,
+    RESPONSE_FATES,
+    RESPONSE_STATUSES,
+    SPLITS,
+    TEARDOWN_NS,
+    TIGHT_LIMITS,
+    TIMEOUTS,
+    UNSOLICITED_RESPONSE,
+    WHOLE_HEAD_ACCEPTED_BY_H11,
+    ClientPeer,
+    EndpointPeer,
+    Peer,
+    RequestRecord,
+    _close_delimited_head,
+    _connection_headers,
+    _header,
+    _split,
+    _step,
+)
 
 from tether.core.address import Address
-from tether.core.config import MS, ProxyConfig, S
+from tether.core.config import MS, ProxyConfig
 from tether.core.discovery import StaticResolver
 from tether.core.effects import Close, Connect, Effect, LogError, Send, SetReading
 from tether.core.proxy import Proxy
-
-ENDPOINTS = (Address("10.0.0.1", 80), Address("10.0.0.2", 80))
-PROXY_ERROR_STATUSES = frozenset({400, 431, 502, 503, 504})
-MALFORMED_REQUEST_STATUSES = frozenset({400, 431})
-EOF = b""
-TEARDOWN_NS = 10 * 60 * S
-MAX_CLIENTS_OPEN = 4
-MAX_CLIENTS = 16
-PIPELINE_MAX = 2  # requests a client sends before the first is answered (HTTP/1.1 pipelining)
-MALFORMED_MAX = 2  # malformed bytes end their connection; a few per run is plenty
-
-# Short timeouts so that advance_time reaches them; every other limit is the ProxyConfig default, except
-# in "tight" runs, which shrink the buffer and pool limits to their minimum so backpressure and pool
-# exhaustion happen with small bodies and a handful of clients.
-TIMEOUTS = {
-    "connect_timeout_ns": 1 * S,
-    "response_timeout_ns": 2 * S,
-    "idle_timeout_ns": 30 * S,
-    "pool_idle_timeout_ns": 10 * S,
-    "drain_timeout_ns": 2 * S,
-}
-TIGHT_LIMITS = {
-    "max_buffered_bytes": 1024,
-    "pool_max_connections_per_endpoint": 1,
-    "pool_max_idle_per_endpoint": 1,
-    "pool_max_waiters_per_endpoint": 1,
-}
-
-# Each of these makes h11 (and so the proxy) reject the request; test_malformed_samples_are_malformed
-# checks that, so the harness never mistakes an accepted request for a proxy bug.
-MALFORMED = {
-    "not-http": b"\x00\x01\x02 not http\r\n\r\n",
-    "no-host": b"GET / HTTP/1.1\r\n\r\n",
-    "bad-content-length": b"GET / HTTP/1.1\r\nHost: svc.test\r\nContent-Length: ten\r\n\r\n",
-    "two-content-lengths": (b"POST / HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"),
-    "gzip-transfer-encoding": b"POST / HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: gzip\r\n\r\n",
-    # A head that never ends and outgrows max_header_bytes: 431 (no terminator, so no split can make it fit).
-    "oversized-head": b"GET / HTTP/1.1\r\nHost: svc.test\r\nX-Big: " + b"a" * 17_000,
-}
-# h11 enforces max_incomplete_event_size only while a head is incomplete; this one is complete, so h11
-# accepts it when it arrives in one piece, and the proxy must measure it itself (431).
-WHOLE_HEAD_ACCEPTED_BY_H11 = "oversized-whole-head"
-MALFORMED[WHOLE_HEAD_ACCEPTED_BY_H11] = MALFORMED["oversized-head"] + b"\r\n\r\n"
-BAD_CHUNK_HEADER = b"zz\r\n"
-INVALID_RESPONSE = b"HTTP/1.1 2OO OK\r\nx-request-id: none\r\n\r\n"
-# A second response nobody asked for, glued to the end of a real one (a buggy or hostile endpoint).
-UNSOLICITED_RESPONSE = b"HTTP/1.1 200 OK\r\nx-request-id: unsolicited\r\ncontent-length: 11\r\n\r\nunsolicited"
-# Headers that describe one connection (RFC 9110 section 7.6.1); x-hop is one the client names in Connection.
-HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"x-hop")
-
-# Inputs that trip a known, unfixed proxy bug (named in KNOWN_BUGS) stay out of the state machine so that it
-# keeps guarding everything else; TETHER_STATEFUL_KNOWN_BUGS="all" (or a list of names) draws them anyway.
-# Empty now: the three bugs found (framing-header-in-connection, content-length-with-chunked,
-# unsolicited-response) are fixed and their reproductions at the end of this file are regression tests.
-KNOWN_BUGS: frozenset[str] = frozenset()
-EXPLORED_BUGS = set(os.environ.get("TETHER_STATEFUL_KNOWN_BUGS", "").replace(" ", "").split(","))
-
-
-def _unless_known_bug(bug: str, *values: str) -> list[str]:
-    explored = bug in EXPLORED_BUGS or "all" in EXPLORED_BUGS
-    return [] if bug in KNOWN_BUGS and not explored else list(values)
-
-
-REQUEST_KINDS = [
-    "GET",
-    "POST-length",
-    "POST-chunked",
-    "POST-chunked-cut",
-    *_unless_known_bug("content-length-with-chunked", "POST-chunked+length"),
-]
-CONNECTION_OPTIONS = [
-    "none",
-    "none",
-    "keep-alive",
-    "x-hop",
-    *_unless_known_bug("framing-header-in-connection", "framing"),
-]
-RESPONSE_FATES = [
-    "whole",
-    "whole",
-    "whole",
-    "whole",
-    "close-delimited",
-    "dies-mid-response",
-    "invalid",
-    "oversized-head",
-    *_unless_known_bug("unsolicited-response", "whole-then-unsolicited"),
-]
-
-
-def _body(seed: int, size: int) -> bytes:
-    """A body that never repeats, so a reordered or duplicated piece cannot compare equal."""
-    return random.Random(seed).randbytes(size)
-
-
-def _split(data: bytes, points: list[int]) -> list[bytes]:
-    """``data`` cut at ``points`` (taken modulo its length); never yields an empty piece (that means EOF)."""
-    if not data:
-        return []
-    cuts = sorted({point % len(data) for point in points} - {0})
-    pieces: list[bytes] = []
-    start = 0
-    for cut in [*cuts, len(data)]:
-        pieces.append(data[start:cut])
-        start = cut
-    return pieces
-
-
-def _close_delimited_head(status: int, request_id: str) -> bytes:
-    """A response head with no framing: the body runs until the endpoint closes (RFC 9112 section 6.3)."""
-    return f"HTTP/1.1 {status} Whatever\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n".encode()
-
-
-def _connection_headers(kind: str, keep_alive: bool, option: str) -> list[tuple[bytes, bytes]]:
-    """The Connection header (and the x-hop header it may name) for a request."""
-    tokens = [] if keep_alive else [b"close"]
-    extra = []
-    if option == "keep-alive":
-        tokens.append(b"keep-alive")
-    elif option == "x-hop":
-        tokens.append(b"x-hop")
-        extra.append((b"x-hop", b"1"))
-    elif option == "framing":
-        tokens.append(b"content-length" if kind == "POST-length" else b"transfer-encoding")
-    return ([(b"connection", b", ".join(tokens))] if tokens else []) + extra
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
-BODIES = st.one_of(
-    st.binary(max_size=24),
-    st.builds(_body, seed=st.integers(0, 2**32 - 1), size=st.integers(0, 4096)),
-)
-MOSTLY_TRUE = st.sampled_from([True, True, True, False])
-SPLITS = st.lists(st.integers(0, 2**20), max_size=5)
-RESPONSE_STATUSES = st.sampled_from([200, 201, 204, 301, 304, 404, 500, 502, 503])
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """One request a client sent (or malformed bytes in place of one) and what each end saw of it."""
-
-    request_id: str | None  # None: malformed bytes, which only the proxy may answer
-    client_id: int
-    method: bytes
-    target: bytes
-    body: bytes
-    whole: bool = True  # False: the request was cut short by a bad chunk header
-    keep_alive: bool = True  # False: the request said "connection: close"
-    upstream_id: int | None = None
-    upstream_body: bytearray = field(default_factory=bytearray)
-    upstream_status: int | None = None
-    upstream_response_body: bytes | None = None
-    # The endpoint never delivered a whole, valid response: it died mid-response, sent garbage, or sent a
-    # head over max_header_bytes. The client must not see that response as complete.
-    upstream_response_broken: bool = False
-    upstream_head_oversized: bool = False  # the proxy must not forward this head at all
-    status: int | None = None
-    proxy_error: bytes | None = None
-    response_body: bytearray = field(default_factory=bytearray)
-    response_complete: bool = False
-
-
-@dataclass(slots=True)
-class Peer:
-    """The far end of one proxy connection, as the driver sees it."""
-
-    conn_id: int
-    parser: h11.Connection
-    outbox: deque[bytes] = field(default_factory=deque)  # bytes for proxy.received; EOF is b""
-    reading: bool = True  # the proxy's last SetReading for this connection
-    unacked_bytes: int = 0
-    closed_by_proxy: bool = False
-    close_reset: bool = False
-    closed_by_peer: bool = False  # the peer reset the connection (proxy.closed)
-    eof_sent: bool = False
-
-    @property
-    def open(self) -> bool:
-        return not (self.closed_by_proxy or self.closed_by_peer)
-
-
-@dataclass(slots=True)
-class ClientPeer(Peer):
-    """A client. Its ``parser`` only reads responses: each request's bytes come from a fresh h11 client (so
-    requests can be pipelined), and the parser is handed a stand-in for the oldest unanswered request."""
-
-    records: list[RequestRecord] = field(default_factory=list)
-    pending: deque[RequestRecord] = field(default_factory=deque)  # sent, response not yet complete
-    retired: bool = False  # will send nothing more: malformed bytes sent, or the connection must close
-
-    @property
-    def current(self) -> RequestRecord | None:
-        return self.pending[0] if self.pending else None
-
-    def can_send(self) -> bool:
-        return self.open and not self.eof_sent and not self.retired and len(self.pending) < PIPELINE_MAX
-
-
-@dataclass(slots=True)
-class EndpointPeer(Peer):
-    address: Address | None = None
-    current: RequestRecord | None = None
-    responded: bool = False
-    last_answered: RequestRecord | None = None  # whose response bytes may still be in the outbox
-
-    def can_respond(self) -> bool:
-        return self.open and not self.eof_sent and self.current is not None and not self.responded
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _step(function: F) -> F:
-    """Mark the machine failed until the step returns, so teardown does not pile a second error on top."""
-
-    @functools.wraps(function)
-    def wrapper(self: ProxyMachine, *args: Any, **kwargs: Any) -> Any:
-        self.step_failed = True
-        result = function(self, *args, **kwargs)
-        self.step_failed = False
-        return result
-
-    return wrapper  # type: ignore[return-value]
 
 
 class ProxyMachine(RuleBasedStateMachine):
@@ -1004,114 +804,3 @@ def test_malformed_samples_are_malformed(name: str) -> None:
                 parser.receive_data(garbage[start : start + size])
                 while parser.next_event() not in (h11.NEED_DATA, h11.PAUSED):
                     pass
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Proxy bugs the state machine found, shrunk to plain reproductions; fixed, they stay as regression tests.
-
-
-class _Wire:
-    """A bare driver for the reproductions: one proxy, every write acknowledged at once, bytes kept per id."""
-
-    def __init__(self) -> None:
-        resolver = StaticResolver(default=[ENDPOINTS[0]])
-        self.proxy = Proxy(ProxyConfig(), resolver, random.Random(0))
-        self.written: dict[int, bytearray] = {}
-        self.closed: dict[int, bool] = {}  # conn id -> reset
-        self.connects: list[int] = []
-
-    def accept(self) -> int:
-        conn_id = self.proxy.accepted(0)
-        self._pump()
-        return conn_id
-
-    def receive(self, conn_id: int, data: bytes) -> None:
-        self.proxy.received(conn_id, data, 0)
-        self._pump()
-
-    def connect(self, conn_id: int) -> None:
-        self.proxy.connected(conn_id, 0)
-        self._pump()
-
-    def _pump(self) -> None:
-        while effects := self.proxy.effects():
-            for effect in effects:
-                if isinstance(effect, Send):
-                    self.written.setdefault(effect.conn_id, bytearray()).extend(effect.data)
-                    self.proxy.sent(effect.conn_id, len(effect.data), 0)
-                elif isinstance(effect, Close):
-                    self.closed[effect.conn_id] = effect.reset
-                elif isinstance(effect, Connect):
-                    self.connects.append(effect.conn_id)
-
-
-def _request_seen_by_endpoint(data: bytes) -> tuple[h11.Request, bytes, bool]:
-    """Parse what the proxy wrote upstream: the request head, its body, and whether the body ended."""
-    parser = h11.Connection(h11.SERVER)
-    parser.receive_data(data)
-    head = parser.next_event()
-    assert isinstance(head, h11.Request), head
-    body = b""
-    while isinstance(event := parser.next_event(), h11.Data):
-        body += event.data
-    return head, body, isinstance(event, h11.EndOfMessage)
-
-
-def _first_response_id(data: bytes) -> bytes | None:
-    """The x-request-id of the first response the proxy wrote to a client."""
-    parser = h11.Connection(h11.CLIENT)
-    parser.send(h11.Request(method="GET", target="/", headers=[("host", "svc.test")]))
-    parser.send(h11.EndOfMessage())
-    parser.receive_data(data)
-    response = parser.next_event()
-    assert isinstance(response, h11.Response), response
-    return _header(list(response.headers), b"x-request-id")
-
-
-def test_proxy_forwards_request_whose_connection_header_names_its_content_length() -> None:
-    wire = _Wire()
-    client = wire.accept()
-    request = b"POST /items HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 3\r\nConnection: content-length\r\n\r\nabc"
-    wire.receive(client, request)
-    if not wire.connects:  # refusing the request outright would be as good as re-framing it
-        assert bytes(wire.written[client]).startswith(b"HTTP/1.1 400 "), wire.written
-        return
-    (upstream,) = wire.connects
-    wire.connect(upstream)
-    _head, body, ended = _request_seen_by_endpoint(bytes(wire.written[upstream]))
-    assert (body, ended) == (b"abc", True)
-
-
-def test_proxy_drops_content_length_from_chunked_request() -> None:
-    wire = _Wire()
-    client = wire.accept()
-    request = (
-        b"POST /items HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"3\r\nabc\r\n0\r\n\r\n"
-    )
-    wire.receive(client, request)
-    if not wire.connects:  # rejecting the message is the other answer RFC 9112 allows
-        assert bytes(wire.written[client]).startswith(b"HTTP/1.1 400 "), wire.written
-        return
-    (upstream,) = wire.connects
-    wire.connect(upstream)
-    head, body, ended = _request_seen_by_endpoint(bytes(wire.written[upstream]))
-    assert (body, ended) == (b"abc", True)
-    assert _header(list(head.headers), b"content-length") is None, head
-
-
-def test_proxy_never_hands_bytes_left_after_a_response_to_the_next_request() -> None:
-    wire = _Wire()
-    first, second = wire.accept(), wire.accept()
-    wire.receive(first, b"GET /a HTTP/1.1\r\nHost: svc.test\r\nx-request-id: A\r\n\r\n")
-    (upstream,) = wire.connects
-    wire.connect(upstream)
-    response_a = b"HTTP/1.1 200 OK\r\nx-request-id: A\r\ncontent-length: 5\r\n\r\nfor A"
-    wire.receive(upstream, response_a + UNSOLICITED_RESPONSE)  # one read: A's response, then bytes nobody asked for
-    assert _first_response_id(bytes(wire.written[first])) == b"A"
-    wire.receive(second, b"GET /b HTTP/1.1\r\nHost: svc.test\r\nx-request-id: B\r\n\r\n")
-    for conn_id in wire.connects[1:]:  # a fixed proxy does not reuse that connection and opens another
-        wire.connect(conn_id)
-    (carrier,) = [conn_id for conn_id in wire.connects if b"x-request-id: B" in wire.written.get(conn_id, b"")]
-    wire.receive(carrier, b"HTTP/1.1 200 OK\r\nx-request-id: B\r\ncontent-length: 5\r\n\r\nfor B")
-    assert _first_response_id(bytes(wire.written[second])) == b"B"  # today: b"unsolicited"
