@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 import click
 
 from tether.core.address import Address, AddressError
-from tether.core.config import MS, ConfigError, ProxyConfig
+from tether.core.config import MS, PROTOCOLS, ConfigError, ProxyConfig
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -96,6 +96,20 @@ def parse_address(value: str, what: str) -> Address:
     help="Admin server: /metrics, /ready, /live, /proxy-log-level, /shutdown.",
 )
 @click.option("--shutdown-endpoint", is_flag=True, help="Enable POST /shutdown on the admin server.")
+@click.option(
+    "--protocol",
+    type=click.Choice(PROTOCOLS),
+    default="http1",
+    show_default=True,
+    help="http1: HTTP/1.1 only; detect: HTTP/1.1 if the client speaks it, else an opaque TCP tunnel; "
+    "opaque: every connection is a TCP tunnel.",
+)
+@click.option(
+    "--detect-timeout-ms",
+    default=10000,
+    show_default=True,
+    help="With --protocol detect: tunnel a client that sends nothing for this long (server-speaks-first).",
+)
 def proxy(
     listen: str,
     to: str,
@@ -105,6 +119,8 @@ def proxy(
     drain_timeout_ms: int,
     admin: str,
     shutdown_endpoint: bool,
+    protocol: str,
+    detect_timeout_ms: int,
 ) -> None:
     """Run an HTTP/1.1 proxy from LISTEN to the endpoints in TO."""
     import anyio
@@ -122,6 +138,8 @@ def proxy(
             response_timeout_ns=response_timeout_ms * MS,
             idle_timeout_ns=idle_timeout_ms * MS,
             drain_timeout_ns=drain_timeout_ms * MS,
+            protocol=protocol,
+            detect_timeout_ns=detect_timeout_ms * MS,
         )
     except ConfigError as error:
         raise click.UsageError(str(error)) from None

@@ -9,6 +9,7 @@ machine's backpressure accounting sees the kernel's pace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -22,7 +23,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tether.core.address import Address
-from tether.core.effects import Close, Connect, LogError, Send, SetReading
+from tether.core.effects import Close, Connect, LogError, Send, SetReading, ShutdownWrite
 from tether.core.proxy import Proxy
 
 log = logging.getLogger("tether.proxy")
@@ -30,6 +31,7 @@ log = logging.getLogger("tether.proxy")
 READ_SIZE = 64 * 1024
 _CLOSE = object()  # outbox marker: flush, then close
 _RESET = object()  # outbox marker: abort now
+_SHUTDOWN_WRITE = object()  # outbox marker: flush, then send FIN and keep reading
 
 
 @dataclass(slots=True)
@@ -149,13 +151,17 @@ class ProxyDriver:
             if item is _CLOSE or item is _RESET:
                 await _close_stream(stream, reset=item is _RESET)
                 return
+            if item is _SHUTDOWN_WRITE:
+                with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await stream.send_eof()
+                continue
             chunks = [item]
             while True:  # coalesce what is already queued into one write
                 try:
                     more = connection.outbox_out.receive_nowait()
                 except anyio.WouldBlock:
                     break
-                if more is _CLOSE or more is _RESET:
+                if more is _CLOSE or more is _RESET or more is _SHUTDOWN_WRITE:
                     connection.outbox_in.send_nowait(more)
                     break
                 chunks.append(more)
@@ -203,6 +209,10 @@ class ProxyDriver:
                 self._task_group.start_soon(self._dial, effect.conn_id, effect.address)
             elif isinstance(effect, Close):
                 self._close(effect.conn_id, reset=effect.reset)
+            elif isinstance(effect, ShutdownWrite):
+                connection = self._connections.get(effect.conn_id)
+                if connection is not None:
+                    connection.outbox_in.send_nowait(_SHUTDOWN_WRITE)
             elif isinstance(effect, LogError):
                 log.warning("%s: %s", self.name, effect.message)
         self._rearm_timer()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 MS = 1_000_000
 S = 1_000_000_000
+PROTOCOLS = ("http1", "detect", "opaque")
 
 
 class ConfigError(ValueError):
@@ -51,9 +52,22 @@ class ProxyConfig:
     max_buffered_bytes: int = 64 * 1024
     # After a shutdown request, connections with a request in flight get this long to finish.
     drain_timeout_ns: int = 10 * S
+    # What client connections carry: "http1" (HTTP/1.1 only; anything else is a malformed request, 400),
+    # "detect" (Linkerd's protocol detection: HTTP/1.1, else an opaque TCP tunnel; HTTP/2 is tunnelled
+    # until the proxy speaks it) or "opaque" (every connection is a TCP tunnel, as Linkerd's opaque ports).
+    protocol: str = "http1"
+    # With "detect": a client that sends nothing this long (a server-speaks-first protocol) is tunnelled.
+    # Linkerd's default is 10 s; set the port to "opaque" to skip the wait.
+    detect_timeout_ns: int = 10 * S
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                "protocol", f"{self.protocol!r} is not a protocol mode", f"use one of {', '.join(PROTOCOLS)}"
+            )
         for field in fields(self):
+            if field.name == "protocol":
+                continue
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(field.name, f"{value!r} is not an integer", "give a whole number")

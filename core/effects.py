@@ -47,6 +47,17 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownWrite:
+    """Send FIN on ``conn_id`` after flushing what was sent, and keep reading (a TCP half-close).
+
+    Opaque tunnels use it to carry one side's end of stream to the other without ending the reverse
+    direction.
+    """
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SetReading:
     """Start (``enabled``) or stop reading from ``conn_id``; this is how the core applies backpressure.
 
@@ -65,4 +76,4 @@ class LogError:
     message: str
 
 
-Effect = Send | Connect | Close | SetReading | LogError
+Effect = Send | Connect | Close | ShutdownWrite | SetReading | LogError

@@ -71,7 +71,8 @@ class VirtualSocket:
     handler: SocketHandler | None = None
     peer: VirtualSocket | None = None
     reading: bool = True
-    closed: bool = False  # we sent FIN (or reset): no more writes
+    closed: bool = False  # closed (or reset) by its owner: no more writes, and data arriving is answered RST
+    write_closed: bool = False  # we sent FIN; with a half-close we still read
     dead: bool = False  # reset or crashed: nothing more in or out
     backlog: deque[tuple[str, bytes]] = field(default_factory=deque)  # arrived while not reading
     held: deque[tuple[str, bytes]] = field(default_factory=deque)  # waiting out a partition
@@ -80,13 +81,21 @@ class VirtualSocket:
     last_arrival_ns: int = 0
 
     def send(self, data: bytes) -> None:
-        if not self.dead and not self.closed and data:
+        if not self.dead and not self.closed and not self.write_closed and data:
             self.network.transmit(self, "data", data)
+
+    def shutdown_write(self) -> None:
+        """Half-close: send FIN after what was written, and keep receiving."""
+        if not self.dead and not self.closed and not self.write_closed:
+            self.write_closed = True
+            self.network.transmit(self, "fin", b"")
 
     def close(self) -> None:
         if not self.dead and not self.closed:
             self.closed = True
-            self.network.transmit(self, "fin", b"")
+            if not self.write_closed:
+                self.write_closed = True
+                self.network.transmit(self, "fin", b"")
 
     def reset(self) -> None:
         if not self.dead:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tether.core.address import Address
-from tether.core.effects import Close, Connect, LogError, Send, SetReading
+from tether.core.effects import Close, Connect, LogError, Send, SetReading, ShutdownWrite
 from tether.core.proxy import Proxy
 from tether.sim.network import Network, VirtualSocket
 
@@ -119,6 +119,11 @@ class SimProxy:
             self._connect(effect.conn_id, effect.address)
         elif isinstance(effect, Close):
             self._close(effect.conn_id, reset=effect.reset)
+        elif isinstance(effect, ShutdownWrite):
+            sock = self._sockets.get(effect.conn_id)
+            if sock is not None:
+                self.kernel.log(self.host, f"shutdown-write c{effect.conn_id}")
+                sock.shutdown_write()
         elif isinstance(effect, LogError):
             self.errors_logged += 1
             self.kernel.log(self.host, f"error c{effect.conn_id}: {effect.message}")

@@ -25,6 +25,7 @@ _PROXY_CONFIG_MS_FIELDS = {
     "idle_timeout_ms": "idle_timeout_ns",
     "pool_idle_timeout_ms": "pool_idle_timeout_ns",
     "drain_timeout_ms": "drain_timeout_ns",
+    "detect_timeout_ms": "detect_timeout_ns",
 }
 _PROXY_CONFIG_PLAIN_FIELDS = (
     "max_header_bytes",
@@ -202,8 +203,10 @@ def _add_proxy(world: World, proxy: _Reader) -> None:
         for host, items in dict(proxy.data.get("routes", {})).items()
     }
     options = proxy.child("config")
-    options.known(*_PROXY_CONFIG_MS_FIELDS, *_PROXY_CONFIG_PLAIN_FIELDS)
-    values: dict[str, int] = {}
+    options.known(*_PROXY_CONFIG_MS_FIELDS, *_PROXY_CONFIG_PLAIN_FIELDS, "protocol")
+    values: dict[str, int | str] = {}
+    if "protocol" in options.data:
+        values["protocol"] = options.text("protocol")
     for key, field_name in _PROXY_CONFIG_MS_FIELDS.items():
         if key in options.data:
             values[field_name] = int(options.number(key) * MS)

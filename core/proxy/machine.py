@@ -28,9 +28,7 @@ Time: every input carries ``now_ns``. Deadlines (connect, response, idle, pool i
 
 from __future__ import annotations
 
-import enum
 import random
-from dataclasses import dataclass
 from http import HTTPStatus
 
 import h11
@@ -41,48 +39,19 @@ from tether.core.config import ProxyConfig
 from tether.core.discovery import Resolver
 from tether.core.effects import Close, Connect, Effect, LogError, Send, SetReading
 from tether.core.proxy import http1
+from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
 from tether.core.proxy.pool import EndpointPool
 from tether.core.proxy.stats import ProxyStats
 from tether.core.proxy.telemetry import Telemetry
+from tether.core.proxy.tunnel import TunnelFlows
 from tether.core.timers import Deadlines
 
 NS_PER_MS = 1_000_000
 
 
-@dataclass(slots=True)
-class Downstream:
-    conn_id: int
-    h11: h11.Connection
-    peer: Address | None
-    target: str | None  # an authority the driver routes by instead of the Host header
-    identity: str | None  # the client's identity once TLS is terminated (identity issue); None today
-    exchange_id: int | None = None
-    unsent_bytes: int = 0
-    reading: bool = True
-    closing: bool = False  # close once the current exchange ends
-
-
-class UpstreamState(enum.Enum):
-    CONNECTING = "connecting"
-    IDLE = "idle"
-    BUSY = "busy"
-
-
-@dataclass(slots=True)
-class Upstream:
-    conn_id: int
-    h11: h11.Connection
-    endpoint: Address
-    state: UpstreamState = UpstreamState.CONNECTING
-    exchange_id: int | None = None
-    unsent_bytes: int = 0
-    reading: bool = True
-    eof: bool = False  # the endpoint closed its side
-
-
-class Proxy:
+class Proxy(TunnelFlows):
     """All connections of one HTTP/1.1 proxy; see the module docstring."""
 
     def __init__(
@@ -133,8 +102,9 @@ class Proxy:
             self.telemetry.tcp_closed(conn_id, now_ns)
             return conn_id
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-        self._downstream[conn_id] = Downstream(conn_id, parser, peer, target, identity)
+        downstream = self._downstream[conn_id] = Downstream(conn_id, parser, peer, target, identity)
         self._deadlines.set(("idle", conn_id), now_ns + self.config.idle_timeout_ns)
+        self._start_detecting(downstream, now_ns)
         return conn_id
 
     def received(self, conn_id: int, data: bytes, now_ns: int) -> None:
@@ -143,12 +113,20 @@ class Proxy:
         self.telemetry.tcp_read(conn_id, len(data))
         downstream = self._downstream.get(conn_id)
         if downstream is not None:
-            downstream.h11.receive_data(data)
-            self._pump_downstream(downstream, now_ns)
+            if downstream.mode is Mode.HTTP1:
+                downstream.h11.receive_data(data)
+                self._pump_downstream(downstream, now_ns)
+            elif downstream.mode is Mode.DETECT:
+                self._detect_received(downstream, data, now_ns)
+            else:
+                self._tunnel_from_client(downstream, data)
             return
         upstream = self._upstream.get(conn_id)
         if upstream is None:
             return  # already closed on our side; late bytes are dropped
+        if upstream.tunnel_downstream_id is not None:
+            self._tunnel_from_endpoint(upstream, data)
+            return
         if upstream.state is UpstreamState.IDLE:
             # Nothing was asked on this connection: bytes are a protocol violation and EOF a close.
             self._close_upstream(upstream, reset=bool(data))
@@ -174,6 +152,9 @@ class Proxy:
             return
         self._deadlines.cancel(("connect", conn_id))
         self.telemetry.tcp_opened(conn_id, "dst", str(upstream.endpoint), now_ns)
+        if upstream.tunnel_downstream_id is not None:
+            self._tunnel_connected(upstream)
+            return
         exchange = self._exchange(upstream.exchange_id)
         if exchange is not None and exchange.state is ExchangeState.QUEUED:
             self._bind(exchange, upstream, now_ns)
@@ -185,6 +166,9 @@ class Proxy:
         self._now_ns = now_ns
         upstream = self._upstream.get(conn_id)
         if upstream is None:
+            return
+        if upstream.tunnel_downstream_id is not None:
+            self._tunnel_failed(upstream, f"connect to {upstream.endpoint} failed: {reason}")
             return
         exchange = self._exchange(upstream.exchange_id)
         self._forget_upstream(upstream)
@@ -199,12 +183,15 @@ class Proxy:
         if downstream is not None:
             self._deadlines.cancel(("idle", conn_id))
             self.telemetry.tcp_closed(conn_id, now_ns)
+            self._tunnel_client_lost(downstream)
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.live:
                 self._abandon(exchange, now_ns)
             return
         upstream = self._upstream.get(conn_id)
-        if upstream is not None:
+        if upstream is not None and upstream.tunnel_downstream_id is not None:
+            self._tunnel_failed(upstream, f"{upstream.endpoint} reset the connection")
+        elif upstream is not None:
             self._upstream_broke(upstream, "connection to endpoint was reset", now_ns, already_closed=True)
 
     def on_timer(self, now_ns: int) -> None:
@@ -221,6 +208,8 @@ class Proxy:
                 self._pool_idle(ident, now_ns)
             elif kind == "drain":
                 self._drain_expired(now_ns)
+            elif kind == "detect":
+                self._detect_timed_out(ident, now_ns)
 
     def shutdown(self, now_ns: int) -> None:
         """Stop taking requests: close idle client connections now, busy ones after their response."""
@@ -231,8 +220,8 @@ class Proxy:
         self._deadlines.set(("drain", 0), now_ns + self.config.drain_timeout_ns)
         for downstream in list(self._downstream.values()):
             downstream.closing = True
-            if downstream.exchange_id is None:
-                self._close_downstream(downstream)
+            if downstream.exchange_id is None and downstream.mode is not Mode.OPAQUE:
+                self._close_downstream(downstream)  # tunnels run on until the drain timeout
         for upstream in list(self._upstream.values()):
             if upstream.state is UpstreamState.IDLE:
                 self._close_upstream(upstream)
@@ -363,8 +352,8 @@ class Proxy:
 
     def _downstream_idle(self, conn_id: int, now_ns: int) -> None:
         downstream = self._downstream.get(conn_id)
-        if downstream is not None and downstream.exchange_id is None:
-            self._close_downstream(downstream)
+        if downstream is not None and downstream.exchange_id is None and downstream.mode is Mode.HTTP1:
+            self._close_downstream(downstream)  # tunnels have no idle timeout, as in Linkerd
 
     # ------------------------------------------------------------------ dispatch and pools
 
@@ -388,9 +377,7 @@ class Proxy:
 
     def _open_upstream(self, pool: EndpointPool, now_ns: int) -> Upstream:
         conn_id = self._new_id()
-        upstream = Upstream(
-            conn_id, h11.Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes), pool.endpoint
-        )
+        upstream = Upstream(conn_id, self._new_upstream_parser(), pool.endpoint)
         self._upstream[conn_id] = upstream
         pool.connection_ids.add(conn_id)
         self._effects.append(Connect(conn_id=conn_id, address=pool.endpoint))
@@ -584,6 +571,10 @@ class Proxy:
         upstream = self._upstream.get(conn_id)
         if upstream is None or upstream.state is not UpstreamState.CONNECTING:
             return
+        if upstream.tunnel_downstream_id is not None:
+            timeout_ms = self.config.connect_timeout_ns // NS_PER_MS
+            self._tunnel_failed(upstream, f"connect to {upstream.endpoint} timed out after {timeout_ms} ms")
+            return
         exchange = self._exchange(upstream.exchange_id)
         self._close_upstream(upstream, reset=True)
         if exchange is not None and exchange.live:
@@ -688,6 +679,7 @@ class Proxy:
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.live:
                 self._abandon(exchange, now_ns)
+            self._tunnel_client_lost(downstream)
             self._close_downstream(downstream, reset=True)
 
     # ------------------------------------------------------------------ connection bookkeeping
@@ -754,6 +746,12 @@ class Proxy:
     def _sync_reading_all_for(self, conn_id: int) -> None:
         """``conn_id`` drained some bytes: the connection feeding it may be read again."""
         downstream = self._downstream.get(conn_id)
+        upstream = self._upstream.get(conn_id)
+        if upstream is not None and upstream.tunnel_downstream_id is not None:
+            downstream = self._downstream.get(upstream.tunnel_downstream_id)
+        if downstream is not None and downstream.mode is Mode.OPAQUE:
+            self._sync_tunnel_reading(downstream)
+            return
         if downstream is not None:
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.upstream_id in self._upstream:
@@ -764,6 +762,9 @@ class Proxy:
             exchange = self._exchange(upstream.exchange_id)
             if exchange is not None and exchange.downstream_id in self._downstream:
                 self._sync_reading_downstream(self._downstream[exchange.downstream_id])
+
+    def _new_upstream_parser(self) -> h11.Connection:
+        return h11.Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes)
 
     def _exchange(self, exchange_id: int | None) -> Exchange | None:
         return self._exchanges.get(exchange_id) if exchange_id is not None else None

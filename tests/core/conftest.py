@@ -8,7 +8,7 @@ import pytest
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
-from tether.core.effects import Close, Connect, LogError, Send, SetReading
+from tether.core.effects import Close, Connect, LogError, Send, SetReading, ShutdownWrite
 from tether.core.proxy import Proxy
 
 ENDPOINT_A = Address("10.0.0.1", 80)
@@ -27,6 +27,7 @@ class Harness:
     connects: list[Connect] = field(default_factory=list)
     reading: dict[int, bool] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    shutdowns: list[int] = field(default_factory=list)
     auto_ack: bool = True
 
     def pump(self) -> None:
@@ -44,6 +45,8 @@ class Harness:
                 self.reading[effect.conn_id] = effect.enabled
             elif isinstance(effect, LogError):
                 self.errors.append(effect.message)
+            elif isinstance(effect, ShutdownWrite):
+                self.shutdowns.append(effect.conn_id)
 
     def accept(self) -> int:
         conn_id = self.proxy.accepted(self.now_ns)

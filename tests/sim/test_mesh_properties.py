@@ -75,6 +75,7 @@ def mesh(draw: st.DrawFn) -> dict[str, Any]:
                     "connect_timeout_ms": 1000,
                     "response_timeout_ms": draw(st.sampled_from([500, 3000])),
                     "max_buffered_bytes": draw(st.sampled_from([1024, 65536])),
+                    "protocol": draw(st.sampled_from(["http1", "detect"])),
                 },
             },
             {"host": "in-1", "port": 4143, "to": ["app-1:8080"], "config": {"response_timeout_ms": 5000}},

@@ -1,0 +1,190 @@
+"""Protocol detection and opaque TCP tunnels, as a part of the proxy machine.
+
+Theory of operation
+-------------------
+A client connection in DETECT mode buffers its first bytes (at most DETECT_MAX_BYTES) until
+``detect.detect`` decides. HTTP/1.1 hands the buffer to the connection's h11 parser and goes on as any
+HTTP connection. Anything else, or nothing before ``detect_timeout`` (a protocol where the server speaks
+first), makes it an opaque tunnel; so does every connection when the proxy runs with protocol "opaque".
+HTTP/2 is tunnelled as well until the proxy speaks it.
+
+A tunnel is one downstream and one upstream connection, never pooled. Bytes go through as they arrive;
+until the upstream connection is open they wait in ``Downstream.pending`` (bounded by
+``max_buffered_bytes``, past which the client is not read). An end of stream on one side becomes a
+``ShutdownWrite`` on the other (a TCP half-close), and once both sides have ended both connections
+close. A reset on either side resets the other. A failed or timed-out connect resets the client: an
+opaque protocol has no way to carry an error message.
+
+This class holds only methods; its state lives in the ``Proxy`` that inherits it (machine.py).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+from tether.core.balance import Picker
+from tether.core.config import ProxyConfig
+from tether.core.discovery import Resolver
+from tether.core.effects import Connect, Effect, LogError, ShutdownWrite
+from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
+from tether.core.proxy.detect import Protocol, detect
+from tether.core.proxy.telemetry import Telemetry
+from tether.core.timers import Deadlines
+
+if TYPE_CHECKING:
+    import h11
+
+
+class TunnelFlows:
+    # Provided by Proxy (machine.py).
+    config: ProxyConfig
+    resolver: Resolver
+    telemetry: Telemetry
+    _rng: random.Random
+    _picker: Picker
+    _effects: list[Effect]
+    _downstream: dict[int, Downstream]
+    _upstream: dict[int, Upstream]
+    _deadlines: Deadlines
+    _now_ns: int
+
+    def _new_id(self) -> int: ...
+    def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
+    def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
+    def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None: ...
+    def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
+    def _pump_downstream(self, downstream: Downstream, now_ns: int) -> None: ...
+    def _new_upstream_parser(self) -> h11.Connection: ...
+
+    # ---------------------------------------------------------------- detection
+
+    def _start_detecting(self, downstream: Downstream, now_ns: int) -> None:
+        if self.config.protocol == "opaque":
+            self._start_tunnel(downstream, now_ns)
+        elif self.config.protocol == "detect":
+            downstream.mode = Mode.DETECT
+            self._deadlines.set(("detect", downstream.conn_id), now_ns + self.config.detect_timeout_ns)
+
+    def _detect_received(self, downstream: Downstream, data: bytes, now_ns: int) -> None:
+        downstream.detect_buffer += data
+        downstream.eof = downstream.eof or not data
+        self._decide(downstream, final=downstream.eof, now_ns=now_ns)
+
+    def _detect_timed_out(self, conn_id: int, now_ns: int) -> None:
+        downstream = self._downstream.get(conn_id)
+        if downstream is not None and downstream.mode is Mode.DETECT:
+            self._decide(downstream, final=True, now_ns=now_ns)
+
+    def _decide(self, downstream: Downstream, *, final: bool, now_ns: int) -> None:
+        protocol = detect(bytes(downstream.detect_buffer), final=final)
+        if protocol is None:
+            return
+        self._deadlines.cancel(("detect", downstream.conn_id))
+        buffered, downstream.detect_buffer = bytes(downstream.detect_buffer), bytearray()
+        if protocol is Protocol.HTTP1:
+            downstream.mode = Mode.HTTP1
+            downstream.h11.receive_data(buffered)
+            if downstream.eof:
+                downstream.h11.receive_data(b"")
+            self._pump_downstream(downstream, now_ns)
+            return
+        self._start_tunnel(downstream, now_ns)
+        if buffered:
+            self._tunnel_from_client(downstream, buffered)
+        if downstream.eof:
+            self._tunnel_from_client(downstream, b"")
+
+    # ---------------------------------------------------------------- tunnels
+
+    def _start_tunnel(self, downstream: Downstream, now_ns: int) -> None:
+        downstream.mode = Mode.OPAQUE
+        endpoint_set = self.resolver.resolve(downstream.target or "")
+        if endpoint_set is None or not endpoint_set.endpoints:
+            self._effects.append(LogError(conn_id=downstream.conn_id, message="opaque connection: no endpoints"))
+            self._close_downstream(downstream, reset=True)
+            return
+        endpoint = self._picker.pick(endpoint_set, self._rng)
+        conn_id = self._new_id()
+        upstream = Upstream(conn_id, self._new_upstream_parser(), endpoint, tunnel_downstream_id=downstream.conn_id)
+        self._upstream[conn_id] = upstream
+        downstream.tunnel_upstream_id = conn_id
+        self._effects.append(Connect(conn_id=conn_id, address=endpoint))
+        self._deadlines.set(("connect", conn_id), now_ns + self.config.connect_timeout_ns)
+
+    def _tunnel_from_client(self, downstream: Downstream, data: bytes) -> None:
+        upstream = self._tunnel_peer_of_downstream(downstream)
+        if not data:
+            downstream.eof = True
+        if upstream is None or upstream.state is UpstreamState.CONNECTING:
+            if data:
+                downstream.pending.append(data)
+                downstream.pending_bytes += len(data)
+            self._sync_tunnel_reading(downstream)
+            return
+        if data:
+            self._send(upstream, data)
+        else:
+            self._effects.append(ShutdownWrite(conn_id=upstream.conn_id))
+            self._end_tunnel_if_done(downstream, upstream)
+        self._sync_tunnel_reading(downstream)
+
+    def _tunnel_from_endpoint(self, upstream: Upstream, data: bytes) -> None:
+        downstream = self._downstream.get(upstream.tunnel_downstream_id or -1)
+        if downstream is None:
+            self._close_upstream(upstream, reset=True)
+            return
+        if data:
+            self._send(downstream, data)
+        else:
+            upstream.eof = True
+            self._effects.append(ShutdownWrite(conn_id=downstream.conn_id))
+            self._end_tunnel_if_done(downstream, upstream)
+        self._sync_tunnel_reading(downstream)
+
+    def _tunnel_connected(self, upstream: Upstream) -> None:
+        upstream.state = UpstreamState.BUSY
+        downstream = self._downstream.get(upstream.tunnel_downstream_id or -1)
+        if downstream is None:
+            self._close_upstream(upstream, reset=True)
+            return
+        while downstream.pending:
+            self._send(upstream, downstream.pending.popleft())
+        downstream.pending_bytes = 0
+        if downstream.eof:
+            self._effects.append(ShutdownWrite(conn_id=upstream.conn_id))
+        self._sync_tunnel_reading(downstream)
+
+    def _tunnel_failed(self, upstream: Upstream, reason: str) -> None:
+        """The tunnel's upstream could not open, or one side was reset: reset the other side too."""
+        downstream = self._downstream.get(upstream.tunnel_downstream_id or -1)
+        self._close_upstream(upstream, reset=True)
+        if downstream is not None:
+            self._effects.append(LogError(conn_id=downstream.conn_id, message=f"opaque connection: {reason}"))
+            self._close_downstream(downstream, reset=True)
+
+    def _tunnel_client_lost(self, downstream: Downstream) -> None:
+        upstream = self._tunnel_peer_of_downstream(downstream)
+        if upstream is not None:
+            self._close_upstream(upstream, reset=True)
+
+    def _end_tunnel_if_done(self, downstream: Downstream, upstream: Upstream) -> None:
+        if downstream.eof and upstream.eof:
+            self._close_upstream(upstream)
+            self._close_downstream(downstream)
+
+    def _tunnel_peer_of_downstream(self, downstream: Downstream) -> Upstream | None:
+        if downstream.tunnel_upstream_id is None:
+            return None
+        return self._upstream.get(downstream.tunnel_upstream_id)
+
+    def _sync_tunnel_reading(self, downstream: Downstream) -> None:
+        limit = self.config.max_buffered_bytes
+        upstream = self._tunnel_peer_of_downstream(downstream)
+        if downstream.conn_id in self._downstream and not downstream.eof:
+            if upstream is None or upstream.state is UpstreamState.CONNECTING:
+                self._set_reading(downstream, downstream.pending_bytes < limit)
+            else:
+                self._set_reading(downstream, upstream.unsent_bytes < limit)
+        if upstream is not None and upstream.state is UpstreamState.BUSY and not upstream.eof:
+            self._set_reading(upstream, downstream.unsent_bytes < limit)

@@ -1,0 +1,115 @@
+"""Protocol detection in the proxy and opaque TCP tunnels, driven without any I/O."""
+
+from __future__ import annotations
+
+from tether.core.proxy.detect import H2_PREFACE
+
+GET = b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"
+
+
+def open_tunnel(h, first: bytes = b"") -> tuple[int, int]:
+    client = h.accept()
+    if first:
+        h.recv(client, first)
+    upstream = h.connects[-1].conn_id
+    h.connected(upstream)
+    return client, upstream
+
+
+def test_opaque_mode_pipes_bytes_both_ways(make_harness) -> None:
+    h = make_harness(protocol="opaque")
+    client = h.accept()
+    assert h.connects, "an opaque connection dials at once: the server may speak first"
+    upstream = h.connects[0].conn_id
+    h.recv(client, b"early bytes ")
+    h.connected(upstream)
+    assert h.take(upstream) == b"early bytes "
+    h.recv(upstream, b"banner\r\n")
+    assert h.take(client) == b"banner\r\n"
+    h.recv(client, b"\x00\x01binary")
+    assert h.take(upstream) == b"\x00\x01binary"
+
+
+def test_tunnel_half_close_carries_each_end_of_stream(make_harness) -> None:
+    h = make_harness(protocol="opaque")
+    client, upstream = open_tunnel(h)
+    h.recv(client, b"last words")
+    h.recv(client, b"")
+    assert h.shutdowns == [upstream], "the client's EOF becomes a FIN towards the endpoint"
+    assert client not in h.closed, "the reverse direction still flows"
+    h.recv(upstream, b"the reply")
+    assert h.take(client) == b"the reply"
+    h.recv(upstream, b"")
+    assert h.shutdowns == [upstream, client]
+    assert h.closed == {upstream: False, client: False}, "both ends done: both close cleanly"
+    assert h.proxy.open_connections == 0
+
+
+def test_tunnel_connect_failure_resets_client(make_harness) -> None:
+    h = make_harness(protocol="opaque")
+    client = h.accept()
+    h.proxy.connect_failed(h.connects[0].conn_id, "connection refused", h.now_ns)
+    h.pump()
+    assert h.closed.get(client) is True
+    assert any("connection refused" in error for error in h.errors)
+
+
+def test_tunnel_reset_on_one_side_resets_the_other(make_harness) -> None:
+    h = make_harness(protocol="opaque")
+    client, upstream = open_tunnel(h)
+    h.proxy.closed(upstream, h.now_ns)
+    h.pump()
+    assert h.closed.get(client) is True and h.proxy.open_connections == 0
+
+
+def test_tunnel_backpressure_pauses_the_feeding_side(make_harness) -> None:
+    h = make_harness(protocol="opaque", max_buffered_bytes=1024)
+    h.auto_ack = False
+    client, upstream = open_tunnel(h)
+    h.recv(upstream, b"x" * 4096)
+    assert h.reading.get(upstream) is False
+    h.proxy.sent(client, len(h.take(client)), h.now_ns)
+    h.pump()
+    assert h.reading.get(upstream) is True
+
+
+def test_detect_http_request_goes_through_http(make_harness) -> None:
+    h = make_harness(protocol="detect")
+    client = h.accept()
+    h.recv(client, GET[:9])
+    assert not h.connects, "a prefix of a request line waits for more"
+    h.recv(client, GET[9:])
+    upstream = h.connects[0].conn_id
+    h.connected(upstream)
+    assert h.take(upstream).startswith(b"GET /x HTTP/1.1\r\nhost: svc")
+
+
+def test_detect_other_bytes_become_a_tunnel(make_harness) -> None:
+    h = make_harness(protocol="detect")
+    client, upstream = open_tunnel(h, b"\x16\x03\x01 not http")
+    assert h.take(upstream) == b"\x16\x03\x01 not http"
+
+
+def test_detect_http2_preface_is_tunnelled_for_now(make_harness) -> None:
+    h = make_harness(protocol="detect")
+    client, upstream = open_tunnel(h, H2_PREFACE)
+    assert h.take(upstream) == H2_PREFACE
+
+
+def test_detect_timeout_tunnels_a_silent_client(make_harness) -> None:
+    h = make_harness(protocol="detect", detect_timeout_ns=2_000_000_000)
+    client = h.accept()
+    h.advance(1)
+    assert not h.connects
+    h.advance(1.5)
+    assert h.connects, "after the detect timeout the server may speak first"
+    h.connected(h.connects[0].conn_id)
+    h.recv(h.connects[0].conn_id, b"220 smtp ready\r\n")
+    assert h.take(client) == b"220 smtp ready\r\n"
+
+
+def test_http1_mode_still_answers_garbage_with_400(make_harness) -> None:
+    h = make_harness()
+    client = h.accept()
+    h.recv(client, b"\x16\x03\x01 not http\r\n\r\n")
+    assert h.take(client).startswith(b"HTTP/1.1 400 ")
