@@ -32,12 +32,33 @@ def forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
 
 
 def upstream_request(request: h11.Request, fallback_host: bytes) -> h11.Request:
-    """The request as the proxy writes it upstream: HTTP/1.1, hop-by-hop headers removed, Host kept."""
-    headers = forwarded_headers(list(request.headers))
+    """The request as the proxy writes it upstream: HTTP/1.1, hop-by-hop headers removed, Host kept.
+
+    An upgrade request (WebSocket) keeps ``Upgrade`` and ``Connection: upgrade``: the endpoint must see
+    the offer to accept it, and the proxy becomes a byte pipe once it does (tunnel.py).
+    """
+    original = list(request.headers)
+    headers = forwarded_headers(original) + upgrade_headers(original)
     if not any(name == b"host" for name, _ in headers):
         # An HTTP/1.0 client may omit Host; HTTP/1.1 requires it.
         headers.insert(0, (b"host", fallback_host))
     return h11.Request(method=request.method, target=request.target, headers=headers)
+
+
+def upgrade_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``Connection: upgrade`` and ``Upgrade: X`` if ``headers`` offer (or accept) an upgrade, else []."""
+    offered = [value for name, value in headers if name == b"upgrade"]
+    connection_tokens = {
+        token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")
+    }
+    if not offered or b"upgrade" not in connection_tokens:
+        return []
+    return [(b"connection", b"upgrade"), (b"upgrade", offered[0])]
+
+
+def wants_tunnel(request: h11.Request) -> bool:
+    """Whether a successful answer turns this exchange into a byte pipe (an upgrade, or CONNECT)."""
+    return request.method == b"CONNECT" or bool(upgrade_headers(list(request.headers)))
 
 
 def request_authority(request: h11.Request) -> str:

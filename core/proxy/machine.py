@@ -453,7 +453,11 @@ class Proxy(TunnelFlows):
     # ------------------------------------------------------------------ upstream side
 
     def _pump_upstream(self, upstream: Upstream, now_ns: int) -> None:
-        while upstream.conn_id in self._upstream and upstream.state is UpstreamState.BUSY:
+        while (
+            upstream.conn_id in self._upstream
+            and upstream.state is UpstreamState.BUSY
+            and upstream.tunnel_downstream_id is None  # a switched connection is a byte pipe now
+        ):
             try:
                 event = upstream.h11.next_event()
             except h11.RemoteProtocolError as error:
@@ -486,9 +490,12 @@ class Proxy(TunnelFlows):
         self, exchange: Exchange, upstream: Upstream, event: h11.InformationalResponse, now_ns: int
     ) -> None:
         if event.status_code == 101:
-            # Upgrades (WebSocket) belong to the data-plane issue; until then refuse them cleanly.
-            reason = f"{upstream.endpoint} switched protocols, which this proxy does not support yet"
-            self._upstream_broke(upstream, reason, now_ns, kind=ProxyErrorKind.INVALID_RESPONSE)
+            if not http1.wants_tunnel(exchange.request):
+                reason = f"{upstream.endpoint} switched protocols without being asked to"
+                self._upstream_broke(upstream, reason, now_ns, kind=ProxyErrorKind.INVALID_RESPONSE)
+                return
+            headers = http1.forwarded_headers(list(event.headers)) + http1.upgrade_headers(list(event.headers))
+            self._switch_to_tunnel(exchange, upstream, h11.InformationalResponse(status_code=101, headers=headers))
             return
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None and downstream.h11.our_state is h11.SEND_RESPONSE:
@@ -505,6 +512,9 @@ class Proxy(TunnelFlows):
         if http1.head_size(response) > self.config.max_header_bytes:
             reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
             self._upstream_broke(upstream, reason, now_ns, kind=ProxyErrorKind.INVALID_RESPONSE)
+            return
+        if exchange.request.method == b"CONNECT" and 200 <= response.status_code < 300:
+            self._switch_to_tunnel(exchange, upstream, http1.downstream_response(response, close=False))
             return
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.advance(Step.RESPONSE_HEAD)

@@ -21,19 +21,20 @@ This class holds only methods; its state lives in the ``Proxy`` that inherits it
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
+import h11
+
+from tether.core.address import Address
 from tether.core.balance import Picker
 from tether.core.config import ProxyConfig
 from tether.core.discovery import Resolver
 from tether.core.effects import Connect, Effect, LogError, ShutdownWrite
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.detect import Protocol, detect
+from tether.core.proxy.exchange import Exchange, Step
+from tether.core.proxy.pool import EndpointPool
 from tether.core.proxy.telemetry import Telemetry
 from tether.core.timers import Deadlines
-
-if TYPE_CHECKING:
-    import h11
 
 
 class TunnelFlows:
@@ -48,6 +49,7 @@ class TunnelFlows:
     _upstream: dict[int, Upstream]
     _deadlines: Deadlines
     _now_ns: int
+    _exchanges: dict[int, Exchange]
 
     def _new_id(self) -> int: ...
     def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
@@ -56,6 +58,7 @@ class TunnelFlows:
     def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
     def _pump_downstream(self, downstream: Downstream, now_ns: int) -> None: ...
     def _new_upstream_parser(self) -> h11.Connection: ...
+    def _pool(self, endpoint: Address) -> EndpointPool: ...
 
     # ---------------------------------------------------------------- detection
 
@@ -94,6 +97,47 @@ class TunnelFlows:
             self._tunnel_from_client(downstream, buffered)
         if downstream.eof:
             self._tunnel_from_client(downstream, b"")
+
+    # ---------------------------------------------------------------- protocol switches
+
+    def _switch_to_tunnel(
+        self, exchange: Exchange, upstream: Upstream, head: h11.InformationalResponse | h11.Response
+    ) -> None:
+        """The endpoint accepted an upgrade (101) or a CONNECT (2xx): forward ``head``, then pipe bytes.
+
+        The exchange is counted as a response like any other; the upstream connection leaves its pool for
+        good. Bytes that already followed the heads (h11 holds them as trailing data) go on first.
+        """
+        now_ns = self._now_ns
+        self._deadlines.cancel(("response", exchange.exchange_id))
+        exchange.advance(Step.RESPONSE_HEAD)
+        exchange.advance(Step.RESPONSE_DONE)
+        self._exchanges.pop(exchange.exchange_id, None)
+        latency_ms = (now_ns - exchange.started_ns) / 1_000_000
+        self.telemetry.response_started(exchange.service, exchange.labels, head.status_code, latency_ms)
+        self._pool(upstream.endpoint).forget(upstream.conn_id)
+        upstream.exchange_id = None
+        downstream = self._downstream.get(exchange.downstream_id)
+        if downstream is None:
+            self._close_upstream(upstream, reset=True)
+            return
+        self._send(downstream, downstream.h11.send(head))
+        downstream.exchange_id = None
+        downstream.mode = Mode.OPAQUE
+        downstream.tunnel_upstream_id = upstream.conn_id
+        upstream.tunnel_downstream_id = downstream.conn_id
+        self._deadlines.cancel(("idle", downstream.conn_id))
+        from_endpoint, endpoint_closed = upstream.h11.trailing_data
+        from_client, client_closed = downstream.h11.trailing_data
+        if from_client:
+            self._send(upstream, bytes(from_client))
+        if from_endpoint:
+            self._send(downstream, bytes(from_endpoint))
+        if client_closed:
+            self._tunnel_from_client(downstream, b"")
+        if endpoint_closed and upstream.conn_id in self._upstream:
+            self._tunnel_from_endpoint(upstream, b"")
+        self._sync_tunnel_reading(downstream)
 
     # ---------------------------------------------------------------- tunnels
 

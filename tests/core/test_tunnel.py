@@ -113,3 +113,52 @@ def test_http1_mode_still_answers_garbage_with_400(make_harness) -> None:
     client = h.accept()
     h.recv(client, b"\x16\x03\x01 not http\r\n\r\n")
     assert h.take(client).startswith(b"HTTP/1.1 400 ")
+
+
+UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def test_upgrade_101_turns_the_exchange_into_a_pipe(make_harness) -> None:
+    h = make_harness()
+    client = h.accept()
+    h.recv(client, UPGRADE)
+    upstream = h.connects[0].conn_id
+    h.connected(upstream)
+    forwarded = h.take(upstream).lower()
+    assert b"upgrade: websocket" in forwarded and b"connection: upgrade" in forwarded
+    h.recv(upstream, SWITCH + b"\x81\x05hello")  # a frame right behind the head
+    reply = h.take(client)
+    assert reply.startswith(b"HTTP/1.1 101 ") and b"upgrade: websocket" in reply.lower()
+    assert reply.endswith(b"\x81\x05hello")
+    h.recv(client, b"\x81\x85masked")
+    assert h.take(upstream) == b"\x81\x85masked"
+    ((labels, classification, status),) = h.proxy.telemetry.response_total
+    assert (status, classification) == (101, "success"), "the upgrade still counts as a response"
+
+
+def test_connect_2xx_turns_the_exchange_into_a_pipe(make_harness) -> None:
+    h = make_harness()
+    client = h.accept()
+    h.recv(client, b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+    upstream = h.connects[0].conn_id
+    h.connected(upstream)
+    assert h.take(upstream).startswith(b"CONNECT db:5432 HTTP/1.1")
+    h.recv(upstream, b"HTTP/1.1 200 Connection established\r\n\r\n")
+    assert h.take(client).startswith(b"HTTP/1.1 200 ")
+    h.recv(client, b"\x00\x00\x00\x08startup")
+    assert h.take(upstream) == b"\x00\x00\x00\x08startup"
+
+
+def test_declined_upgrade_stays_http(make_harness) -> None:
+    h = make_harness()
+    client = h.accept()
+    h.recv(client, UPGRADE)
+    upstream = h.connects[0].conn_id
+    h.connected(upstream)
+    h.take(upstream)
+    h.recv(upstream, b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+    assert h.take(client).startswith(b"HTTP/1.1 426 ")
+    assert h.proxy.telemetry.tcp_open_connections  # nothing switched: the proxy still owns both as HTTP
