@@ -20,6 +20,8 @@ class ConfigError(ValueError):
     def __init__(self, field: str, problem: str, fix: str) -> None:
         super().__init__(f"{field}: {problem}; {fix}")
         self.field = field
+        self.problem = problem
+        self.fix = fix
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

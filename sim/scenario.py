@@ -12,111 +12,17 @@ from typing import Any
 
 import yaml
 
-from tether.core.address import Address, AddressError
-from tether.core.config import MS, ConfigError, ProxyConfig
+from tether.core.config import MS
+from tether.core.config_file import ConfigFileError, FieldReader, read_proxy_config
 from tether.sim.apps import ServerSpec, WorkloadSpec
 from tether.sim.network import LinkSpec
 from tether.sim.world import Fault, World
 
 S = 1_000_000_000
-_PROXY_CONFIG_MS_FIELDS = {
-    "connect_timeout_ms": "connect_timeout_ns",
-    "response_timeout_ms": "response_timeout_ns",
-    "idle_timeout_ms": "idle_timeout_ns",
-    "pool_idle_timeout_ms": "pool_idle_timeout_ns",
-    "drain_timeout_ms": "drain_timeout_ns",
-    "detect_timeout_ms": "detect_timeout_ns",
-}
-_PROXY_CONFIG_PLAIN_FIELDS = (
-    "max_header_bytes",
-    "pool_max_connections_per_endpoint",
-    "pool_max_idle_per_endpoint",
-    "pool_max_waiters_per_endpoint",
-    "max_buffered_bytes",
-)
 
 
-class ScenarioError(ValueError):
-    def __init__(self, source: str, field: str, problem: str, fix: str) -> None:
-        super().__init__(f"{source}: {field}: {problem}; {fix}")
-
-
-@dataclass(slots=True)
-class _Reader:
-    """Reads one mapping of a scenario, remembering where it is for error messages."""
-
-    source: str
-    path: str
-    data: Mapping[str, Any]
-
-    def fail(self, key: str, problem: str, fix: str) -> ScenarioError:
-        return ScenarioError(self.source, f"{self.path}{key}", problem, fix)
-
-    def known(self, *keys: str) -> None:
-        for key in self.data:
-            if key not in keys:
-                raise self.fail(str(key), "unknown field", f"use one of: {', '.join(keys)}")
-
-    def number(
-        self, key: str, default: float | None = None, *, minimum: float = 0.0, maximum: float | None = None
-    ) -> float:
-        value = self.data.get(key, default)
-        if value is None:
-            raise self.fail(key, "missing", "give a number")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(key, f"{value!r} is not a number", "give a number such as 10 or 0.5")
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and at most {maximum}" if maximum is not None else ""
-            raise self.fail(key, f"{value} is out of range", f"give at least {minimum}{upper}")
-        return float(value)
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.data.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise self.fail(key, f"{value!r} is not a name", "give a non-empty string")
-        return value
-
-    def address(self, value: object, key: str) -> Address:
-        try:
-            return Address.parse(str(value))
-        except AddressError as error:
-            raise self.fail(key, str(error), "write HOST:PORT, for example backend-1:8080") from None
-
-    def child(self, key: str) -> _Reader:
-        value = self.data.get(key, {})
-        if not isinstance(value, Mapping):
-            raise self.fail(key, "is not a mapping", "write key: value pairs under it")
-        return _Reader(self.source, f"{self.path}{key}.", value)
-
-    def items(self, key: str) -> list[_Reader]:
-        value = self.data.get(key, [])
-        if not isinstance(value, list):
-            raise self.fail(key, "is not a list", "write one '- ' entry per item")
-        readers = []
-        for index, item in enumerate(value):
-            if not isinstance(item, Mapping):
-                raise self.fail(f"{key}[{index}]", "is not a mapping", "write key: value pairs")
-            readers.append(_Reader(self.source, f"{self.path}{key}[{index}].", item))
-        return readers
-
-    def pair(self, key: str, default: tuple[int, int]) -> tuple[int, int]:
-        value = self.data.get(key, list(default))
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = [value, value]
-        if (
-            not isinstance(value, list)
-            or len(value) != 2
-            or not all(isinstance(v, int) for v in value)
-            or value[0] < 0
-            or value[0] > value[1]
-        ):
-            raise self.fail(key, f"{value!r} is not a range", "write [LOW, HIGH] with 0 <= LOW <= HIGH")
-        return int(value[0]), int(value[1])
-
-    def latency(self, key: str, default_ms: tuple[float, float]) -> tuple[int, int]:
-        node = self.child(key)
-        node.known("min", "tail_mean")
-        return (int(node.number("min", default_ms[0]) * MS), int(node.number("tail_mean", default_ms[1]) * MS))
+# A scenario file is wrong: the same error, with the file, the field and the fix, as any config file.
+ScenarioError = ConfigFileError
 
 
 @dataclass(slots=True)
@@ -146,7 +52,7 @@ def load_scenario(path: str | Path) -> Scenario:
 def scenario_from_mapping(data: object, source: str) -> Scenario:
     if not isinstance(data, Mapping):
         raise ScenarioError(source, "(top level)", "is not a mapping", "start with 'duration_s: 30' and friends")
-    top = _Reader(source, "", data)
+    top = FieldReader(source, "", data)
     top.known("description", "duration_s", "seed", "network", "links", "proxies", "servers", "clients", "faults")
     duration_ns = int(top.number("duration_s", 30, minimum=0.001) * S)
     seed = int(top.number("seed", 1))
@@ -156,7 +62,7 @@ def scenario_from_mapping(data: object, source: str) -> Scenario:
 
 
 def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
-    top = _Reader(scenario.source, "", scenario.data)
+    top = FieldReader(scenario.source, "", scenario.data)
     network = top.child("network")
     network.known("latency_ms", "loss", "mss")
     latency_min, latency_tail = network.latency("latency_ms", (0.2, 0.1))
@@ -195,28 +101,14 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
     return world
 
 
-def _add_proxy(world: World, proxy: _Reader) -> None:
+def _add_proxy(world: World, proxy: FieldReader) -> None:
     proxy.known("host", "port", "to", "service", "routes", "config")
     endpoints = [proxy.address(item, "to") for item in proxy.data.get("to", [])]
     routes = {
         str(host): [proxy.address(item, f"routes.{host}") for item in items]
         for host, items in dict(proxy.data.get("routes", {})).items()
     }
-    options = proxy.child("config")
-    options.known(*_PROXY_CONFIG_MS_FIELDS, *_PROXY_CONFIG_PLAIN_FIELDS, "protocol")
-    values: dict[str, int | str] = {}
-    if "protocol" in options.data:
-        values["protocol"] = options.text("protocol")
-    for key, field_name in _PROXY_CONFIG_MS_FIELDS.items():
-        if key in options.data:
-            values[field_name] = int(options.number(key) * MS)
-    for key in _PROXY_CONFIG_PLAIN_FIELDS:
-        if key in options.data:
-            values[key] = int(options.number(key))
-    try:
-        config = ProxyConfig(**values)
-    except ConfigError as error:
-        raise options.fail(error.field, str(error), "see docs/configuration.md") from None
+    config = read_proxy_config(proxy.child("config"))
     world.add_proxy(
         proxy.text("host"),
         int(proxy.number("port", 4140, minimum=1)),
@@ -227,7 +119,7 @@ def _add_proxy(world: World, proxy: _Reader) -> None:
     )
 
 
-def _add_client(world: World, client: _Reader, duration_ns: int) -> None:
+def _add_client(world: World, client: FieldReader, duration_ns: int) -> None:
     client.known(
         "host",
         "target",
@@ -256,7 +148,7 @@ def _add_client(world: World, client: _Reader, duration_ns: int) -> None:
     world.add_client(client.text("host"), spec)
 
 
-def _two_hosts(reader: _Reader, key: str, world: World) -> tuple[str, str]:
+def _two_hosts(reader: FieldReader, key: str, world: World) -> tuple[str, str]:
     value = reader.data.get(key)
     if not isinstance(value, list) or len(value) != 2:
         raise reader.fail(key, f"{value!r} is not two host names", "write [HOST_A, HOST_B]")
@@ -266,7 +158,7 @@ def _two_hosts(reader: _Reader, key: str, world: World) -> tuple[str, str]:
     return str(value[0]), str(value[1])
 
 
-def _fault(fault: _Reader, world: World) -> Fault:
+def _fault(fault: FieldReader, world: World) -> Fault:
     fault.known("kind", "at_s", "duration_s", "hosts", "one_way", "loss", "latency_ms")
     kind = fault.text("kind")
     kinds = ("partition", "crash", "loss", "latency")

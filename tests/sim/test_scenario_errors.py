@@ -25,7 +25,7 @@ clients: [{host: c, target: "p:4140", rate_per_s: 10}]
         ("rate_per_s: 10", "rate_per_s: 10, colour: red", "clients[0].colour", "use one of"),
         ('to: ["b:8080"]', 'to: ["b"]', "proxies[0].to", "HOST:PORT"),
         ("duration_s: 5", "duration_s: -1", "duration_s", "at least"),
-        ("port: 4140", "port: 4140, config: {connect_timeout_ms: 0}", "connect_timeout_ns", "at least"),
+        ("port: 4140", "port: 4140, config: {connect_timeout_ms: 0}", "config.connect_timeout_ms", "at least"),
     ],
 )
 def test_scenario_error_names_file_field_and_fix(tmp_path: Path, old: str, new: str, field: str, fix: str) -> None:
