@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from functools import partial
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 import click
 
 from tether.core.address import Address, AddressError
-from tether.core.config import MS, PROTOCOLS, ConfigError, ProxyConfig
+from tether.core.config import PROTOCOLS
+from tether.core.config_file import ConfigFileError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -64,95 +66,98 @@ def parse_address(value: str, what: str) -> Address:
         raise click.BadParameter(str(error), param_hint=what) from None
 
 
+def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(name, type=click.IntRange(min=0), default=None, help=help_text)
+
+
 @cli.command()
-@click.option("--listen", "listen", required=True, metavar="HOST:PORT", help="Address to accept clients on.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML file with admin, limits, outbound and inbound (see docs/configuration.md).",
+)
+@click.option(
+    "--listen",
+    "listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="The older single-role form: accept here and forward to --to (HTTP/1.1 unless --protocol).",
+)
 @click.option(
     "--to",
     "to",
-    required=True,
+    default=None,
     metavar="HOST:PORT[,HOST:PORT...]",
-    help="Endpoints to forward every request to (round robin for now).",
-)
-@click.option("--connect-timeout-ms", default=1000, show_default=True, help="Upstream connect timeout (504).")
-@click.option(
-    "--response-timeout-ms",
-    default=10000,
-    show_default=True,
-    help="From the request's last byte to the response head (504); 0 disables.",
-)
-@click.option("--idle-timeout-ms", default=60000, show_default=True, help="Close client connections idle this long.")
-@click.option(
-    "--drain-timeout-ms",
-    default=10000,
-    show_default=True,
-    help="On SIGTERM/Ctrl-C, how long requests in flight may take to finish.",
+    help="With --listen: endpoints for every request (round robin for now).",
 )
 @click.option(
     "--admin",
     "admin",
-    default="127.0.0.1:4191",
-    show_default=True,
+    default=None,
     metavar="HOST:PORT",
-    help="Admin server: /metrics, /ready, /live, /proxy-log-level, /shutdown.",
+    help="Admin server: /metrics, /ready, /live, /proxy-log-level, /shutdown.  [default: 127.0.0.1:4191]",
 )
 @click.option("--shutdown-endpoint", is_flag=True, help="Enable POST /shutdown on the admin server.")
 @click.option(
     "--protocol",
     type=click.Choice(PROTOCOLS),
-    default="http1",
-    show_default=True,
+    default=None,
     help="http1: HTTP/1.1 only; detect: HTTP/1.1 if the client speaks it, else an opaque TCP tunnel; "
-    "opaque: every connection is a TCP tunnel.",
+    "opaque: every connection is a TCP tunnel.  [default: http1 with --listen, else detect]",
 )
-@click.option(
-    "--detect-timeout-ms",
-    default=10000,
-    show_default=True,
-    help="With --protocol detect: tunnel a client that sends nothing for this long (server-speaks-first).",
+@_ms_option("--connect-timeout-ms", "Upstream connect timeout (504).  [default: 1000]")
+@_ms_option(
+    "--response-timeout-ms", "From the request's last byte to the response head (504); 0 disables.  [default: 10000]"
 )
+@_ms_option("--idle-timeout-ms", "Close client connections idle this long.  [default: 60000]")
+@_ms_option("--drain-timeout-ms", "On SIGTERM/Ctrl-C, how long requests in flight may take.  [default: 10000]")
+@_ms_option("--detect-timeout-ms", "With detect: tunnel a client silent this long.  [default: 10000]")
 def proxy(
-    listen: str,
-    to: str,
-    connect_timeout_ms: int,
-    response_timeout_ms: int,
-    idle_timeout_ms: int,
-    drain_timeout_ms: int,
-    admin: str,
+    config_path: str | None,
+    listen: str | None,
+    to: str | None,
+    admin: str | None,
     shutdown_endpoint: bool,
-    protocol: str,
-    detect_timeout_ms: int,
+    protocol: str | None,
+    **timeouts: int | None,
 ) -> None:
-    """Run an HTTP/1.1 proxy from LISTEN to the endpoints in TO."""
+    """Run the proxy: outbound (127.0.0.1:4140) and inbound (0.0.0.0:4143) roles, or --listen/--to.
+
+    Settings come from defaults, then --config FILE, then TETHER_PROXY_* variables, then these flags.
+    """
     import anyio
 
+    from tether.adapters import proxy_config
     from tether.adapters.serve import run_proxy
 
-    listen_address = parse_address(listen, "--listen")
-    admin_address = parse_address(admin, "--admin")
-    endpoints = [parse_address(part, "--to") for part in to.split(",") if part.strip()]
-    if not endpoints:
+    if (listen is None) != (to is None):
+        raise click.UsageError("--listen and --to go together, for example --listen 127.0.0.1:4140 --to 127.0.0.1:8080")
+    endpoints = tuple(parse_address(part, "--to") for part in (to or "").split(",") if part.strip())
+    if to is not None and not endpoints:
         raise click.BadParameter("name at least one endpoint, for example --to 127.0.0.1:8080", param_hint="--to")
+    flag_limits: dict[str, Any] = {key: value for key, value in timeouts.items() if value is not None}
+    if protocol is not None:
+        flag_limits["protocol"] = protocol
+    elif listen is not None:
+        flag_limits.setdefault("protocol", "http1")
     try:
-        config = ProxyConfig(
-            connect_timeout_ns=connect_timeout_ms * MS,
-            response_timeout_ns=response_timeout_ms * MS,
-            idle_timeout_ns=idle_timeout_ms * MS,
-            drain_timeout_ns=drain_timeout_ms * MS,
-            protocol=protocol,
-            detect_timeout_ns=detect_timeout_ms * MS,
+        process = proxy_config.load(
+            config_path=config_path,
+            flag_limits=flag_limits,
+            listen=parse_address(listen, "--listen") if listen else None,
+            to=endpoints,
+            admin=parse_address(admin, "--admin") if admin else None,
+            shutdown_endpoint=shutdown_endpoint,
         )
-    except ConfigError as error:
-        raise click.UsageError(str(error)) from None
+    except ConfigFileError as error:
+        click.echo(f"tether proxy: {error}", err=True)
+        sys.exit(EXIT_USAGE)
     try:
-        anyio.run(
-            partial(
-                run_proxy, listen_address, endpoints, config, admin=admin_address, shutdown_endpoint=shutdown_endpoint
-            )
-        )
+        anyio.run(run_proxy, process)
     except OSError as error:
-        click.echo(
-            f"tether proxy: cannot listen on {listen_address} or {admin_address}: {error.strerror or error}", err=True
-        )
+        click.echo(f"tether proxy: {error.strerror or error}", err=True)
         sys.exit(EXIT_BIND)
     except KeyboardInterrupt:
         pass

@@ -14,7 +14,11 @@ from tether.core.proxy.telemetry import HttpLabels, TcpLabels, Telemetry
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def render(telemetry: Telemetry, extra: Iterable[str] = ()) -> str:
+def render(telemetries: Telemetry | Iterable[Telemetry], extra: Iterable[str] = ()) -> str:
+    """One exposition for one proxy role or several (their series differ by the ``direction`` label)."""
+    if isinstance(telemetries, Telemetry):
+        telemetries = [telemetries]
+    telemetry = merge(list(telemetries))
     lines: list[str] = []
     _counter(
         lines,
@@ -64,6 +68,28 @@ def render(telemetry: Telemetry, extra: Iterable[str] = ()) -> str:
 
 
 Labels = list[tuple[str, str]]
+
+
+def merge(telemetries: list[Telemetry]) -> Telemetry:
+    """A read-only union of several roles' telemetry; label sets never collide across directions."""
+    if len(telemetries) == 1:
+        return telemetries[0]
+    merged = Telemetry(direction="merged")
+    for name in (
+        "request_total",
+        "response_total",
+        "response_latency_ms",
+        "tcp_open_total",
+        "tcp_close_total",
+        "tcp_open_connections",
+        "tcp_read_bytes_total",
+        "tcp_write_bytes_total",
+        "tcp_connection_duration_ms",
+    ):
+        table = getattr(merged, name)
+        for telemetry in telemetries:
+            table.update(getattr(telemetry, name))
+    return merged
 
 
 def _http(labels: HttpLabels, **more: str) -> Labels:

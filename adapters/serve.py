@@ -11,12 +11,15 @@ import random
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import anyio
 
 from tether.adapters.admin import AdminServer
 from tether.adapters.driver import ProxyDriver
 from tether.adapters.http_server import serve_http
+from tether.adapters.prometheus import merge
+from tether.adapters.proxy_config import ProcessConfig, RoleConfig, describe
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
@@ -28,39 +31,49 @@ log = logging.getLogger("tether.proxy")
 def build_proxy(
     config: ProxyConfig, endpoints: Sequence[Address], *, service: str = "default", direction: str = "outbound"
 ) -> Proxy:
+    return Proxy(config, StaticResolver(default=endpoints, default_name=service), _seeded_rng(), direction=direction)
+
+
+def _seeded_rng() -> random.Random:
     # The adapter is the only place that draws OS entropy; the machine gets a seeded Random.
-    rng = random.Random(random.SystemRandom().getrandbits(64))
-    return Proxy(config, StaticResolver(default=endpoints, default_name=service), rng, direction=direction)
+    return random.Random(random.SystemRandom().getrandbits(64))
 
 
 async def _listen(address: Address) -> tuple[anyio.abc.SocketListener, Address]:
-    listener = await anyio.create_tcp_listener(local_host=address.host, local_port=address.port, reuse_port=False)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=address.host, local_port=address.port, reuse_port=False)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot listen on {address}: {error.strerror or error}") from None
     bound = listener.extra(anyio.abc.SocketAttribute.local_address)
     return listener, Address(str(bound[0]), int(bound[1]))
 
 
-async def run_proxy(
-    listen: Address,
-    endpoints: Sequence[Address],
-    config: ProxyConfig,
-    *,
-    admin: Address,
-    shutdown_endpoint: bool = False,
-) -> None:
-    proxy = build_proxy(config, endpoints)
-    driver = ProxyDriver(proxy)
-    stop = anyio.Event()
-    listener, bound = await _listen(listen)
-    admin_listener, admin_bound = await _listen(admin)
-    admin_server = AdminServer(
-        lambda: proxy.telemetry, ready=lambda: not stop.is_set(), shutdown=stop.set if shutdown_endpoint else None
+def build_role_proxy(role: RoleConfig) -> Proxy:
+    resolver = StaticResolver(
+        default=role.endpoints or None, by_host=role.routes, default_name=role.name, dial_authority=role.dial_authority
     )
-    targets = ", ".join(str(endpoint) for endpoint in endpoints)
-    print(f"tether proxy listening on {bound} -> {targets}; admin on {admin_bound}", flush=True)
+    return Proxy(role.config, resolver, _seeded_rng(), direction=role.direction)
+
+
+async def run_proxy(process: ProcessConfig) -> None:
+    stop = anyio.Event()
+    proxies = [build_role_proxy(role) for role in process.roles]
+    listeners = [await _listen(role.listen) for role in process.roles]
+    admin_listener, admin_bound = await _listen(process.admin)
+    admin_server = AdminServer(
+        lambda: merge([proxy.telemetry for proxy in proxies]),
+        ready=lambda: not stop.is_set(),
+        shutdown=stop.set if process.shutdown_endpoint else None,
+    )
+    for line in describe(process, [bound for _listener, bound in listeners]):
+        print(f"tether {line}", flush=True)
+    print(f"tether proxy admin on {admin_bound}", flush=True)
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(_stop_on_signal, stop, task_group.cancel_scope)
         task_group.start_soon(serve_http, admin_listener, admin_server)
-        await driver.serve(listener, stop=stop)
+        async with anyio.create_task_group() as roles:
+            for proxy, role, (listener, _bound) in zip(proxies, process.roles, listeners, strict=True):
+                roles.start_soon(partial(ProxyDriver(proxy, name=role.name).serve, listener, stop=stop))
         task_group.cancel_scope.cancel()
     print("tether proxy stopped", flush=True)
 

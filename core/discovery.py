@@ -32,7 +32,9 @@ class StaticResolver:
     """Resolves from a fixed table of host names, falling back to a default set for any authority.
 
     The fallback is what ``tether proxy --listen A --to B,C`` means: every request goes to B or C,
-    whatever its Host header says.
+    whatever its Host header says. With ``dial_authority`` and no fallback, an authority with no route is
+    its own endpoint (``host:port``, port 80 if absent): the outbound proxy's behaviour for destinations
+    that discovery does not know, as Linkerd forwards to the original destination.
     """
 
     def __init__(
@@ -40,11 +42,19 @@ class StaticResolver:
         default: Sequence[Address] | None = None,
         by_host: Mapping[str, Sequence[Address]] | None = None,
         default_name: str = "default",
+        *,
+        dial_authority: bool = False,
     ) -> None:
         self._default = EndpointSet(default_name, tuple(default)) if default is not None else None
         self._by_host = {host.lower(): EndpointSet(host.lower(), tuple(eps)) for host, eps in (by_host or {}).items()}
+        self._dial_authority = dial_authority
 
     def resolve(self, authority: str) -> EndpointSet | None:
-        host, _port = parse_authority(authority)
+        host, port = parse_authority(authority)
         found = self._by_host.get(host)
-        return found if found is not None else self._default
+        if found is not None:
+            return found
+        if self._default is None and self._dial_authority and host:
+            address = Address(host, port if port is not None else 80)
+            return EndpointSet(str(address), (address,))
+        return self._default

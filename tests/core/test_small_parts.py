@@ -81,3 +81,15 @@ def test_histogram_quantile_lies_within_observed_bucket_bounds(values: list[floa
     p50 = histogram.quantile_ms(0.5)
     assert p50 is not None and 0 <= p50 <= 50_000
     assert histogram.quantile_ms(0.0) <= p50 <= histogram.quantile_ms(1.0)  # type: ignore[operator]
+
+
+def test_static_resolver_routes_then_falls_back() -> None:
+    from tether.core.discovery import StaticResolver
+
+    web = [Address("10.0.0.5", 8080)]
+    routed = StaticResolver(by_host={"Web": web}, dial_authority=True)
+    assert routed.resolve("web:80").endpoints == tuple(web)  # type: ignore[union-attr]
+    assert routed.resolve("api.example:9000").endpoints == (Address("api.example", 9000),)  # type: ignore[union-attr]
+    assert routed.resolve("api.example").endpoints == (Address("api.example", 80),)  # type: ignore[union-attr]
+    assert routed.resolve("") is None
+    assert StaticResolver(by_host={"web": web}).resolve("other") is None

@@ -1,0 +1,186 @@
+"""One configuration model for `tether proxy`, from a file, ``TETHER_PROXY_*`` variables and flags.
+
+Later sources win: defaults < ``--config FILE`` < environment < command-line flags. Every error names
+where the value came from (the file and field, or the variable) and what to write instead.
+
+    admin: 127.0.0.1:4191            # Linkerd's admin port
+    shutdown_endpoint: false
+    limits: {connect_timeout_ms: 1000, protocol: detect, ...}   # every role; keys in docs/configuration.md
+    outbound:                          # the application's outgoing traffic; default 127.0.0.1:4140
+      listen: 127.0.0.1:4140
+      routes: {web: [10.0.0.5:8080]}   # authority host -> endpoints; others are dialled as host:port
+      limits: {...}                    # this role only
+    inbound:                           # traffic for the local workload; default 0.0.0.0:4143
+      listen: 0.0.0.0:4143
+      to: 127.0.0.1:8080               # the workload; the inbound role runs only when this is set
+
+Both roles detect protocols by default (``protocol: detect``), as Linkerd's proxy does. The older form
+``--listen A --to B`` runs one HTTP/1.1 role and ignores the two above.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.core.address import Address
+from tether.core.config import ProxyConfig
+from tether.core.config_file import (
+    PROXY_CONFIG_MS_FIELDS,
+    PROXY_CONFIG_PLAIN_FIELDS,
+    ConfigFileError,
+    FieldReader,
+    read_proxy_config,
+)
+
+ENV_PREFIX = "TETHER_PROXY_"
+DEFAULT_ADMIN = Address("127.0.0.1", 4191)
+DEFAULT_OUTBOUND = Address("127.0.0.1", 4140)
+DEFAULT_INBOUND = Address("0.0.0.0", 4143)
+LIMIT_KEYS = (*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol")
+
+
+@dataclass(frozen=True, slots=True)
+class RoleConfig:
+    name: str  # "outbound", "inbound", or "proxy" for the --listen/--to form
+    direction: str
+    listen: Address
+    config: ProxyConfig
+    endpoints: tuple[Address, ...] = ()  # every request goes here when set
+    routes: Mapping[str, tuple[Address, ...]] = field(default_factory=dict)
+    dial_authority: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessConfig:
+    admin: Address
+    roles: tuple[RoleConfig, ...]
+    shutdown_endpoint: bool = False
+
+
+def load(
+    *,
+    config_path: str | None,
+    environ: Mapping[str, str] | None = None,
+    flag_limits: Mapping[str, Any] | None = None,
+    listen: Address | None = None,
+    to: tuple[Address, ...] = (),
+    admin: Address | None = None,
+    shutdown_endpoint: bool = False,
+) -> ProcessConfig:
+    """Merge the sources; raises ConfigFileError naming the source, the field and the fix."""
+    data: dict[str, Any] = _read_file(config_path) if config_path else {}
+    source = config_path or "defaults"
+    env = dict(os.environ if environ is None else environ)
+    data = _apply_environment(data, env)
+    if flag_limits:
+        data["limits"] = {**data.get("limits", {}), **flag_limits}
+    top = FieldReader(source, "", data)
+    top.known("admin", "shutdown_endpoint", "limits", "outbound", "inbound")
+    admin_address = admin or (top.address(data["admin"], "admin") if "admin" in data else DEFAULT_ADMIN)
+    shutdown = shutdown_endpoint or bool(data.get("shutdown_endpoint", False))
+    shared = dict(top.child("limits").data)
+    if listen is not None:
+        limits = read_proxy_config(FieldReader(source, "limits.", shared))
+        role = RoleConfig("proxy", "outbound", listen, limits, endpoints=to)
+        return ProcessConfig(admin_address, (role,), shutdown)
+    roles = [_role(top, "outbound", shared), _role(top, "inbound", shared)]
+    return ProcessConfig(admin_address, tuple(role for role in roles if role is not None), shutdown)
+
+
+def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig | None:
+    node = top.child(name)
+    node.known("listen", "to", "routes", "limits")
+    limits_data = {"protocol": "detect", **shared, **node.child("limits").data}
+    config = read_proxy_config(FieldReader(node.source, f"{name}.limits.", limits_data))
+    default = DEFAULT_OUTBOUND if name == "outbound" else DEFAULT_INBOUND
+    listen = node.address(node.data["listen"], "listen") if "listen" in node.data else default
+    if name == "inbound":
+        if "to" not in node.data:
+            return None  # no local workload named: nothing to forward inbound traffic to
+        workload = node.address(node.data["to"], "to")
+        return RoleConfig(name, "inbound", listen, config, endpoints=(workload,))
+    routes_node = node.child("routes")
+    routes = {
+        str(host): tuple(routes_node.address(item, str(host)) for item in _as_list(routes_node, str(host)))
+        for host in routes_node.data
+    }
+    return RoleConfig(name, "outbound", listen, config, routes=routes, dial_authority=True)
+
+
+def _as_list(node: FieldReader, key: str) -> list[object]:
+    value = node.data.get(key)
+    if not isinstance(value, list) or not value:
+        raise node.fail(key, f"{value!r} is not a list of endpoints", "write [HOST:PORT, ...]")
+    return value
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        problem = error.strerror or str(error)
+        raise ConfigFileError(path, "(file)", problem, "check the path given to --config") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigFileError(path, "(file)", f"not valid YAML ({error})", "fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(path, "(top level)", "is not a mapping", "start with keys such as 'outbound:'")
+    return data
+
+
+def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """``TETHER_PROXY_ADMIN``, ``TETHER_PROXY_{OUTBOUND,INBOUND}_{LISTEN,TO}`` and one variable per limit,
+    named after its key (``TETHER_PROXY_CONNECT_TIMEOUT_MS``)."""
+    merged = dict(data)
+    for key in ("limits", "outbound", "inbound"):
+        value = data.get(key, {})
+        if not isinstance(value, Mapping):
+            return merged  # the reader will name this field; no variable can be merged into it
+        merged[key] = dict(value)
+    for variable, value in sorted(env.items()):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        key = variable[len(ENV_PREFIX) :].lower()
+        if key == "admin":
+            merged["admin"] = value
+        elif key in ("outbound_listen", "inbound_listen", "inbound_to"):
+            role, _, field_name = key.partition("_")
+            merged[role][field_name] = value
+        elif key in LIMIT_KEYS:
+            merged["limits"][key] = value if key == "protocol" else _number(variable, value)
+        else:
+            known = ", ".join(ENV_PREFIX + k.upper() for k in ("admin", "outbound_listen", "inbound_to", *LIMIT_KEYS))
+            raise ConfigFileError("environment", variable, "is not a setting", f"use one of {known}")
+    for key in ("limits", "outbound", "inbound"):
+        if not merged[key]:
+            del merged[key]
+    return merged
+
+
+def _number(variable: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigFileError("environment", variable, f"{value!r} is not a number", "give a number") from None
+
+
+def describe(process: ProcessConfig, bound: list[Address]) -> list[str]:
+    """One line per role, for the startup banner, with the addresses actually bound."""
+    lines = []
+    for role, listen in zip(process.roles, bound, strict=True):
+        if role.endpoints:
+            target = ", ".join(str(endpoint) for endpoint in role.endpoints)
+        else:
+            routed = ", ".join(sorted(role.routes))
+            target = f"routes for {routed}; others dialled by authority" if routed else "dialled by authority"
+        lines.append(f"{role.name} ({role.config.protocol}) listening on {listen} -> {target}")
+    return lines

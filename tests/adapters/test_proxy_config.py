@@ -1,0 +1,139 @@
+"""`tether proxy` configuration: file < environment < flags, errors that name source, field and fix,
+and both roles running from one file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from net_helpers import free_port, wait_for_port
+
+from tether.adapters.proxy_config import load
+from tether.core.address import Address
+from tether.core.config_file import ConfigFileError
+
+FILE = """
+admin: 127.0.0.1:5191
+limits: {connect_timeout_ms: 250}
+outbound:
+  listen: 127.0.0.1:5140
+  routes: {web: ["10.0.0.5:8080", "10.0.0.6:8080"]}
+inbound:
+  to: 127.0.0.1:8080
+  limits: {protocol: opaque}
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_builds_both_roles(tmp_path: Path) -> None:
+    process = load(config_path=write(tmp_path, FILE), environ={})
+    assert process.admin == Address("127.0.0.1", 5191)
+    outbound, inbound = process.roles
+    assert (outbound.name, outbound.listen, outbound.config.protocol) == (
+        "outbound",
+        Address("127.0.0.1", 5140),
+        "detect",
+    )
+    assert outbound.routes["web"] == (Address("10.0.0.5", 8080), Address("10.0.0.6", 8080)) and outbound.dial_authority
+    assert (inbound.listen, inbound.endpoints, inbound.config.protocol) == (
+        Address("0.0.0.0", 4143),
+        (Address("127.0.0.1", 8080),),
+        "opaque",
+    )
+    assert outbound.config.connect_timeout_ns == inbound.config.connect_timeout_ns == 250_000_000
+
+
+def test_environment_overrides_file_and_flags_override_environment(tmp_path: Path) -> None:
+    environ = {"TETHER_PROXY_CONNECT_TIMEOUT_MS": "500", "TETHER_PROXY_OUTBOUND_LISTEN": "127.0.0.1:6140"}
+    process = load(config_path=write(tmp_path, FILE), environ=environ)
+    assert process.roles[0].listen == Address("127.0.0.1", 6140)
+    assert process.roles[0].config.connect_timeout_ns == 500_000_000
+    flagged = load(config_path=write(tmp_path, FILE), environ=environ, flag_limits={"connect_timeout_ms": 700})
+    assert flagged.roles[0].config.connect_timeout_ns == 700_000_000
+
+
+def test_without_inbound_workload_only_outbound_runs() -> None:
+    (only,) = load(config_path=None, environ={}).roles
+    assert (only.name, only.listen) == ("outbound", Address("127.0.0.1", 4140))
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "expected"),
+    [
+        (FILE.replace("127.0.0.1:5140", "nowhere"), {}, ["proxy.yaml", "outbound.listen", "HOST:PORT"]),
+        (FILE + "colour: red\n", {}, ["proxy.yaml", "colour", "use one of"]),
+        (FILE.replace("protocol: opaque", "protocol: carrier-pigeon"), {}, ["inbound.limits.protocol", "use one of"]),
+        (
+            FILE,
+            {"TETHER_PROXY_CONNECT_TIMEOUT_MS": "soon"},
+            ["environment", "TETHER_PROXY_CONNECT_TIMEOUT_MS", "number"],
+        ),
+        (FILE, {"TETHER_PROXY_COLOUR": "red"}, ["environment", "TETHER_PROXY_COLOUR", "use one of"]),
+        ("outbound: [1, 2]\n", {}, ["outbound", "mapping"]),
+    ],
+)
+def test_config_errors_name_source_field_and_fix(
+    tmp_path: Path, text: str, environ: dict[str, str], expected: list[str]
+) -> None:
+    with pytest.raises(ConfigFileError) as caught:
+        load(config_path=write(tmp_path, text), environ=environ)
+    for part in expected:
+        assert part in str(caught.value)
+
+
+def test_cli_bad_config_exits_2_with_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE.replace("connect_timeout_ms: 250", "connect_timeout_ms: -3"))
+    done = subprocess.run(
+        [sys.executable, "-m", "tether.adapters.cli", "proxy", "--config", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "limits.connect_timeout_ms" in done.stderr and "proxy.yaml" in done.stderr
+
+
+@pytest.mark.realsocket
+def test_outbound_and_inbound_roles_from_one_file(tmp_path: Path, nginx) -> None:
+    (nginx.root / "r.txt").write_text("routed\n")
+    outbound, inbound, admin = free_port(), free_port(), free_port()
+    path = write(
+        tmp_path,
+        f"""
+admin: 127.0.0.1:{admin}
+outbound:
+  listen: 127.0.0.1:{outbound}
+  routes: {{site: ["127.0.0.1:{nginx.port}"]}}
+inbound:
+  listen: 127.0.0.1:{inbound}
+  to: 127.0.0.1:{nginx.port}
+""",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tether.adapters.cli", "proxy", "--config", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(admin)
+        routed = httpx.get(f"http://127.0.0.1:{outbound}/r.txt", headers={"host": "site"}, timeout=10)
+        dialled = httpx.get(
+            f"http://127.0.0.1:{outbound}/r.txt", headers={"host": f"127.0.0.1:{nginx.port}"}, timeout=10
+        )
+        inbound_reply = httpx.get(f"http://127.0.0.1:{inbound}/r.txt", timeout=10)
+        assert routed.text == dialled.text == inbound_reply.text == "routed\n"
+        metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
+        assert 'request_total{direction="outbound",authority="site"' in metrics
+        assert 'request_total{direction="inbound"' in metrics
+    finally:
+        process.terminate()
+        assert process.wait(timeout=15) == 0
