@@ -94,7 +94,8 @@ class ProxyDriver:
     async def _accepted(self, stream: anyio.abc.SocketStream) -> None:
         peer = stream.extra(anyio.abc.SocketAttribute.remote_address, None)
         peer_address = Address(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
-        conn_id = self.proxy.accepted(self._clock_ns(), peer=peer_address)
+        target = original_destination(stream.extra(anyio.abc.SocketAttribute.raw_socket))
+        conn_id = self.proxy.accepted(self._clock_ns(), peer=peer_address, target=str(target) if target else None)
         connection = _new_connection()
         connection.stream = stream
         self._connections[conn_id] = connection
@@ -254,6 +255,28 @@ class ProxyDriver:
             deadline = self.proxy.next_deadline_ns()
             if deadline is not None and deadline <= now_ns:
                 self._feed(None, self.proxy.on_timer, now_ns)
+
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+
+
+def original_destination(sock: socket.socket) -> Address | None:
+    """Where the client was going before iptables redirected it here, or None if it came here directly.
+
+    Linux keeps the pre-NAT address of a REDIRECTed connection, readable with SO_ORIGINAL_DST (IPv4);
+    the proxy routes by it as Linkerd's does. A connection that was not redirected reads back the
+    proxy's own address, and so yields None.
+    """
+    if sock.family != socket.AF_INET:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port = struct.unpack("!H", raw[2:4])[0]
+    address = Address(socket.inet_ntoa(raw[4:8]), port)
+    local_host, local_port = sock.getsockname()[:2]
+    return None if (address.host, address.port) == (local_host, local_port) else address
 
 
 async def _close_stream(stream: anyio.abc.SocketStream, *, reset: bool) -> None:
