@@ -324,7 +324,7 @@ class _ClientConnection(_H11Peer):
             sock.reset()
             return
         self.sock = sock
-        sock.handler = self
+        sock.attach(self)
         record = self.current
         if record is None or record.done:
             self.current = None

@@ -102,6 +102,12 @@ class VirtualSocket:
             self.closed = self.dead = True
             self.network.transmit(self, "rst", b"")
 
+    def attach(self, handler: SocketHandler) -> None:
+        """Give a connected socket its handler; bytes that beat it here (the server spoke first) follow."""
+        self.handler = handler
+        if self.backlog:
+            self.network.kernel.after(0, self._deliver_backlog)
+
     def set_reading(self, enabled: bool) -> None:
         self.reading = enabled
         if enabled and self.backlog:
@@ -110,7 +116,7 @@ class VirtualSocket:
             self.network.kernel.after(0, self._deliver_backlog)
 
     def _deliver_backlog(self) -> None:
-        while self.reading and self.backlog and not self.dead:
+        while self.reading and self.handler is not None and self.backlog and not self.dead:
             kind, payload = self.backlog.popleft()
             self.network.hand_to_app(self, kind, payload)
 
@@ -353,10 +359,10 @@ class Network:
         if receiver.closed and kind == "data":
             self._reset_sender(sender)  # Linux answers data for a closed socket with RST
             return
-        if receiver.reading:
+        if receiver.reading and receiver.handler is not None:
             self.hand_to_app(receiver, kind, payload)
         else:
-            receiver.backlog.append((kind, payload))
+            receiver.backlog.append((kind, payload))  # paused, or the connect result has not reached its owner
 
     def hand_to_app(self, sock: VirtualSocket, kind: str, payload: bytes) -> None:
         handler = sock.handler

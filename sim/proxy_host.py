@@ -86,7 +86,7 @@ class SimProxy:
             self.kernel.log(self.host, f"connect c{conn_id} failed: {reason}")
             self.proxy.connect_failed(conn_id, reason, self.kernel.now_ns)
         else:
-            sock.handler = self
+            sock.attach(self)
             self._register(conn_id, sock)
             self.kernel.log(self.host, f"connected c{conn_id}")
             self.proxy.connected(conn_id, self.kernel.now_ns)

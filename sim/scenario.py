@@ -16,6 +16,7 @@ from tether.core.config import MS
 from tether.core.config_file import ConfigFileError, FieldReader, read_proxy_config
 from tether.sim.apps import ServerSpec, WorkloadSpec
 from tether.sim.network import LinkSpec
+from tether.sim.tcp_apps import TcpWorkloadSpec
 from tether.sim.world import Fault, World
 
 S = 1_000_000_000
@@ -53,7 +54,19 @@ def scenario_from_mapping(data: object, source: str) -> Scenario:
     if not isinstance(data, Mapping):
         raise ScenarioError(source, "(top level)", "is not a mapping", "start with 'duration_s: 30' and friends")
     top = FieldReader(source, "", data)
-    top.known("description", "duration_s", "seed", "network", "links", "proxies", "servers", "clients", "faults")
+    top.known(
+        "description",
+        "duration_s",
+        "seed",
+        "network",
+        "links",
+        "proxies",
+        "servers",
+        "clients",
+        "faults",
+        "tcp_servers",
+        "tcp_clients",
+    )
     duration_ns = int(top.number("duration_s", 30, minimum=0.001) * S)
     seed = int(top.number("seed", 1))
     scenario = Scenario(source, data, duration_ns, seed)
@@ -89,6 +102,27 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
         _add_proxy(world, proxy)
     for client in top.items("clients"):
         _add_client(world, client, scenario.duration_ns)
+    for server in top.items("tcp_servers"):
+        server.known("host", "port", "server_first")
+        world.add_tcp_server(
+            server.text("host"),
+            int(server.number("port", 9000, minimum=1)),
+            server_first=bool(server.data.get("server_first", False)),
+        )
+    for client in top.items("tcp_clients"):
+        client.known("host", "target", "rate_per_s", "start_s", "stop_s", "payload_bytes", "server_first", "timeout_s")
+        world.add_tcp_client(
+            client.text("host"),
+            TcpWorkloadSpec(
+                target=client.address(client.data.get("target"), "target"),
+                rate_per_s=client.number("rate_per_s", 20, minimum=0.001, maximum=100_000),
+                start_ns=int(client.number("start_s", 0) * S),
+                stop_ns=int(client.number("stop_s", scenario.duration_ns / S) * S),
+                payload_bytes=client.pair("payload_bytes", (1, 4096)),
+                server_first=bool(client.data.get("server_first", False)),
+                timeout_ns=int(client.number("timeout_s", 60, minimum=0.001) * S),
+            ),
+        )
     for link in top.items("links"):
         link.known("between", "latency_ms", "loss")
         a, b = _two_hosts(link, "between", world)

@@ -23,6 +23,7 @@ from tether.sim.apps import ServerSpec, VirtualHttpServer, WorkloadClient, Workl
 from tether.sim.kernel import Kernel
 from tether.sim.network import LinkSpec, Network
 from tether.sim.proxy_host import SimProxy
+from tether.sim.tcp_apps import TcpSessionClient, TcpWorkloadSpec, VirtualEchoServer
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -66,6 +67,7 @@ class RunResult:
     events: int
     violations: list[str] = field(default_factory=list)
     proxy_errors: dict[str, int] = field(default_factory=dict)
+    tcp_sessions_ok: int = 0  # opaque TCP sessions whose every byte came back
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -76,6 +78,7 @@ class RunResult:
             "errors": sum(self.errors.values()),
             "errors_by_kind": dict(sorted(self.errors.items())),
             "proxy_errors": dict(sorted(self.proxy_errors.items())),
+            "tcp_sessions_ok": self.tcp_sessions_ok,
             "latency_ms": self.latency_ms,
             "virtual_s": self.virtual_s,
             "wall_s": round(self.wall_s, 3),
@@ -98,7 +101,8 @@ class World:
         self.kernel = Kernel(seed, keep_trace=keep_trace)
         self.network = Network(self.kernel, self.kernel.rng_for("network"), default_link=default_link, mss=mss)
         self.replay_hint = replay_hint
-        self.clients: list[WorkloadClient] = []
+        self.clients: list[WorkloadClient | TcpSessionClient] = []
+        self._tcp_servers: dict[str, tuple[int, bool]] = {}
         self.servers: dict[str, VirtualHttpServer] = {}
         self.proxies: dict[str, SimProxy] = {}
         self.violations: list[str] = []
@@ -135,6 +139,16 @@ class World:
             return Proxy(config, resolver, self.kernel.rng_for("proxy", host, restart))
 
         self.proxies[host] = SimProxy(self.network, host, port, factory)
+
+    def add_tcp_server(self, host: str, port: int, *, server_first: bool) -> None:
+        self._host(host)
+        self._tcp_servers[host] = (port, server_first)
+        VirtualEchoServer(self.network, host, port, server_first=server_first)
+
+    def add_tcp_client(self, host: str, spec: TcpWorkloadSpec) -> None:
+        self._host(host)
+        rng = self.kernel.rng_for("tcp-workload", host)
+        self.clients.append(TcpSessionClient(self.network, host, spec, rng, self._violation))
 
     def add_client(self, host: str, spec: WorkloadSpec) -> None:
         self._host(host)
@@ -195,6 +209,9 @@ class World:
         self.network.restart(host)
         if host in self.proxies:
             self.proxies[host].restart()
+        if host in self._tcp_servers:
+            port, server_first = self._tcp_servers[host]
+            VirtualEchoServer(self.network, host, port, server_first=server_first)
         if host in self.servers:
             restarts = self.network.hosts[host].epoch
             spec = self._server_specs[host]
@@ -257,10 +274,13 @@ class World:
 
     def _result(self, wall_s: float) -> RunResult:
         records = [record for client in self.clients for record in client.records if not record.probe]
+        tcp_sessions_ok = 0
         responses: dict[int, int] = {}
         errors: dict[str, int] = {}
         latencies: list[float] = []
         for record in records:
+            if record.status is None and record.error is None and record.done:
+                tcp_sessions_ok += 1
             if record.status is not None:
                 responses[record.status] = responses.get(record.status, 0) + 1
             elif record.error is not None:
@@ -285,6 +305,7 @@ class World:
             events=self.kernel.events_run,
             violations=list(self.violations),
             proxy_errors=proxy_errors,
+            tcp_sessions_ok=tcp_sessions_ok,
         )
 
 
