@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ ENV_PREFIX = "TETHER_PROXY_"
 DEFAULT_ADMIN = Address("127.0.0.1", 4191)
 DEFAULT_OUTBOUND = Address("127.0.0.1", 4140)
 DEFAULT_INBOUND = Address("0.0.0.0", 4143)
-LIMIT_KEYS = (*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol")
+LIMIT_KEYS = (*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "opaque_ports")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +104,8 @@ def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig 
         if "to" not in node.data:
             return None  # no local workload named: nothing to forward inbound traffic to
         workload = node.address(node.data["to"], "to")
+        if config.protocol == "detect" and workload.port in config.opaque_ports:
+            config = replace(config, protocol="opaque")  # the workload speaks first: never wait to detect
         return RoleConfig(name, "inbound", listen, config, endpoints=(workload,))
     routes_node = node.child("routes")
     routes = {
@@ -155,6 +157,8 @@ def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> dict[str
         elif key in ("outbound_listen", "inbound_listen", "inbound_to"):
             role, _, field_name = key.partition("_")
             merged[role][field_name] = value
+        elif key == "opaque_ports":
+            merged["limits"][key] = [int(_number(variable, part)) for part in value.split(",") if part.strip()]
         elif key in LIMIT_KEYS:
             merged["limits"][key] = value if key == "protocol" else _number(variable, value)
         else:

@@ -61,14 +61,21 @@ class ProxyConfig:
     # With "detect": a client that sends nothing this long (a server-speaks-first protocol) is tunnelled.
     # Linkerd's default is 10 s; set the port to "opaque" to skip the wait.
     detect_timeout_ns: int = 10 * S
+    # Destination ports whose connections are tunnelled without detection: server-speaks-first protocols
+    # (SMTP 25 and 587, MySQL 3306) by default, as the issue and Linkerd's skip list have it. Applies to
+    # connections whose destination is known: redirected ones (original destination) and inbound `to`.
+    opaque_ports: tuple[int, ...] = (25, 587, 3306)
 
     def __post_init__(self) -> None:
+        for port in self.opaque_ports:
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+                raise ConfigError("opaque_ports", f"{port!r} is not a port", "list numbers from 1 to 65535")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(
                 "protocol", f"{self.protocol!r} is not a protocol mode", f"use one of {', '.join(PROTOCOLS)}"
             )
         for field in fields(self):
-            if field.name == "protocol":
+            if field.name in ("protocol", "opaque_ports"):
                 continue
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool):

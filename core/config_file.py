@@ -120,10 +120,15 @@ class FieldReader:
 
 def read_proxy_config(options: FieldReader, *, extra_fields: tuple[str, ...] = ()) -> ProxyConfig:
     """A ProxyConfig from a mapping of ``*_ms`` durations, plain limits and ``protocol``."""
-    options.known(*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", *extra_fields)
+    options.known(*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "opaque_ports", *extra_fields)
     values: dict[str, Any] = {}
     if "protocol" in options.data:
         values["protocol"] = options.text("protocol")
+    if "opaque_ports" in options.data:
+        ports = options.data["opaque_ports"]
+        if not isinstance(ports, list):
+            raise options.fail("opaque_ports", f"{ports!r} is not a list", "write [25, 587, 3306]")
+        values["opaque_ports"] = tuple(ports)
     for key, field_name in PROXY_CONFIG_MS_FIELDS.items():
         if key in options.data:
             values[field_name] = int(options.number(key) * MS)

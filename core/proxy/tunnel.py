@@ -24,7 +24,7 @@ import random
 
 import h11
 
-from tether.core.address import Address
+from tether.core.address import Address, parse_authority
 from tether.core.balance import Picker
 from tether.core.config import ProxyConfig
 from tether.core.discovery import Resolver
@@ -63,11 +63,19 @@ class TunnelFlows:
     # ---------------------------------------------------------------- detection
 
     def _start_detecting(self, downstream: Downstream, now_ns: int) -> None:
-        if self.config.protocol == "opaque":
+        if self.config.protocol == "opaque" or self._to_opaque_port(downstream):
             self._start_tunnel(downstream, now_ns)
         elif self.config.protocol == "detect":
             downstream.mode = Mode.DETECT
             self._deadlines.set(("detect", downstream.conn_id), now_ns + self.config.detect_timeout_ns)
+
+    def _to_opaque_port(self, downstream: Downstream) -> bool:
+        """A detecting proxy skips detection for a connection redirected to an opaque port (a database, a
+        mail server): server-speaks-first protocols would otherwise wait out the detect timeout."""
+        if self.config.protocol != "detect" or not downstream.target:
+            return False
+        _host, port = parse_authority(downstream.target)
+        return port in self.config.opaque_ports
 
     def _detect_received(self, downstream: Downstream, data: bytes, now_ns: int) -> None:
         downstream.detect_buffer += data

@@ -137,3 +137,13 @@ inbound:
     finally:
         process.terminate()
         assert process.wait(timeout=15) == 0
+
+
+def test_inbound_workload_on_an_opaque_port_is_tunnelled(tmp_path: Path) -> None:
+    process = load(config_path=write(tmp_path, "inbound: {to: 127.0.0.1:3306}\n"), environ={})
+    inbound = next(role for role in process.roles if role.name == "inbound")
+    assert inbound.config.protocol == "opaque"
+    custom = load(
+        config_path=write(tmp_path, "limits: {opaque_ports: [7000]}\ninbound: {to: 127.0.0.1:3306}\n"), environ={}
+    )
+    assert next(role for role in custom.roles if role.name == "inbound").config.protocol == "detect"

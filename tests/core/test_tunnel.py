@@ -162,3 +162,13 @@ def test_declined_upgrade_stays_http(make_harness) -> None:
     h.recv(upstream, b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
     assert h.take(client).startswith(b"HTTP/1.1 426 ")
     assert h.proxy.telemetry.tcp_open_connections  # nothing switched: the proxy still owns both as HTTP
+
+
+def test_redirected_connection_to_an_opaque_port_skips_detection(make_harness) -> None:
+    h = make_harness(protocol="detect")
+    conn = h.proxy.accepted(h.now_ns, target="10.0.0.9:3306")
+    h.pump()
+    assert h.connects, "MySQL speaks first: the proxy dials at once instead of waiting to detect"
+    h.connected(h.connects[0].conn_id)
+    h.recv(h.connects[0].conn_id, b"\x4a\x00\x00\x00\x0a8.0.36")
+    assert h.take(conn) == b"\x4a\x00\x00\x00\x0a8.0.36"
