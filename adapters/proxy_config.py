@@ -9,6 +9,8 @@ where the value came from (the file and field, or the variable) and what to writ
     outbound:                          # the application's outgoing traffic; default 127.0.0.1:4140
       listen: 127.0.0.1:4140
       routes: {web: [10.0.0.5:8080]}   # authority host -> endpoints; others are dialled as host:port
+      meshed: {web: 4143}              # routes whose endpoints are meshed proxies: opaque TCP goes to this
+                                       # inbound port with a transport header (transport.l5d.io/v1)
       limits: {...}                    # this role only
     inbound:                           # traffic for the local workload; default 0.0.0.0:4143
       listen: 0.0.0.0:4143
@@ -54,6 +56,7 @@ class RoleConfig:
     endpoints: tuple[Address, ...] = ()  # every request goes here when set
     routes: Mapping[str, tuple[Address, ...]] = field(default_factory=dict)
     dial_authority: bool = False
+    meshed: Mapping[str, int] = field(default_factory=dict)  # route host -> its peers' inbound port
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +98,7 @@ def load(
 
 def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig | None:
     node = top.child(name)
-    node.known("listen", "to", "routes", "limits")
+    node.known("listen", "to", "routes", "meshed", "limits")
     limits_data = {"protocol": "detect", **shared, **node.child("limits").data}
     config = read_proxy_config(FieldReader(node.source, f"{name}.limits.", limits_data))
     default = DEFAULT_OUTBOUND if name == "outbound" else DEFAULT_INBOUND
@@ -112,7 +115,14 @@ def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig 
         str(host): tuple(routes_node.address(item, str(host)) for item in _as_list(routes_node, str(host)))
         for host in routes_node.data
     }
-    return RoleConfig(name, "outbound", listen, config, routes=routes, dial_authority=True)
+    meshed_node = node.child("meshed")
+    meshed = {str(host): int(meshed_node.number(str(host), minimum=1, maximum=65535)) for host in meshed_node.data}
+    for host in meshed:
+        if host not in routes:
+            raise meshed_node.fail(
+                host, "names no route", f"add it under outbound.routes, or remove it from {name}.meshed"
+            )
+    return RoleConfig(name, "outbound", listen, config, routes=routes, dial_authority=True, meshed=meshed)
 
 
 def _as_list(node: FieldReader, key: str) -> list[object]:

@@ -50,7 +50,11 @@ async def _listen(address: Address) -> tuple[anyio.abc.SocketListener, Address]:
 
 def build_role_proxy(role: RoleConfig) -> Proxy:
     resolver = StaticResolver(
-        default=role.endpoints or None, by_host=role.routes, default_name=role.name, dial_authority=role.dial_authority
+        default=role.endpoints or None,
+        by_host=role.routes,
+        default_name=role.name,
+        dial_authority=role.dial_authority,
+        meshed_hosts=role.meshed,
     )
     return Proxy(role.config, resolver, _seeded_rng(), direction=role.direction)
 

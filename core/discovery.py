@@ -20,6 +20,9 @@ class EndpointSet:
 
     name: str
     endpoints: tuple[Address, ...]
+    # Set when the endpoints are meshed proxies: opaque connections then go to this inbound port of theirs
+    # with a transport header (core/proxy/transport_header.py). The destination service will say so later.
+    meshed_inbound_port: int | None = None
 
 
 class Resolver(Protocol):
@@ -44,9 +47,14 @@ class StaticResolver:
         default_name: str = "default",
         *,
         dial_authority: bool = False,
+        meshed_hosts: Mapping[str, int] | None = None,
     ) -> None:
+        meshed = {host.lower(): port for host, port in (meshed_hosts or {}).items()}
         self._default = EndpointSet(default_name, tuple(default)) if default is not None else None
-        self._by_host = {host.lower(): EndpointSet(host.lower(), tuple(eps)) for host, eps in (by_host or {}).items()}
+        self._by_host = {
+            host.lower(): EndpointSet(host.lower(), tuple(eps), meshed.get(host.lower()))
+            for host, eps in (by_host or {}).items()
+        }
         self._dial_authority = dial_authority
 
     def resolve(self, authority: str) -> EndpointSet | None:

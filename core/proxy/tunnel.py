@@ -29,6 +29,7 @@ from tether.core.balance import Picker
 from tether.core.config import ProxyConfig
 from tether.core.discovery import Resolver
 from tether.core.effects import Connect, Effect, LogError, ShutdownWrite
+from tether.core.proxy import transport_header
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.detect import Protocol, detect
 from tether.core.proxy.exchange import Exchange, Step
@@ -88,7 +89,11 @@ class TunnelFlows:
             self._decide(downstream, final=True, now_ns=now_ns)
 
     def _decide(self, downstream: Downstream, *, final: bool, now_ns: int) -> None:
-        protocol = detect(bytes(downstream.detect_buffer), final=final)
+        head = bytes(downstream.detect_buffer)
+        if head and (head.startswith(transport_header.PREFACE) or transport_header.PREFACE.startswith(head)):
+            self._accept_transport_header(downstream, head, final=final, now_ns=now_ns)
+            return
+        protocol = detect(head, final=final)
         if protocol is None:
             return
         self._deadlines.cancel(("detect", downstream.conn_id))
@@ -105,6 +110,34 @@ class TunnelFlows:
             self._tunnel_from_client(downstream, buffered)
         if downstream.eof:
             self._tunnel_from_client(downstream, b"")
+
+    def _accept_transport_header(self, downstream: Downstream, head: bytes, *, final: bool, now_ns: int) -> None:
+        """A meshed peer's opaque connection: tunnel it to the workload's port that the header names."""
+        try:
+            parsed = transport_header.parse(head)
+        except transport_header.TransportHeaderError as error:
+            self._refuse(downstream, f"invalid transport header: {error}")
+            return
+        if parsed is None:
+            if final:
+                self._refuse(downstream, "the connection ended inside its transport header")
+            return
+        header, used = parsed
+        self._deadlines.cancel(("detect", downstream.conn_id))
+        downstream.detect_buffer = bytearray()
+        workload = self.resolver.resolve(downstream.target or "")
+        if workload is None or not workload.endpoints:
+            self._refuse(downstream, "transport header on a listener with no local workload")
+            return
+        self._start_tunnel(downstream, now_ns, endpoint=Address(workload.endpoints[0].host, header.port))
+        if head[used:]:
+            self._tunnel_from_client(downstream, head[used:])
+        if downstream.eof:
+            self._tunnel_from_client(downstream, b"")
+
+    def _refuse(self, downstream: Downstream, reason: str) -> None:
+        self._effects.append(LogError(conn_id=downstream.conn_id, message=reason))
+        self._close_downstream(downstream, reset=True)
 
     # ---------------------------------------------------------------- protocol switches
 
@@ -149,14 +182,24 @@ class TunnelFlows:
 
     # ---------------------------------------------------------------- tunnels
 
-    def _start_tunnel(self, downstream: Downstream, now_ns: int) -> None:
+    def _start_tunnel(self, downstream: Downstream, now_ns: int, *, endpoint: Address | None = None) -> None:
+        """Open the tunnel's upstream connection: to ``endpoint``, or to one the resolver picks.
+
+        An endpoint of a meshed peer is reached through the peer's inbound port, with a transport header
+        naming the port the connection is for (transport_header.py).
+        """
         downstream.mode = Mode.OPAQUE
-        endpoint_set = self.resolver.resolve(downstream.target or "")
-        if endpoint_set is None or not endpoint_set.endpoints:
-            self._effects.append(LogError(conn_id=downstream.conn_id, message="opaque connection: no endpoints"))
-            self._close_downstream(downstream, reset=True)
-            return
-        endpoint = self._picker.pick(endpoint_set, self._rng)
+        if endpoint is None:
+            endpoint_set = self.resolver.resolve(downstream.target or "")
+            if endpoint_set is None or not endpoint_set.endpoints:
+                self._refuse(downstream, "opaque connection: no endpoints")
+                return
+            endpoint = self._picker.pick(endpoint_set, self._rng)
+            if endpoint_set.meshed_inbound_port is not None:
+                header = transport_header.TransportHeader(endpoint.port).encode()
+                downstream.pending.appendleft(header)
+                downstream.pending_bytes += len(header)
+                endpoint = Address(endpoint.host, endpoint_set.meshed_inbound_port)
         conn_id = self._new_id()
         upstream = Upstream(conn_id, self._new_upstream_parser(), endpoint, tunnel_downstream_id=downstream.conn_id)
         self._upstream[conn_id] = upstream

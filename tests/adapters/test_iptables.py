@@ -129,3 +129,97 @@ def test_outbound_routes_redirected_connections_by_original_destination(namespac
         nginx.terminate()
         proxy.wait(timeout=15)
         nginx.wait(timeout=15)
+
+
+ECHO = """
+import socket
+server = socket.create_server(("127.0.0.1", 7000))
+while True:
+    connection, _ = server.accept()
+    with connection:
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        connection.sendall(b"echo:" + received)
+"""
+CLIENT = """
+import socket, sys
+with socket.create_connection(("10.99.0.2", 5432), timeout=10) as sock:
+    sock.sendall(bytes(range(256)) * 40)
+    sock.shutdown(socket.SHUT_WR)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+sys.stdout.write("ok" if received == b"echo:" + bytes(range(256)) * 40 else f"bad {len(received)}")
+"""
+MESHED_CONF = """
+admin: 127.0.0.1:4191
+outbound:
+  listen: 127.0.0.1:4140
+  routes: {"10.99.0.2": ["127.0.0.1:7000"]}
+  meshed: {"10.99.0.2": 4143}
+inbound:
+  listen: 127.0.0.1:4143
+  to: 127.0.0.1:1
+"""
+
+
+def test_opaque_tcp_between_meshed_proxies_carries_a_transport_header(namespace: str, tmp_path: Path) -> None:
+    """client -> iptables -> outbound (4140) -> transport header -> inbound (4143) -> echo on port 7000.
+
+    The inbound's configured workload port (1) is wrong on purpose: only the header can name port 7000.
+    """
+    (tmp_path / "proxy.yaml").write_text(MESHED_CONF)
+    run(namespace, "ip", "addr", "add", "10.99.0.2/32", "dev", "lo")
+    echo = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", ECHO])
+    proxy = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            sys.executable,
+            "-m",
+            "tether.adapters.cli",
+            "proxy",
+            "--config",
+            str(tmp_path / "proxy.yaml"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until_serving(namespace, 4191)
+        run(
+            namespace,
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.99.0.2",
+            "--dport",
+            "5432",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "4140",
+        )
+        for _ in range(50):  # the echo server may still be starting
+            result = run(namespace, sys.executable, "-c", CLIENT, check=False)
+            if result.stdout == "ok":
+                break
+            time.sleep(0.1)
+        assert result.stdout == "ok", result.stdout + result.stderr
+        metrics = run(namespace, "curl", "-s", "http://127.0.0.1:4191/metrics").stdout
+        assert 'tcp_open_total{direction="outbound",peer="dst",target_addr="127.0.0.1:4143"' in metrics
+        assert 'tcp_open_total{direction="inbound",peer="dst",target_addr="127.0.0.1:7000"' in metrics
+    finally:
+        proxy.terminate()
+        echo.terminate()
+        proxy.wait(timeout=15)
+        echo.wait(timeout=15)

@@ -76,8 +76,15 @@ class Harness:
 
 @pytest.fixture
 def make_harness():
-    def make(endpoints: list[Address] | None = None, **config: int) -> Harness:
-        resolver = StaticResolver(default=[ENDPOINT_A] if endpoints is None else endpoints)
-        return Harness(Proxy(ProxyConfig(**config), resolver, random.Random(7)))
+    def make(
+        endpoints: list[Address] | None = None,
+        *,
+        resolver: StaticResolver | None = None,
+        direction: str = "outbound",
+        **config: int,
+    ) -> Harness:
+        if resolver is None:
+            resolver = StaticResolver(default=[ENDPOINT_A] if endpoints is None else endpoints)
+        return Harness(Proxy(ProxyConfig(**config), resolver, random.Random(7), direction=direction))
 
     return make

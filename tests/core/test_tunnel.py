@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from tether.core.address import Address
+from tether.core.discovery import StaticResolver
 from tether.core.proxy.detect import H2_PREFACE
+from tether.core.proxy.transport_header import PREFACE, TransportHeader, parse
 
 GET = b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"
 
@@ -172,3 +175,35 @@ def test_redirected_connection_to_an_opaque_port_skips_detection(make_harness) -
     h.connected(h.connects[0].conn_id)
     h.recv(h.connects[0].conn_id, b"\x4a\x00\x00\x00\x0a8.0.36")
     assert h.take(conn) == b"\x4a\x00\x00\x00\x0a8.0.36"
+
+
+def test_meshed_opaque_connection_goes_to_peer_inbound_with_transport_header(make_harness) -> None:
+    resolver = StaticResolver(by_host={"db": [Address("10.0.0.7", 5432)]}, meshed_hosts={"db": 4143})
+    outbound = make_harness(resolver=resolver, protocol="opaque")
+    client = outbound.proxy.accepted(0, target="db:5432")
+    outbound.pump()
+    (connect,) = outbound.connects
+    assert connect.address == Address("10.0.0.7", 4143), "opaque traffic to a meshed peer goes to its inbound port"
+    outbound.recv(client, b"\x00\x00\x00\x08startup")
+    outbound.connected(connect.conn_id)
+    wire = outbound.take(connect.conn_id)
+    header, used = parse(wire)  # type: ignore[misc]
+    assert header == TransportHeader(5432) and wire[used:] == b"\x00\x00\x00\x08startup"
+
+    inbound = make_harness([Address("127.0.0.1", 80)], direction="inbound", protocol="detect")
+    peer = inbound.accept()
+    inbound.recv(peer, wire[:10])
+    assert not inbound.connects, "half a preface: wait"
+    inbound.recv(peer, wire[10:])
+    (local,) = inbound.connects
+    assert local.address == Address("127.0.0.1", 5432), "the header names the workload's port"
+    inbound.connected(local.conn_id)
+    assert inbound.take(local.conn_id) == b"\x00\x00\x00\x08startup"
+
+
+def test_invalid_transport_header_resets_the_peer(make_harness) -> None:
+    h = make_harness(protocol="detect")
+    peer = h.accept()
+    h.recv(peer, PREFACE + b"\x00\x00\x00\x02\x08\x00")  # port 0
+    assert h.closed.get(peer) is True and not h.connects
+    assert any("invalid transport header" in error for error in h.errors)
