@@ -257,8 +257,10 @@ class Network:
             client = self._new_socket(src, f"{src}->{dst}")
             server = self._new_socket(dst.host, f"{dst}<-{src}")
             client.peer, server.peer = server, client
-            server.handler = accept(server)
+            # Before accept(): a server that speaks first writes from inside it, and its first segment must
+            # set the ordering floor for what follows on this socket.
             client.last_arrival_ns = server.last_arrival_ns = self.kernel.now_ns
+            server.handler = accept(server)
 
             def established() -> None:
                 if attempt["cancelled"] or client.dead:

@@ -17,8 +17,16 @@ from hypothesis import strategies as st
 
 from tether.sim.scenario import scenario_from_mapping
 
-HOSTS = ["client", "out", "in-1", "in-2", "app-1", "app-2"]
-LINKS = [("client", "out"), ("out", "in-1"), ("out", "in-2"), ("in-1", "app-1"), ("in-2", "app-2")]
+HOSTS = ["client", "out", "in-1", "in-2", "app-1", "app-2", "tcp-proxy", "echo"]
+LINKS = [
+    ("client", "out"),
+    ("out", "in-1"),
+    ("out", "in-2"),
+    ("in-1", "app-1"),
+    ("in-2", "app-2"),
+    ("tcp-client", "tcp-proxy"),
+    ("tcp-proxy", "echo"),
+]
 
 
 @st.composite
@@ -79,6 +87,12 @@ def mesh(draw: st.DrawFn) -> dict[str, Any]:
                 },
             },
             {"host": "in-1", "port": 4143, "to": ["app-1:8080"], "config": {"response_timeout_ms": 5000}},
+            {
+                "host": "tcp-proxy",
+                "port": 4140,
+                "to": ["echo:9000"],
+                "config": {"protocol": draw(st.sampled_from(["detect", "opaque"])), "detect_timeout_ms": 300},
+            },
             {"host": "in-2", "port": 4143, "to": ["app-2:8080"], "config": {"response_timeout_ms": 5000}},
         ],
         "clients": [
@@ -91,6 +105,20 @@ def mesh(draw: st.DrawFn) -> dict[str, Any]:
                 "request_bytes": [0, draw(st.sampled_from([0, 70000] if big else [0, 1500]))],
                 "response_bytes": [0, draw(st.sampled_from([20000, 150000] if big else [100, 1500]))],
                 "timeout_s": 60,
+            },
+        ],
+        # Opaque TCP beside the HTTP mesh: echo sessions (some servers speak first) through a tunnelling proxy.
+        "tcp_servers": [{"host": "echo", "port": 9000, "server_first": (server_first := draw(st.booleans()))}],
+        "tcp_clients": [
+            {
+                "host": "tcp-client",
+                "target": "tcp-proxy:4140",
+                "rate_per_s": 10,
+                "server_first": server_first,
+                "payload_bytes": [
+                    0 if server_first else 1,
+                    draw(st.sampled_from([5000, 100_000] if big else [100, 1500])),
+                ],
             },
         ],
         "faults": draw(faults(duration_s)),
