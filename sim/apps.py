@@ -17,6 +17,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 
@@ -185,11 +186,12 @@ class RequestRecord:
         return self.ended_ns is not None
 
 
-class WorkloadClient:
-    """An open-loop client: Poisson arrivals at ``rate_per_s`` from start to stop, keep-alive pool."""
+class OpenLoopClient:
+    """Poisson arrivals at ``spec.rate_per_s`` from ``spec.start_ns`` to ``spec.stop_ns``, each ending in a
+    RequestRecord; subclasses say what one arrival does (``_issue``)."""
 
     def __init__(
-        self, network: Network, host: str, spec: WorkloadSpec, rng: random.Random, on_violation: Callable[[str], None]
+        self, network: Network, host: str, spec: Any, rng: random.Random, on_violation: Callable[[str], None]
     ) -> None:
         self.network = network
         self.kernel: Kernel = network.kernel
@@ -199,14 +201,16 @@ class WorkloadClient:
         self.on_violation = on_violation
         self.records: list[RequestRecord] = []
         self._pending = 0  # records not yet done; kept as a count, the run's stop check reads it per event
-        self._idle: list[_ClientConnection] = []
-        self._open = 0
-        self._queue: deque[RequestRecord] = deque()
         self.kernel.at(spec.start_ns, self._next_arrival)
 
     @property
     def pending(self) -> int:
         return self._pending
+
+    def probe(self, count: int, spacing_ns: int) -> None:
+        """Issue ``count`` liveness probes, one every ``spacing_ns``, starting now."""
+        for index in range(count):
+            self.kernel.after(index * spacing_ns, lambda: self._issue(probe=True))
 
     def _next_arrival(self) -> None:
         if self.kernel.now_ns >= self.spec.stop_ns or not self.network.hosts[self.host].alive:
@@ -215,10 +219,22 @@ class WorkloadClient:
         gap = int(self.rng.expovariate(self.spec.rate_per_s) * 1e9)
         self.kernel.after(max(1, gap), self._next_arrival)
 
-    def probe(self, count: int, spacing_ns: int) -> None:
-        """Issue ``count`` liveness probes, one every ``spacing_ns``, starting now."""
-        for index in range(count):
-            self.kernel.after(index * spacing_ns, lambda: self._issue(probe=True))
+    def _issue(self, *, probe: bool = False) -> None:
+        raise NotImplementedError
+
+
+class WorkloadClient(OpenLoopClient):
+    """HTTP/1.1 requests over a keep-alive pool of at most ``spec.max_connections`` connections."""
+
+    spec: WorkloadSpec
+
+    def __init__(
+        self, network: Network, host: str, spec: WorkloadSpec, rng: random.Random, on_violation: Callable[[str], None]
+    ) -> None:
+        self._idle: list[_ClientConnection] = []
+        self._open = 0
+        self._queue: deque[RequestRecord] = deque()
+        super().__init__(network, host, spec, rng, on_violation)
 
     def _issue(self, *, probe: bool = False) -> None:
         spec = self.spec

@@ -8,13 +8,10 @@ then the end of stream: a tunnel that loses, reorders, truncates or mixes bytes 
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from tether.core.address import Address
-from tether.sim.apps import RequestRecord
-from tether.sim.kernel import Kernel
+from tether.sim.apps import OpenLoopClient, RequestRecord
 from tether.sim.network import Network, VirtualSocket
 
 MS = 1_000_000
@@ -56,40 +53,11 @@ class TcpWorkloadSpec:
     timeout_ns: int = 60_000 * MS
 
 
-class TcpSessionClient:
-    """Opens one connection per session (Poisson arrivals); the same record interface as WorkloadClient."""
+class TcpSessionClient(OpenLoopClient):
+    """Opens one connection per session; records end as for WorkloadClient (error None means every byte
+    came back)."""
 
-    def __init__(
-        self,
-        network: Network,
-        host: str,
-        spec: TcpWorkloadSpec,
-        rng: random.Random,
-        on_violation: Callable[[str], None],
-    ) -> None:
-        self.network = network
-        self.kernel: Kernel = network.kernel
-        self.host = host
-        self.spec = spec
-        self.rng = rng
-        self.on_violation = on_violation
-        self.records: list[RequestRecord] = []
-        self._pending = 0
-        self.kernel.at(spec.start_ns, self._next_arrival)
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def probe(self, count: int, spacing_ns: int) -> None:
-        for index in range(count):
-            self.kernel.after(index * spacing_ns, lambda: self._issue(probe=True))
-
-    def _next_arrival(self) -> None:
-        if self.kernel.now_ns >= self.spec.stop_ns or not self.network.hosts[self.host].alive:
-            return
-        self._issue()
-        self.kernel.after(max(1, int(self.rng.expovariate(self.spec.rate_per_s) * 1e9)), self._next_arrival)
+    spec: TcpWorkloadSpec
 
     def _issue(self, *, probe: bool = False) -> None:
         payload = self.rng.randbytes(self.rng.randint(*self.spec.payload_bytes))

@@ -43,6 +43,35 @@ def run(namespace: str, *command: str, check: bool = True) -> subprocess.Complet
     )
 
 
+def start_proxy_in(namespace: str, config: Path) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "tether.adapters.cli", "proxy", "--config", str(config)]
+    return subprocess.Popen(
+        ["ip", "netns", "exec", namespace, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def redirect(namespace: str, destination: str, port: int, to_port: int) -> None:
+    """iptables: connections made inside the namespace to destination:port go to the proxy's to_port."""
+    run(
+        namespace,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        destination,
+        "--dport",
+        str(port),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        str(to_port),
+    )
+
+
 def wait_until_serving(namespace: str, port: int) -> None:
     for _ in range(100):
         if run(namespace, "curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/", check=False).returncode == 0:
@@ -79,44 +108,11 @@ def test_outbound_routes_redirected_connections_by_original_destination(namespac
         ["ip", "netns", "exec", namespace, "nginx", "-c", str(prefix / "nginx.conf"), "-p", str(prefix)],
         stderr=subprocess.DEVNULL,
     )
-    proxy = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            namespace,
-            sys.executable,
-            "-m",
-            "tether.adapters.cli",
-            "proxy",
-            "--config",
-            str(tmp_path / "proxy.yaml"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proxy = start_proxy_in(namespace, tmp_path / "proxy.yaml")
     try:
         wait_until_serving(namespace, 8080)
         wait_until_serving(namespace, 4191)
-        run(
-            namespace,
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.99.0.1",
-            "--dport",
-            "80",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "4140",
-        )
+        redirect(namespace, "10.99.0.1", 80, 4140)
         # The Host header names somewhere else: only the original destination can route this request.
         reply = run(namespace, "curl", "-s", "-m", "10", "-H", "Host: elsewhere.invalid", "http://10.99.0.1/")
         assert reply.stdout == "endpoint behind 10.99.0.1\n"
@@ -172,43 +168,10 @@ def test_opaque_tcp_between_meshed_proxies_carries_a_transport_header(namespace:
     (tmp_path / "proxy.yaml").write_text(MESHED_CONF)
     run(namespace, "ip", "addr", "add", "10.99.0.2/32", "dev", "lo")
     echo = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", ECHO])
-    proxy = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            namespace,
-            sys.executable,
-            "-m",
-            "tether.adapters.cli",
-            "proxy",
-            "--config",
-            str(tmp_path / "proxy.yaml"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proxy = start_proxy_in(namespace, tmp_path / "proxy.yaml")
     try:
         wait_until_serving(namespace, 4191)
-        run(
-            namespace,
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.99.0.2",
-            "--dport",
-            "5432",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "4140",
-        )
+        redirect(namespace, "10.99.0.2", 5432, 4140)
         for _ in range(50):  # the echo server may still be starting
             result = run(namespace, sys.executable, "-c", CLIENT, check=False)
             if result.stdout == "ok":
