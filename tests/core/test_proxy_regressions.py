@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 
 import h11
+import pytest
 from stateful_support import (
     ENDPOINTS,
+    MALFORMED,
     UNSOLICITED_RESPONSE,
+    WHOLE_HEAD_ACCEPTED_BY_H11,
     _header,
 )
 
@@ -125,3 +128,17 @@ def test_proxy_never_hands_bytes_left_after_a_response_to_the_next_request() -> 
     (carrier,) = [conn_id for conn_id in wire.connects if b"x-request-id: B" in wire.written.get(conn_id, b"")]
     wire.receive(carrier, b"HTTP/1.1 200 OK\r\nx-request-id: B\r\ncontent-length: 5\r\n\r\nfor B")
     assert _first_response_id(bytes(wire.written[second])) == b"B"  # today: b"unsolicited"
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_samples_are_malformed(name: str) -> None:
+    """Harness check: h11 (the proxy's parser) refuses every MALFORMED sample, however it is split."""
+    garbage = MALFORMED[name]
+    sizes = (1, 7) if name == WHOLE_HEAD_ACCEPTED_BY_H11 else (1, 7, len(garbage))
+    for size in sizes:
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=ProxyConfig().max_header_bytes)
+        with pytest.raises(h11.RemoteProtocolError):
+            for start in range(0, len(garbage), size):
+                parser.receive_data(garbage[start : start + size])
+                while parser.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+                    pass

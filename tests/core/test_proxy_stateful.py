@@ -35,7 +35,6 @@ import random
 from typing import Any
 
 import h11
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -71,7 +70,6 @@ from stateful_support import (
     TIGHT_LIMITS,
     TIMEOUTS,
     UNSOLICITED_RESPONSE,
-    WHOLE_HEAD_ACCEPTED_BY_H11,
     ClientPeer,
     EndpointPeer,
     Peer,
@@ -790,17 +788,3 @@ ProxyMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 test_proxy_machine = ProxyMachine.TestCase
-
-
-@pytest.mark.parametrize("name", sorted(MALFORMED))
-def test_malformed_samples_are_malformed(name: str) -> None:
-    """Harness check: h11 (the proxy's parser) refuses every MALFORMED sample, however it is split."""
-    garbage = MALFORMED[name]
-    sizes = (1, 7) if name == WHOLE_HEAD_ACCEPTED_BY_H11 else (1, 7, len(garbage))
-    for size in sizes:
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=ProxyConfig().max_header_bytes)
-        with pytest.raises(h11.RemoteProtocolError):
-            for start in range(0, len(garbage), size):
-                parser.receive_data(garbage[start : start + size])
-                while parser.next_event() not in (h11.NEED_DATA, h11.PAUSED):
-                    pass
