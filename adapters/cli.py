@@ -59,9 +59,9 @@ def cli(log_level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the errors
 
 
-def parse_address(value: str, what: str) -> Address:
+def parse_address(value: str, what: str, *, listening: bool = False) -> Address:
     try:
-        return Address.parse(value)
+        return Address.parse(value, listening=listening)
     except AddressError as error:
         raise click.BadParameter(str(error), param_hint=what) from None
 
@@ -146,9 +146,9 @@ def proxy(
         process = proxy_config.load(
             config_path=config_path,
             flag_limits=flag_limits,
-            listen=parse_address(listen, "--listen") if listen else None,
+            listen=parse_address(listen, "--listen", listening=True) if listen else None,
             to=endpoints,
-            admin=parse_address(admin, "--admin") if admin else None,
+            admin=parse_address(admin, "--admin", listening=True) if admin else None,
             shutdown_endpoint=shutdown_endpoint,
         )
     except ConfigFileError as error:

@@ -85,7 +85,7 @@ def load(
         data["limits"] = {**data.get("limits", {}), **flag_limits}
     top = FieldReader(source, "", data)
     top.known("admin", "shutdown_endpoint", "limits", "outbound", "inbound")
-    admin_address = admin or (top.address(data["admin"], "admin") if "admin" in data else DEFAULT_ADMIN)
+    admin_address = admin or (top.address(data["admin"], "admin", listening=True) if "admin" in data else DEFAULT_ADMIN)
     shutdown = shutdown_endpoint or bool(data.get("shutdown_endpoint", False))
     shared = dict(top.child("limits").data)
     if listen is not None:
@@ -102,7 +102,7 @@ def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig 
     limits_data = {"protocol": "detect", **shared, **node.child("limits").data}
     config = read_proxy_config(FieldReader(node.source, f"{name}.limits.", limits_data))
     default = DEFAULT_OUTBOUND if name == "outbound" else DEFAULT_INBOUND
-    listen = node.address(node.data["listen"], "listen") if "listen" in node.data else default
+    listen = node.address(node.data["listen"], "listen", listening=True) if "listen" in node.data else default
     if name == "inbound":
         if "to" not in node.data:
             return None  # no local workload named: nothing to forward inbound traffic to

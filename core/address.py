@@ -26,8 +26,11 @@ class Address:
         return f"{self.host}:{self.port}"
 
     @classmethod
-    def parse(cls, text: str, *, default_port: int | None = None) -> Address:
-        """Parse ``host:port``, ``[v6]:port`` or, with ``default_port``, a bare host."""
+    def parse(cls, text: str, *, default_port: int | None = None, listening: bool = False) -> Address:
+        """Parse ``host:port``, ``[v6]:port`` or, with ``default_port``, a bare host.
+
+        ``listening`` also accepts port 0: bind to any free port (the actual one is printed at startup).
+        """
         text = text.strip()
         if not text:
             raise AddressError("empty address; expected HOST:PORT, for example 127.0.0.1:8080")
@@ -36,7 +39,8 @@ class Address:
             if default_port is None:
                 raise AddressError(f"{text!r} has no port; expected HOST:PORT, for example {text}:8080")
             return cls(host, default_port)
-        if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        lowest = 0 if listening else 1
+        if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
             raise AddressError(f"{text!r}: port {port_text!r} is not a number from 1 to 65535")
         if not host:
             raise AddressError(f"{text!r} has no host; expected HOST:PORT, for example 127.0.0.1:{port_text}")

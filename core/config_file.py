@@ -75,9 +75,9 @@ class FieldReader:
             raise self.fail(key, f"{value!r} is not a name", "give a non-empty string")
         return value
 
-    def address(self, value: object, key: str) -> Address:
+    def address(self, value: object, key: str, *, listening: bool = False) -> Address:
         try:
-            return Address.parse(str(value))
+            return Address.parse(str(value), listening=listening)
         except AddressError as error:
             raise self.fail(key, str(error), "write HOST:PORT, for example backend-1:8080") from None
 

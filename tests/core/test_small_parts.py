@@ -93,3 +93,9 @@ def test_static_resolver_routes_then_falls_back() -> None:
     assert routed.resolve("api.example").endpoints == (Address("api.example", 80),)  # type: ignore[union-attr]
     assert routed.resolve("") is None
     assert StaticResolver(by_host={"web": web}).resolve("other") is None
+
+
+def test_address_port_zero_only_for_listening() -> None:
+    assert Address.parse("127.0.0.1:0", listening=True) == Address("127.0.0.1", 0)
+    with pytest.raises(AddressError):
+        Address.parse("127.0.0.1:0")
