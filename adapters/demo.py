@@ -28,7 +28,8 @@ from rich.table import Table
 from tether.adapters.demo_apps import BackendApp, WebApp
 from tether.adapters.driver import ProxyDriver
 from tether.adapters.http_server import Handler, serve_http
-from tether.adapters.serve import build_proxy
+from tether.adapters.proxy_config import RoleConfig
+from tether.adapters.serve import build_role_proxy
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
 from tether.core.proxy import Proxy, ServiceStats
@@ -68,7 +69,9 @@ async def _start_service(
 ) -> DemoService:
     app_listener, app_address = await _listen()
     task_group.start_soon(serve_http, app_listener, handler)
-    proxy = build_proxy(ProxyConfig(), [app_address], service=name, direction="inbound")
+    # In front of its service, as an inbound sidecar; the listener below picks the port.
+    role = RoleConfig(name, "inbound", Address("127.0.0.1", 0), ProxyConfig(), endpoints=(app_address,))
+    proxy = build_role_proxy(role)
     proxy_listener, proxy_address = await _listen()
     task_group.start_soon(lambda: ProxyDriver(proxy, name=name).serve(proxy_listener, stop=stop))
     return DemoService(name, proxy, proxy_address)

@@ -10,7 +10,6 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Sequence
 from functools import partial
 
 import anyio
@@ -21,17 +20,10 @@ from tether.adapters.http_server import serve_http
 from tether.adapters.prometheus import merge
 from tether.adapters.proxy_config import ProcessConfig, RoleConfig, describe
 from tether.core.address import Address
-from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
 from tether.core.proxy import Proxy
 
 log = logging.getLogger("tether.proxy")
-
-
-def build_proxy(
-    config: ProxyConfig, endpoints: Sequence[Address], *, service: str = "default", direction: str = "outbound"
-) -> Proxy:
-    return Proxy(config, StaticResolver(default=endpoints, default_name=service), _seeded_rng(), direction=direction)
 
 
 def _seeded_rng() -> random.Random:
@@ -49,6 +41,7 @@ async def _listen(address: Address) -> tuple[anyio.abc.SocketListener, Address]:
 
 
 def build_role_proxy(role: RoleConfig) -> Proxy:
+    """The machine for one role: its limits, a static resolver from its endpoints and routes, a seeded RNG."""
     resolver = StaticResolver(
         default=role.endpoints or None,
         by_host=role.routes,

@@ -53,7 +53,6 @@ class VirtualHttpServer:
         self.host = host
         self.spec = spec
         self.rng = rng
-        self.requests_served = 0
         network.listen(host, spec.port, self._accept)
 
     def _accept(self, sock: VirtualSocket) -> _ServerConnection:
@@ -132,7 +131,6 @@ class _ServerConnection(_H11Peer):
         if headers.get(b"x-response-chunked") != b"1":
             response_headers.append((b"content-length", str(len(body)).encode()))
         status = 500 if failed else 200
-        self.server.requests_served += 1
         out = self.parser.send(h11.Response(status_code=status, headers=response_headers))
         if len(body) > 4096:  # several writes, so the network can interleave and split them
             out += self.parser.send(h11.Data(data=body[: len(body) // 2]))

@@ -27,7 +27,6 @@ class SimProxy:
         self.factory = factory
         self.restarts = 0
         self.proxy = factory(0)
-        self.errors_logged = 0
         self._sockets: dict[int, VirtualSocket] = {}
         self._ids: dict[int, int] = {}  # id(socket) -> conn id
         self._pending_connects: dict[int, Callable[[], None]] = {}
@@ -125,7 +124,6 @@ class SimProxy:
                 self.kernel.log(self.host, f"shutdown-write c{effect.conn_id}")
                 sock.shutdown_write()
         elif isinstance(effect, LogError):
-            self.errors_logged += 1
             self.kernel.log(self.host, f"error c{effect.conn_id}: {effect.message}")
 
     def _connect(self, conn_id: int, address: Address) -> None:

@@ -179,10 +179,9 @@ class Proxy(TunnelFlows):
     def closed(self, conn_id: int, now_ns: int) -> None:
         """The driver lost ``conn_id`` (reset, write error): drop it without writing anything more to it."""
         self._now_ns = now_ns
-        downstream = self._downstream.pop(conn_id, None)
+        downstream = self._downstream.get(conn_id)
         if downstream is not None:
-            self._deadlines.cancel(("idle", conn_id))
-            self.telemetry.tcp_closed(conn_id, now_ns)
+            self._forget_downstream(downstream)
             self._tunnel_client_lost(downstream)
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.live:
@@ -695,10 +694,15 @@ class Proxy(TunnelFlows):
     # ------------------------------------------------------------------ connection bookkeeping
 
     def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None:
-        if self._downstream.pop(downstream.conn_id, None) is None:
+        if downstream.conn_id not in self._downstream:
             return
-        self._deadlines.cancel(("idle", downstream.conn_id))
         self._effects.append(Close(conn_id=downstream.conn_id, reset=reset))
+        self._forget_downstream(downstream)
+
+    def _forget_downstream(self, downstream: Downstream) -> None:
+        del self._downstream[downstream.conn_id]
+        for kind in ("idle", "detect"):
+            self._deadlines.cancel((kind, downstream.conn_id))
         self.telemetry.tcp_closed(downstream.conn_id, self._now_ns)
 
     def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None:

@@ -94,17 +94,12 @@ class ServiceStats:
 
 @dataclass(slots=True)
 class ProxyStats:
-    """Counters of one proxy, per service name, plus connection counts."""
+    """Counters of one proxy, per service name (connection counts are in telemetry.py)."""
 
     services: dict[str, ServiceStats] = field(default_factory=dict)
-    connections_accepted: int = 0
-    connections_opened: int = 0
 
     def service(self, name: str) -> ServiceStats:
         found = self.services.get(name)
         if found is None:
             found = self.services[name] = ServiceStats()
         return found
-
-    def snapshot(self) -> dict[str, ServiceStats]:
-        return {name: stats.copy() for name, stats in self.services.items()}

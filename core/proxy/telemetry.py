@@ -99,10 +99,6 @@ class Telemetry:
         self._open[conn_id] = _OpenConnection(labels, now_ns)
         _add(self.tcp_open_total, labels, 1)
         _add(self.tcp_open_connections, labels, 1)
-        if peer == "src":
-            self.services.connections_accepted += 1
-        else:
-            self.services.connections_opened += 1
 
     def tcp_read(self, conn_id: int, byte_count: int) -> None:
         connection = self._open.get(conn_id)
