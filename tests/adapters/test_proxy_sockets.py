@@ -137,10 +137,13 @@ def test_sigterm_drains_request_in_flight(tether_proxy_to, unused_port: int) -> 
     slow_port = unused_port
     listener = socket.create_server(("127.0.0.1", slow_port))
 
+    request_arrived = threading.Event()
+
     def slow_server() -> None:
         connection, _ = listener.accept()
         with connection:
             connection.recv(65536)
+            request_arrived.set()
             time.sleep(1.0)
             connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
 
@@ -153,7 +156,8 @@ def test_sigterm_drains_request_in_flight(tether_proxy_to, unused_port: int) -> 
 
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.3)
+    # Signal only once the request is in flight at the endpoint; a fixed sleep raced a slow start.
+    assert request_arrived.wait(timeout=10)
     proxy.process.send_signal(signal.SIGTERM)
     caller.join(timeout=10)
     response = result["response"]
