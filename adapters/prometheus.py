@@ -31,8 +31,8 @@ def render(telemetries: Telemetry | Iterable[Telemetry], extra: Iterable[str] = 
         "response_total",
         "Responses the proxy sent, by classification and status.",
         (
-            (_http(labels, classification=classification, status_code=str(status), grpc_status=""), count)
-            for (labels, classification, status), count in sorted(telemetry.response_total.items())
+            (_http(labels, classification=classification, status_code=str(status), grpc_status=grpc), count)
+            for (labels, classification, status, grpc), count in sorted(telemetry.response_total.items())
         ),
     )
     _histogram(

@@ -54,9 +54,10 @@ class ProxyConfig:
     max_buffered_bytes: int = 64 * 1024
     # After a shutdown request, connections with a request in flight get this long to finish.
     drain_timeout_ns: int = 10 * S
-    # What client connections carry: "http1" (HTTP/1.1 only; anything else is a malformed request, 400),
-    # "detect" (Linkerd's protocol detection: HTTP/1.1, else an opaque TCP tunnel; HTTP/2 is tunnelled
-    # until the proxy speaks it) or "opaque" (every connection is a TCP tunnel, as Linkerd's opaque ports).
+    # What client connections carry: "http1" (HTTP/1.1, or HTTP/2 when a client opens with the HTTP/2
+    # preface; anything else is a malformed request, 400), "detect" (Linkerd's protocol detection: HTTP/2,
+    # HTTP/1.1, else an opaque TCP tunnel) or "opaque" (every connection is a TCP tunnel, as Linkerd's
+    # opaque ports).
     protocol: str = "http1"
     # With "detect": a client that sends nothing this long (a server-speaks-first protocol) is tunnelled.
     # Linkerd's default is 10 s; set the port to "opaque" to skip the wait.
@@ -65,6 +66,20 @@ class ProxyConfig:
     # (SMTP 25 and 587, MySQL 3306) by default, as the issue and Linkerd's skip list have it. Applies to
     # connections whose destination is known: redirected ones (original destination) and inbound `to`.
     opaque_ports: tuple[int, ...] = (25, 587, 3306)
+    # HTTP/2, both sides. Streams a client may open at once on one connection (RFC 9113 recommends at
+    # least 100; more get REFUSED_STREAM). Windows: what a peer may send before the proxy has passed its
+    # bytes on, per stream and per connection; they bound what one connection can make the proxy hold.
+    # 64 KiB per stream is HTTP/2's default, 1 MiB per connection is Linkerd's.
+    h2_max_concurrent_streams: int = 100
+    h2_stream_window: int = 65_535
+    h2_connection_window: int = 1024 * 1024
+    # SETTINGS, PING, RST_STREAM and empty DATA frames a peer may send per second before it is treated as
+    # a flood (rapid reset, settings flood) and sent GOAWAY ENHANCE_YOUR_CALM.
+    h2_max_control_frames_per_second: int = 1000
+    # A PING on every HTTP/2 connection this often; no answer within the timeout closes the connection
+    # (a peer that vanished without a FIN). Linkerd's proxy pings every 10 s.
+    h2_keepalive_interval_ns: int = 10 * S
+    h2_keepalive_timeout_ns: int = 3 * S
 
     def __post_init__(self) -> None:
         for port in self.opaque_ports:
@@ -89,6 +104,14 @@ class ProxyConfig:
         _at_least(self, "idle_timeout_ns", 1 * MS, "1 ms")
         _at_least(self, "pool_max_connections_per_endpoint", 1, "1")
         _at_least(self, "max_buffered_bytes", 1024, "1024")
+        _at_least(self, "h2_max_concurrent_streams", 1, "1")
+        _at_least(self, "h2_stream_window", 65_535, "65535 (HTTP/2's initial window)")
+        _at_most(self, "h2_stream_window", 2**31 - 1, "2147483647 (HTTP/2's largest window)")
+        _at_least(self, "h2_connection_window", 65_535, "65535 (HTTP/2's initial window)")
+        _at_most(self, "h2_connection_window", 2**31 - 1, "2147483647 (HTTP/2's largest window)")
+        _at_least(self, "h2_max_control_frames_per_second", 10, "10")
+        _at_least(self, "h2_keepalive_interval_ns", 100 * MS, "100 ms")
+        _at_least(self, "h2_keepalive_timeout_ns", 1 * MS, "1 ms")
 
 
 def _at_least(config: ProxyConfig, name: str, minimum: int, shown: str) -> None:

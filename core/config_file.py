@@ -21,6 +21,8 @@ PROXY_CONFIG_MS_FIELDS = {
     "pool_idle_timeout_ms": "pool_idle_timeout_ns",
     "drain_timeout_ms": "drain_timeout_ns",
     "detect_timeout_ms": "detect_timeout_ns",
+    "h2_keepalive_interval_ms": "h2_keepalive_interval_ns",
+    "h2_keepalive_timeout_ms": "h2_keepalive_timeout_ns",
 }
 PROXY_CONFIG_PLAIN_FIELDS = (
     "max_header_bytes",
@@ -28,6 +30,10 @@ PROXY_CONFIG_PLAIN_FIELDS = (
     "pool_max_idle_per_endpoint",
     "pool_max_waiters_per_endpoint",
     "max_buffered_bytes",
+    "h2_max_concurrent_streams",
+    "h2_stream_window",
+    "h2_connection_window",
+    "h2_max_control_frames_per_second",
 )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import h11
 
 from tether.core.address import Address
+from tether.core.proxy.h2session import H2Session
 
 
 class Mode(enum.Enum):
@@ -17,6 +18,7 @@ class Mode(enum.Enum):
     DETECT = "detect"
     HTTP1 = "http1"
     OPAQUE = "opaque"
+    HTTP2 = "h2"
 
 
 @dataclass(slots=True)
@@ -38,12 +40,19 @@ class Downstream:
     pending_bytes: int = 0
     eof: bool = False
     tunnel_upstream_id: int | None = None
+    # HTTP/2: the session, its streams (stream id -> StreamExchange id), and where every stream goes when
+    # a meshed peer's transport header named the workload port.
+    h2: H2Session | None = None
+    streams: dict[int, int] = field(default_factory=dict)
+    fixed_endpoint: Address | None = None
+    ping_due: bool = False  # a keepalive PING is out and unanswered
 
 
 class UpstreamState(enum.Enum):
     CONNECTING = "connecting"
     IDLE = "idle"
     BUSY = "busy"
+    READY = "ready"  # an HTTP/2 connection: open, taking streams up to the peer's limit
 
 
 @dataclass(slots=True)
@@ -57,3 +66,10 @@ class Upstream:
     reading: bool = True
     eof: bool = False  # the endpoint closed its side
     tunnel_downstream_id: int | None = None  # set for an opaque tunnel; such a connection is never pooled
+    # Connections of StreamExchanges (streams.py): HTTP/2 ones, and HTTP/1.1 ones restoring l5d-orig-proto.
+    stream_world: bool = False
+    h2: H2Session | None = None
+    streams: dict[int, int] = field(default_factory=dict)
+    preamble: bytes = b""  # written once connected, before anything else
+    pool_key: tuple[Address, bytes] | None = None
+    ping_due: bool = False

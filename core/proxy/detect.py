@@ -46,3 +46,17 @@ def detect(data: bytes, *, final: bool) -> Protocol | None:
     if final or len(head) >= DETECT_MAX_BYTES:
         return Protocol.OPAQUE
     return None if _REQUEST_LINE_PREFIX.fullmatch(head) else Protocol.OPAQUE
+
+
+def detect_http(data: bytes, *, final: bool) -> Protocol | None:
+    """For a listener that speaks only HTTP: the HTTP/2 preface means HTTP/2, anything else HTTP/1.1.
+
+    Only a prefix of the preface is waited on, so an HTTP/1.1 request is never delayed by detection.
+    """
+    if data.startswith(H2_PREFACE):
+        return Protocol.HTTP2
+    if data and H2_PREFACE.startswith(data) and not final:
+        return None
+    if not data and not final:
+        return None
+    return Protocol.HTTP1

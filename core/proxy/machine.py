@@ -36,14 +36,17 @@ import h11
 from tether.core.address import Address
 from tether.core.balance import Picker, RoundRobin
 from tether.core.config import ProxyConfig
-from tether.core.discovery import Resolver
+from tether.core.discovery import EndpointSet, Resolver
 from tether.core.effects import Close, Connect, Effect, LogError, Send, SetReading
 from tether.core.proxy import http1
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
+from tether.core.proxy.h2flows import H2Flows
+from tether.core.proxy.h2upstream import H2Upstream
 from tether.core.proxy.pool import EndpointPool
 from tether.core.proxy.stats import ProxyStats
+from tether.core.proxy.streams import H2Pool, StreamExchange
 from tether.core.proxy.telemetry import Telemetry
 from tether.core.proxy.tunnel import TunnelFlows
 from tether.core.timers import Deadlines
@@ -51,7 +54,7 @@ from tether.core.timers import Deadlines
 NS_PER_MS = 1_000_000
 
 
-class Proxy(TunnelFlows):
+class Proxy(TunnelFlows, H2Flows, H2Upstream):
     """All connections of one HTTP/1.1 proxy; see the module docstring."""
 
     def __init__(
@@ -74,6 +77,9 @@ class Proxy(TunnelFlows):
         self._upstream: dict[int, Upstream] = {}
         self._exchanges: dict[int, Exchange] = {}
         self._pools: dict[Address, EndpointPool] = {}
+        self._streams: dict[int, StreamExchange] = {}
+        self._h2_pools: dict[tuple[Address, bytes], H2Pool] = {}
+        self._h1_sink_pools: dict[Address, EndpointPool] = {}
         self._deadlines = Deadlines()
         self._draining = False
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
@@ -116,6 +122,8 @@ class Proxy(TunnelFlows):
             if downstream.mode is Mode.HTTP1:
                 downstream.h11.receive_data(data)
                 self._pump_downstream(downstream, now_ns)
+            elif downstream.mode is Mode.HTTP2:
+                self._h2_downstream_received(downstream, data, now_ns)
             elif downstream.mode is Mode.DETECT:
                 self._detect_received(downstream, data, now_ns)
             else:
@@ -126,6 +134,9 @@ class Proxy(TunnelFlows):
             return  # already closed on our side; late bytes are dropped
         if upstream.tunnel_downstream_id is not None:
             self._tunnel_from_endpoint(upstream, data)
+            return
+        if upstream.stream_world:
+            self._stream_upstream_received(upstream, data)
             return
         if upstream.state is UpstreamState.IDLE:
             # Nothing was asked on this connection: bytes are a protocol violation and EOF a close.
@@ -141,8 +152,13 @@ class Proxy(TunnelFlows):
         connection = self._downstream.get(conn_id) or self._upstream.get(conn_id)
         if connection is None:
             return
+        was_backed_up = connection.unsent_bytes >= self.config.max_buffered_bytes
         connection.unsent_bytes -= byte_count
         assert connection.unsent_bytes >= 0, (conn_id, connection.unsent_bytes)
+        if self._in_stream_world(connection):
+            if was_backed_up:
+                self._stream_connection_drained(connection)
+            return
         self._sync_reading_all_for(conn_id)
 
     def connected(self, conn_id: int, now_ns: int) -> None:
@@ -154,6 +170,9 @@ class Proxy(TunnelFlows):
         self.telemetry.tcp_opened(conn_id, "dst", str(upstream.endpoint), now_ns)
         if upstream.tunnel_downstream_id is not None:
             self._tunnel_connected(upstream)
+            return
+        if upstream.stream_world:
+            self._stream_upstream_connected(upstream)
             return
         exchange = self._exchange(upstream.exchange_id)
         if exchange is not None and exchange.state is ExchangeState.QUEUED:
@@ -170,6 +189,9 @@ class Proxy(TunnelFlows):
         if upstream.tunnel_downstream_id is not None:
             self._tunnel_failed(upstream, f"connect to {upstream.endpoint} failed: {reason}")
             return
+        if upstream.stream_world:
+            self._stream_upstream_failed(upstream, f"connect to {upstream.endpoint} failed: {reason}")
+            return
         exchange = self._exchange(upstream.exchange_id)
         self._forget_upstream(upstream)
         if exchange is not None and exchange.live:
@@ -183,6 +205,7 @@ class Proxy(TunnelFlows):
         if downstream is not None:
             self._forget_downstream(downstream)
             self._tunnel_client_lost(downstream)
+            self._abandon_client_streams(downstream)
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.live:
                 self._abandon(exchange, now_ns)
@@ -190,6 +213,8 @@ class Proxy(TunnelFlows):
         upstream = self._upstream.get(conn_id)
         if upstream is not None and upstream.tunnel_downstream_id is not None:
             self._tunnel_failed(upstream, f"{upstream.endpoint} reset the connection")
+        elif upstream is not None and upstream.stream_world:
+            self._sink_connection_lost(upstream, f"{upstream.endpoint} reset the connection", already_closed=True)
         elif upstream is not None:
             self._upstream_broke(upstream, "connection to endpoint was reset", now_ns, already_closed=True)
 
@@ -209,6 +234,8 @@ class Proxy(TunnelFlows):
                 self._drain_expired(now_ns)
             elif kind == "detect":
                 self._detect_timed_out(ident, now_ns)
+            elif kind == "ping":
+                self._ping_due(ident, now_ns)
 
     def shutdown(self, now_ns: int) -> None:
         """Stop taking requests: close idle client connections now, busy ones after their response."""
@@ -219,10 +246,12 @@ class Proxy(TunnelFlows):
         self._deadlines.set(("drain", 0), now_ns + self.config.drain_timeout_ns)
         for downstream in list(self._downstream.values()):
             downstream.closing = True
-            if downstream.exchange_id is None and downstream.mode is not Mode.OPAQUE:
+            if downstream.mode is Mode.HTTP2:
+                self._close_finished_h2(downstream)  # GOAWAY now; close once the open streams end
+            elif downstream.exchange_id is None and downstream.mode is not Mode.OPAQUE:
                 self._close_downstream(downstream)  # tunnels run on until the drain timeout
         for upstream in list(self._upstream.values()):
-            if upstream.state is UpstreamState.IDLE:
+            if upstream.state is UpstreamState.IDLE or (upstream.state is UpstreamState.READY and not upstream.streams):
                 self._close_upstream(upstream)
 
     # ------------------------------------------------------------------ driver outputs
@@ -264,10 +293,15 @@ class Proxy(TunnelFlows):
                 break
         self._sync_reading_downstream(downstream)
 
-    def _request_started(self, downstream: Downstream, request: h11.Request, now_ns: int) -> None:
+    def _h1_request_started(
+        self,
+        downstream: Downstream,
+        request: h11.Request,
+        authority: str,
+        endpoint_set: EndpointSet | None,
+        now_ns: int,
+    ) -> None:
         self._deadlines.cancel(("idle", downstream.conn_id))
-        authority = downstream.target or http1.request_authority(request)
-        endpoint_set = self.resolver.resolve(authority)
         service = endpoint_set.name if endpoint_set is not None else (authority or "unknown")
         forwarded = http1.upstream_request(request, fallback_host=(authority or "localhost").encode())
         exchange = Exchange(self._new_id(), downstream.conn_id, forwarded, service, now_ns)
@@ -289,7 +323,27 @@ class Proxy(TunnelFlows):
             return
         self._dispatch(exchange, now_ns)
 
+    def _request_started(self, downstream: Downstream, request: h11.Request, now_ns: int) -> None:
+        """A request head: HTTP/1.1 all the way (exchange.py), or over HTTP/2 to a meshed peer (streams.py)."""
+        authority = downstream.target or http1.request_authority(request)
+        endpoint_set = self.resolver.resolve(authority)
+        if (
+            endpoint_set is not None
+            and endpoint_set.meshed_inbound_port is not None
+            and endpoint_set.endpoints
+            and not http1.wants_tunnel(request)  # upgrades and CONNECT stay HTTP/1.1 end to end
+            and http1.head_size(request) <= self.config.max_header_bytes
+        ):
+            self._deadlines.cancel(("idle", downstream.conn_id))
+            self._start_h1_over_h2(downstream, request, authority or "", endpoint_set)
+            return
+        self._h1_request_started(downstream, request, authority, endpoint_set, now_ns)
+
     def _request_body(self, downstream: Downstream, data: bytes) -> None:
+        stream_exchange = self._streams.get(downstream.exchange_id or -1)
+        if stream_exchange is not None:
+            self._h1_source_body(stream_exchange, data)
+            return
         exchange = self._exchange(downstream.exchange_id)
         if exchange is None or not exchange.live or not data:
             return  # the proxy already answered; the rest of the upload is discarded
@@ -306,6 +360,10 @@ class Proxy(TunnelFlows):
             exchange.pending_body_bytes += len(data)
 
     def _request_done(self, downstream: Downstream, now_ns: int) -> None:
+        stream_exchange = self._streams.get(downstream.exchange_id or -1)
+        if stream_exchange is not None:
+            self._source_request_ended(stream_exchange, now_ns)
+            return
         exchange = self._exchange(downstream.exchange_id)
         if exchange is None or not exchange.live:
             return
@@ -318,13 +376,19 @@ class Proxy(TunnelFlows):
             self._finish_request_upstream(exchange, upstream, now_ns)
 
     def _downstream_eof(self, downstream: Downstream) -> None:
-        exchange = self._exchange(downstream.exchange_id)
-        if exchange is not None and exchange.live:
+        exchange = self._exchange(downstream.exchange_id) or self._streams.get(downstream.exchange_id or -1)
+        if exchange is not None and (exchange.live if isinstance(exchange, Exchange) else not exchange.done):
             downstream.closing = True  # the client half-closed after its request; answer, then close
         else:
             self._close_downstream(downstream)
 
     def _downstream_broke(self, downstream: Downstream, error: h11.RemoteProtocolError, now_ns: int) -> None:
+        stream_exchange = self._streams.get(downstream.exchange_id or -1)
+        if stream_exchange is not None:
+            # A broken upload (bad chunked encoding, say) to a meshed peer: stop it and drop the client.
+            self._abandon_stream(stream_exchange, 2)  # INTERNAL_ERROR
+            self._close_downstream(downstream, reset=True)
+            return
         exchange = self._exchange(downstream.exchange_id)
         if exchange is not None and exchange.response_started:
             self._abandon(exchange, now_ns)
@@ -351,8 +415,10 @@ class Proxy(TunnelFlows):
 
     def _downstream_idle(self, conn_id: int, now_ns: int) -> None:
         downstream = self._downstream.get(conn_id)
-        if downstream is not None and downstream.exchange_id is None and downstream.mode is Mode.HTTP1:
+        if downstream is not None and downstream.exchange_id is None and downstream.mode in (Mode.HTTP1, Mode.DETECT):
             self._close_downstream(downstream)  # tunnels have no idle timeout, as in Linkerd
+        elif downstream is not None and downstream.mode is Mode.HTTP2:
+            self._h2_idle(downstream)
 
     # ------------------------------------------------------------------ dispatch and pools
 
@@ -448,6 +514,8 @@ class Proxy(TunnelFlows):
         upstream = self._upstream.get(conn_id)
         if upstream is not None and upstream.state is UpstreamState.IDLE:
             self._close_upstream(upstream)
+        elif upstream is not None and upstream.state is UpstreamState.READY and not upstream.streams:
+            self._close_upstream(upstream)  # an HTTP/2 connection with no streams left
 
     # ------------------------------------------------------------------ upstream side
 
@@ -580,9 +648,12 @@ class Proxy(TunnelFlows):
         upstream = self._upstream.get(conn_id)
         if upstream is None or upstream.state is not UpstreamState.CONNECTING:
             return
+        timeout_ms = self.config.connect_timeout_ns // NS_PER_MS
         if upstream.tunnel_downstream_id is not None:
-            timeout_ms = self.config.connect_timeout_ns // NS_PER_MS
             self._tunnel_failed(upstream, f"connect to {upstream.endpoint} timed out after {timeout_ms} ms")
+            return
+        if upstream.stream_world:
+            self._stream_upstream_failed(upstream, f"connect to {upstream.endpoint} timed out after {timeout_ms} ms")
             return
         exchange = self._exchange(upstream.exchange_id)
         self._close_upstream(upstream, reset=True)
@@ -592,6 +663,12 @@ class Proxy(TunnelFlows):
             self._fail(exchange, ProxyError(ProxyErrorKind.CONNECT_TIMEOUT, reason), now_ns)
 
     def _response_timed_out(self, exchange_id: int, now_ns: int) -> None:
+        stream_exchange = self._streams.get(exchange_id)
+        if stream_exchange is not None and not stream_exchange.response_started:
+            timeout_ms = self.config.response_timeout_ns // NS_PER_MS
+            reason = f"{stream_exchange.endpoint} did not answer within {timeout_ms} ms"
+            self._stream_fail(stream_exchange, ProxyError(ProxyErrorKind.RESPONSE_TIMEOUT, reason))
+            return
         exchange = self._exchange(exchange_id)
         if exchange is None or exchange.state is not ExchangeState.AWAITING:
             return
@@ -648,6 +725,9 @@ class Proxy(TunnelFlows):
     def _end_exchange(self, downstream: Downstream, exchange: Exchange, now_ns: int) -> None:
         """The response went out in full: take the next request on this connection, or close it."""
         self._exchanges.pop(exchange.exchange_id, None)
+        self._next_request(downstream, now_ns)
+
+    def _next_request(self, downstream: Downstream, now_ns: int) -> None:
         downstream.exchange_id = None
         parser = downstream.h11
         if (
@@ -685,6 +765,10 @@ class Proxy(TunnelFlows):
 
     def _drain_expired(self, now_ns: int) -> None:
         for downstream in list(self._downstream.values()):
+            if downstream.mode is Mode.HTTP2:
+                self._h2_downstream_lost(downstream, "", reset=True)
+                continue
+            self._abandon_client_streams(downstream)
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.live:
                 self._abandon(exchange, now_ns)
@@ -701,7 +785,7 @@ class Proxy(TunnelFlows):
 
     def _forget_downstream(self, downstream: Downstream) -> None:
         del self._downstream[downstream.conn_id]
-        for kind in ("idle", "detect"):
+        for kind in ("idle", "detect", "ping"):
             self._deadlines.cancel((kind, downstream.conn_id))
         self.telemetry.tcp_closed(downstream.conn_id, self._now_ns)
 
@@ -715,8 +799,11 @@ class Proxy(TunnelFlows):
         if self._upstream.pop(upstream.conn_id, None) is None:
             return
         self.telemetry.tcp_closed(upstream.conn_id, self._now_ns)
-        for kind in ("connect", "pool-idle"):
+        for kind in ("connect", "pool-idle", "ping"):
             self._deadlines.cancel((kind, upstream.conn_id))
+        if upstream.stream_world:
+            self._forget_stream_upstream(upstream)
+            return
         pool = self._pool(upstream.endpoint)
         pool.forget(upstream.conn_id)
         if pool.waiting_exchange_ids:
@@ -735,6 +822,9 @@ class Proxy(TunnelFlows):
 
     def _sync_reading_downstream(self, downstream: Downstream) -> None:
         if downstream.conn_id not in self._downstream:
+            return
+        if downstream.exchange_id in self._streams:
+            self._sync_h1_source_reading(downstream)
             return
         exchange = self._exchange(downstream.exchange_id)
         limit = self.config.max_buffered_bytes

@@ -56,7 +56,7 @@ class Telemetry:
     direction: str = "outbound"
     services: ProxyStats = field(default_factory=ProxyStats)
     request_total: dict[HttpLabels, int] = field(default_factory=dict)
-    response_total: dict[tuple[HttpLabels, str, int], int] = field(default_factory=dict)
+    response_total: dict[tuple[HttpLabels, str, int, str], int] = field(default_factory=dict)  # +grpc_status
     response_latency_ms: dict[tuple[HttpLabels, int], LatencyHistogram] = field(default_factory=dict)
     tcp_open_total: dict[TcpLabels, int] = field(default_factory=dict)
     tcp_close_total: dict[TcpLabels, int] = field(default_factory=dict)
@@ -75,15 +75,26 @@ class Telemetry:
         self.services.service(service).requests += 1
         _add(self.request_total, labels, 1)
 
-    def response_started(self, service: str, labels: HttpLabels, status: int, latency_ms: float) -> None:
+    def response_started(
+        self, service: str, labels: HttpLabels, status: int, latency_ms: float, *, count: bool = True
+    ) -> None:
+        """A response head went out: its latency is recorded now, and unless ``count`` is False (gRPC,
+        whose outcome is in the trailers: ``response_finished``) the response is counted too."""
         stats = self.services.service(service)
         stats.latency.record(latency_ms)
         _add(stats.responses_by_status, status, 1)
-        _add(self.response_total, (labels, classify(status), status), 1)
+        if count:
+            _add(self.response_total, (labels, classify(status), status, ""), 1)
         histogram = self.response_latency_ms.get((labels, status))
         if histogram is None:
             histogram = self.response_latency_ms[(labels, status)] = LatencyHistogram()
         histogram.record(latency_ms)
+
+    def response_finished(self, labels: HttpLabels, status: int, grpc_status: int | None) -> None:
+        """A gRPC response ended: classified by its grpc-status (none at all, as when reset, is a failure)."""
+        classification = "success" if grpc_status == 0 else "failure"
+        shown = str(grpc_status) if grpc_status is not None else ""
+        _add(self.response_total, (labels, classification, status, shown), 1)
 
     def proxy_error(self, service: str, kind_label: str) -> None:
         _add(self.services.service(service).proxy_errors_by_kind, kind_label, 1)

@@ -6,7 +6,7 @@ A client connection in DETECT mode buffers its first bytes (at most DETECT_MAX_B
 ``detect.detect`` decides. HTTP/1.1 hands the buffer to the connection's h11 parser and goes on as any
 HTTP connection. Anything else, or nothing before ``detect_timeout`` (a protocol where the server speaks
 first), makes it an opaque tunnel; so does every connection when the proxy runs with protocol "opaque".
-HTTP/2 is tunnelled as well until the proxy speaks it.
+An HTTP/2 preface hands the connection to h2flows.py; with protocol "http1" only the preface is looked for.
 
 A tunnel is one downstream and one upstream connection, never pooled. Bytes go through as they arrive;
 until the upstream connection is open they wait in ``Downstream.pending`` (bounded by
@@ -21,6 +21,7 @@ This class holds only methods; its state lives in the ``Proxy`` that inherits it
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import h11
 
@@ -31,7 +32,7 @@ from tether.core.discovery import Resolver
 from tether.core.effects import Connect, Effect, LogError, ShutdownWrite
 from tether.core.proxy import transport_header
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
-from tether.core.proxy.detect import Protocol, detect
+from tether.core.proxy.detect import Protocol, detect, detect_http
 from tether.core.proxy.exchange import Exchange, Step
 from tether.core.proxy.pool import EndpointPool
 from tether.core.proxy.telemetry import Telemetry
@@ -52,21 +53,26 @@ class TunnelFlows:
     _now_ns: int
     _exchanges: dict[int, Exchange]
 
-    def _new_id(self) -> int: ...
-    def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
-    def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
-    def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None: ...
-    def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
-    def _pump_downstream(self, downstream: Downstream, now_ns: int) -> None: ...
-    def _new_upstream_parser(self) -> h11.Connection: ...
-    def _pool(self, endpoint: Address) -> EndpointPool: ...
+    if TYPE_CHECKING:  # provided by the class that mixes this in
+
+        def _new_id(self) -> int: ...
+        def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
+        def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
+        def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None: ...
+        def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
+        def _pump_downstream(self, downstream: Downstream, now_ns: int) -> None: ...
+        def _new_upstream_parser(self) -> h11.Connection: ...
+        def _start_h2_downstream(self, downstream: Downstream, buffered: bytes, now_ns: int) -> None: ...
+        def _h2_downstream_received(self, downstream: Downstream, data: bytes, now_ns: int) -> None: ...
+        def _pool(self, endpoint: Address) -> EndpointPool: ...
 
     # ---------------------------------------------------------------- detection
 
     def _start_detecting(self, downstream: Downstream, now_ns: int) -> None:
         if self.config.protocol == "opaque" or self._to_opaque_port(downstream):
             self._start_tunnel(downstream, now_ns)
-        elif self.config.protocol == "detect":
+        else:
+            # "http1" detects too, but only the HTTP/2 preface: everything else is HTTP/1.1 (or a 400).
             downstream.mode = Mode.DETECT
             self._deadlines.set(("detect", downstream.conn_id), now_ns + self.config.detect_timeout_ns)
 
@@ -93,7 +99,7 @@ class TunnelFlows:
         if head and (head.startswith(transport_header.PREFACE) or transport_header.PREFACE.startswith(head)):
             self._accept_transport_header(downstream, head, final=final, now_ns=now_ns)
             return
-        protocol = detect(head, final=final)
+        protocol = detect(head, final=final) if self.config.protocol == "detect" else detect_http(head, final=final)
         if protocol is None:
             return
         self._deadlines.cancel(("detect", downstream.conn_id))
@@ -104,6 +110,11 @@ class TunnelFlows:
             if downstream.eof:
                 downstream.h11.receive_data(b"")
             self._pump_downstream(downstream, now_ns)
+            return
+        if protocol is Protocol.HTTP2:
+            self._start_h2_downstream(downstream, buffered, now_ns)
+            if downstream.eof and downstream.conn_id in self._downstream:
+                self._h2_downstream_received(downstream, b"", now_ns)
             return
         self._start_tunnel(downstream, now_ns)
         if buffered:
@@ -128,6 +139,11 @@ class TunnelFlows:
         workload = self.resolver.resolve(downstream.target or "")
         if workload is None or not workload.endpoints:
             self._refuse(downstream, "transport header on a listener with no local workload")
+            return
+        if header.session_protocol == "http2":
+            # A meshed peer's multiplexed HTTP connection: every stream goes to the named workload port.
+            downstream.fixed_endpoint = Address(workload.endpoints[0].host, header.port)
+            self._start_h2_downstream(downstream, head[used:], now_ns)
             return
         self._start_tunnel(downstream, now_ns, endpoint=Address(workload.endpoints[0].host, header.port))
         if head[used:]:

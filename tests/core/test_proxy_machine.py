@@ -206,7 +206,7 @@ def test_proxy_telemetry_counts_with_linkerd_labels(make_harness) -> None:
     (labels,) = telemetry.request_total
     assert (labels.direction, labels.authority, labels.target_addr) == ("outbound", "svc", "10.0.0.1:80")
     assert telemetry.request_total[labels] == 1
-    assert telemetry.response_total == {(labels, "success", 200): 1}
+    assert telemetry.response_total == {(labels, "success", 200, ""): 1}
     assert telemetry.response_latency_ms[(labels, 200)].count == 1
     by_peer = {tcp.peer: tcp for tcp in telemetry.tcp_open_total}
     assert telemetry.tcp_open_connections == {by_peer["src"]: 1, by_peer["dst"]: 1}
@@ -223,5 +223,5 @@ def test_proxy_telemetry_counts_with_linkerd_labels(make_harness) -> None:
 def test_proxy_failed_request_is_a_failure_response(make_harness) -> None:
     h = make_harness(endpoints=[])
     h.recv(h.accept(), GET)
-    ((labels, classification, status),) = h.proxy.telemetry.response_total
+    ((labels, classification, status, _grpc),) = h.proxy.telemetry.response_total
     assert (labels.authority, labels.target_addr, classification, status) == ("svc", "", "failure", 503)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from tether.core.address import Address
 from tether.core.discovery import StaticResolver
-from tether.core.proxy.detect import H2_PREFACE
 from tether.core.proxy.transport_header import PREFACE, TransportHeader, parse
 
 GET = b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"
@@ -93,12 +92,6 @@ def test_detect_other_bytes_become_a_tunnel(make_harness) -> None:
     assert h.take(upstream) == b"\x16\x03\x01 not http"
 
 
-def test_detect_http2_preface_is_tunnelled_for_now(make_harness) -> None:
-    h = make_harness(protocol="detect")
-    client, upstream = open_tunnel(h, H2_PREFACE)
-    assert h.take(upstream) == H2_PREFACE
-
-
 def test_detect_timeout_tunnels_a_silent_client(make_harness) -> None:
     h = make_harness(protocol="detect", detect_timeout_ns=2_000_000_000)
     client = h.accept()
@@ -138,7 +131,7 @@ def test_upgrade_101_turns_the_exchange_into_a_pipe(make_harness) -> None:
     assert reply.endswith(b"\x81\x05hello")
     h.recv(client, b"\x81\x85masked")
     assert h.take(upstream) == b"\x81\x85masked"
-    ((labels, classification, status),) = h.proxy.telemetry.response_total
+    ((labels, classification, status, _grpc),) = h.proxy.telemetry.response_total
     assert (status, classification) == (101, "success"), "the upgrade still counts as a response"
 
 

@@ -1,0 +1,202 @@
+"""Requests and responses between HTTP/1.1 and HTTP/2 heads, and what gRPC adds on top.
+
+A request is held as a ``RequestHead`` whatever it arrived as: method, scheme, authority, path and the
+regular headers (lower-case names, no pseudo-headers, no connection-specific headers). Each side renders
+it in its own protocol. Between two Tether proxies an HTTP/1.1 request rides HTTP/2 with
+``l5d-orig-proto: HTTP/1.1`` (Linkerd's header), and the inbound proxy turns it back into HTTP/1.1.
+
+gRPC: a request is gRPC when its content-type is ``application/grpc`` (or ``application/grpc+...``). Its
+outcome is the ``grpc-status`` of the trailers, or of the headers of a trailers-only response. An error
+the proxy answers itself is a trailers-only response: HTTP 200 with a grpc-status and a percent-encoded
+grpc-message (the gRPC over HTTP/2 spec), plus ``l5d-proxy-error``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h11
+
+from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
+from tether.core.proxy.http1 import forwarded_headers
+
+ORIG_PROTO = b"l5d-orig-proto"
+HTTP11 = b"HTTP/1.1"
+# RFC 9113 section 8.2.2: connection-specific headers are malformed in HTTP/2.
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
+)
+
+# gRPC status codes (grpc/doc/statuscodes.md).
+GRPC_OK = 0
+GRPC_CANCELLED = 1
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+
+# What each proxy failure means to a gRPC client (the HTTP status it would have had is in the comment).
+GRPC_STATUS_FOR = {
+    ProxyErrorKind.MALFORMED_REQUEST: GRPC_INTERNAL,  # 400
+    ProxyErrorKind.HEADERS_TOO_LARGE: GRPC_RESOURCE_EXHAUSTED,  # 431
+    ProxyErrorKind.NO_ENDPOINTS: GRPC_UNAVAILABLE,  # 503
+    ProxyErrorKind.POOL_EXHAUSTED: GRPC_UNAVAILABLE,  # 503
+    ProxyErrorKind.CONNECT_FAILED: GRPC_UNAVAILABLE,  # 502
+    ProxyErrorKind.UPSTREAM_CLOSED: GRPC_UNAVAILABLE,  # 502
+    ProxyErrorKind.INVALID_RESPONSE: GRPC_INTERNAL,  # 502
+    ProxyErrorKind.CONNECT_TIMEOUT: GRPC_UNAVAILABLE,  # 504
+    ProxyErrorKind.RESPONSE_TIMEOUT: GRPC_DEADLINE_EXCEEDED,  # 504
+}
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    scheme: bytes
+    authority: bytes
+    path: bytes
+    headers: list[tuple[bytes, bytes]]
+    orig_proto: bytes | None = None  # the l5d-orig-proto the request arrived with, removed from headers
+
+    @property
+    def is_grpc(self) -> bool:
+        return any(name == b"content-type" and value.startswith(b"application/grpc") for name, value in self.headers)
+
+    def size(self) -> int:
+        return len(self.method) + len(self.authority) + len(self.path) + sum(len(n) + len(v) for n, v in self.headers)
+
+
+class TranslationError(ValueError):
+    """A message that cannot be expressed on the other side (a missing pseudo-header, say)."""
+
+
+def head_from_h2(headers: list[tuple[bytes, bytes]]) -> RequestHead:
+    pseudo: dict[bytes, bytes] = {}
+    regular: list[tuple[bytes, bytes]] = []
+    orig_proto = None
+    for name, value in headers:
+        if name.startswith(b":"):
+            pseudo[name] = value
+        elif name == ORIG_PROTO:
+            orig_proto = value
+        elif name not in CONNECTION_SPECIFIC:
+            regular.append((name, value))
+    method = pseudo.get(b":method")
+    if method is None:
+        raise TranslationError("request without :method")
+    if method == b"CONNECT":
+        raise TranslationError("CONNECT over HTTP/2 is not supported")
+    authority = pseudo.get(b":authority", b"")
+    path = pseudo.get(b":path")
+    if not path:
+        raise TranslationError("request without :path")
+    return RequestHead(method, pseudo.get(b":scheme", b"http"), authority, path, regular, orig_proto)
+
+
+def head_from_h1(request: h11.Request, authority: str) -> RequestHead:
+    headers = [(name, value) for name, value in forwarded_headers(list(request.headers)) if name != b"host"]
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        headers = [(name, value) for name, value in headers if name != b"transfer-encoding"]
+    path = request.target
+    if path.startswith((b"http://", b"https://")):  # absolute form: HTTP/2 carries the parts separately
+        rest = path.split(b"/", 3)
+        path = b"/" + (rest[3] if len(rest) > 3 else b"")
+    return RequestHead(request.method, b"http", authority.encode(), path, headers, HTTP11)
+
+
+def h2_request_headers(head: RequestHead, *, orig_proto: bool) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b":method", head.method),
+        (b":scheme", head.scheme),
+        (b":authority", head.authority),
+        (b":path", head.path),
+    ]
+    headers.extend(head.headers)
+    if orig_proto:
+        headers.append((ORIG_PROTO, HTTP11))
+    return headers
+
+
+def h1_request(head: RequestHead, *, has_body: bool) -> h11.Request:
+    """The HTTP/1.1 request for ``head``; a body with no declared length is sent chunked."""
+    headers = [(b"host", head.authority or b"localhost")]
+    headers.extend((name, value) for name, value in head.headers if name != b"te")
+    if has_body and not any(name == b"content-length" for name, _ in headers):
+        headers.append((b"transfer-encoding", b"chunked"))
+    return h11.Request(method=head.method, target=head.path, headers=headers)
+
+
+def h2_response_headers(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """HTTP/2 response headers from an HTTP/1.1 (or HTTP/2) response head."""
+    out = [(b":status", str(status).encode())]
+    out.extend(
+        (name.lower(), value)
+        for name, value in forwarded_headers(headers)
+        if not name.startswith(b":") and name.lower() not in CONNECTION_SPECIFIC and name.lower() != b"te"
+    )
+    return out
+
+
+def split_response(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The status and regular headers of an HTTP/2 response head."""
+    status = 0
+    regular = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value) if value.isdigit() else 0
+        elif not name.startswith(b":") and name not in CONNECTION_SPECIFIC:
+            regular.append((name, value))
+    if not 100 <= status <= 999:
+        raise TranslationError("response without a valid :status")
+    return status, regular
+
+
+def h1_response(status: int, headers: list[tuple[bytes, bytes]], *, close: bool) -> h11.Response:
+    out = [(name, value) for name, value in headers if name != ORIG_PROTO and name != b"te"]
+    if close:
+        out.append((b"connection", b"close"))
+    return h11.Response(status_code=status, headers=out)
+
+
+def has_content_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"content-length" for name, _ in headers)
+
+
+def grpc_status(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"grpc-status":
+            return int(value) if value.isdigit() else GRPC_UNAVAILABLE
+    return None
+
+
+def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
+    """A trailers-only gRPC response for a failure the proxy answers itself."""
+    code = GRPC_STATUS_FOR.get(error.kind, GRPC_UNAVAILABLE)
+    return [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", str(code).encode()),
+        (b"grpc-message", _percent_encode(f"proxy error: {error.reason}")),
+        (b"l5d-proxy-error", _header_value(error.reason)),
+    ]
+
+
+def h2_error_response(error: ProxyError) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    headers = [(b":status", str(error.status).encode())]
+    headers.extend((name, value) for name, value in error_response_headers(error, close=False) if name != b"connection")
+    return headers, error_body(error)
+
+
+def _percent_encode(text: str) -> bytes:
+    # gRPC's grpc-message: percent-encode anything outside printable ASCII, and '%' itself.
+    out = bytearray()
+    for byte in text.encode("utf-8", "replace")[:1024]:
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out.extend(b"%%%02X" % byte)
+    return bytes(out)
+
+
+def _header_value(text: str) -> bytes:
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)[:512].encode("ascii")

@@ -1,0 +1,560 @@
+"""The endpoint side of every StreamExchange: pooled HTTP/2 connections, and HTTP/1.1 ones.
+
+Theory of operation
+-------------------
+Where a stream goes (``_dispatch_stream``):
+
+- a request that arrived over HTTP/2 with ``l5d-orig-proto: HTTP/1.1`` (a meshed peer upgraded it) is
+  restored to HTTP/1.1 towards the workload, on a pool of HTTP/1.1 connections per endpoint;
+- a request to a meshed peer rides a multiplexed HTTP/2 connection to the peer's inbound port, opened
+  with a transport header that names the workload port and says HTTP/2 (transport_header.py);
+- any other HTTP/2 request keeps its protocol: HTTP/2 (h2c) to the endpoint.
+
+HTTP/2 connections are pooled per (address, transport header): a stream takes a ready connection with
+room under the peer's ``MAX_CONCURRENT_STREAMS`` (and ours); otherwise it waits (at most
+``pool_max_waiters_per_endpoint`` per pool) while a connection opens, up to
+``pool_max_connections_per_endpoint``. A connection with no streams closes after ``pool_idle_timeout``; one
+that got GOAWAY takes no new streams, fails the streams the peer says it never processed, and closes when
+the rest end. This class holds only methods; the state lives in the ``Proxy`` that inherits it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import h2.events
+import h2.exceptions
+import h11
+from h2.errors import ErrorCodes
+
+from tether.core.address import Address
+from tether.core.config import ProxyConfig
+from tether.core.discovery import EndpointSet
+from tether.core.effects import Connect, Effect
+from tether.core.proxy import h2translate as tr
+from tether.core.proxy import http1, transport_header
+from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
+from tether.core.proxy.errors import ProxyError, ProxyErrorKind
+from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
+from tether.core.proxy.pool import EndpointPool
+from tether.core.proxy.streams import H2Pool, StreamExchange
+from tether.core.timers import Deadlines
+
+NS_PER_MS = 1_000_000
+
+
+class H2Upstream:
+    # Provided by Proxy (machine.py) and H2Flows (h2flows.py).
+    config: ProxyConfig
+    _effects: list[Effect]
+    _downstream: dict[int, Downstream]
+    _upstream: dict[int, Upstream]
+    _streams: dict[int, StreamExchange]
+    _h2_pools: dict[tuple[Address, bytes], H2Pool]
+    _h1_sink_pools: dict[Address, EndpointPool]
+    _deadlines: Deadlines
+    _draining: bool
+    _now_ns: int
+
+    if TYPE_CHECKING:  # provided by the class that mixes this in
+
+        def _new_id(self) -> int: ...
+        def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
+        def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
+        def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
+        def _forget_upstream(self, upstream: Upstream) -> None: ...
+        def _new_upstream_parser(self) -> h11.Connection: ...
+        def _h2_limits(self) -> H2Limits: ...
+        def _write_h2(self, connection: Downstream | Upstream) -> None: ...
+        def _sync_h2_reading(self, connection: Downstream | Upstream) -> None: ...
+        def _settle(self, exchange: StreamExchange) -> None: ...
+        def _stream_fail(self, exchange: StreamExchange, error: ProxyError) -> None: ...
+        def _stream_abort(
+            self, exchange: StreamExchange, reason: str, code: int = ErrorCodes.INTERNAL_ERROR
+        ) -> None: ...
+        def _abandon_stream(self, exchange: StreamExchange, code: int) -> None: ...
+        def _reset_source(self, exchange: StreamExchange, code: int) -> None: ...
+        def _sink_response_head(
+            self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]], *, ended: bool
+        ) -> None: ...
+        def _sink_informational(
+            self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]]
+        ) -> None: ...
+        def _sink_response_data(self, exchange: StreamExchange, data: bytes) -> None: ...
+        def _sink_response_end(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]] | None) -> None: ...
+        def _ping_answered(self, connection: Downstream | Upstream, now_ns: int) -> None: ...
+        def _sync_h1_source_reading(self, downstream: Downstream) -> None: ...
+
+    # ---------------------------------------------------------------- where a stream goes
+
+    def _dispatch_stream(self, exchange: StreamExchange, endpoint_set: EndpointSet | None) -> None:
+        endpoint = exchange.endpoint
+        if endpoint is None:
+            reason = f"no endpoints for {exchange.labels.authority or 'this request'}"
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.NO_ENDPOINTS, reason))
+            return
+        meshed_port = endpoint_set.meshed_inbound_port if endpoint_set is not None else None
+        if exchange.source_stream is not None and exchange.head.orig_proto == tr.HTTP11 and meshed_port is None:
+            exchange.sink_is_h2 = False
+            self._h1_sink_dispatch(exchange, endpoint)
+            return
+        if meshed_port is not None:
+            header = transport_header.TransportHeader(endpoint.port, session_protocol="http2").encode()
+            key = (Address(endpoint.host, meshed_port), header)
+        else:
+            key = (endpoint, b"")
+        pool = self._h2_pools.get(key)
+        if pool is None:
+            pool = self._h2_pools[key] = H2Pool(key[0], key[1])
+        self._h2_dispatch(exchange, pool)
+
+    def _sink_connection(self, exchange: StreamExchange) -> Upstream | None:
+        return self._upstream.get(exchange.sink_id) if exchange.sink_id is not None else None
+
+    def _sink_queued(self, exchange: StreamExchange) -> int:
+        sink = self._sink_connection(exchange)
+        queued = exchange.to_sink_bytes
+        if sink is not None and sink.h2 is not None and exchange.sink_stream is not None:
+            queued += sink.h2.queued_bytes(exchange.sink_stream)
+        return queued
+
+    # ---------------------------------------------------------------- HTTP/2 pools
+
+    def _h2_dispatch(self, exchange: StreamExchange, pool: H2Pool) -> None:
+        upstream = self._ready_h2_connection(pool)
+        if upstream is not None:
+            self._open_sink_stream(exchange, upstream)
+            return
+        if len(pool.waiting) >= self.config.pool_max_waiters_per_endpoint:
+            reason = (
+                f"{len(pool.connection_ids)} HTTP/2 connections to {pool.address} full and {len(pool.waiting)} waiting"
+            )
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.POOL_EXHAUSTED, reason))
+            return
+        pool.waiting.append(exchange.exchange_id)
+        self._open_h2_if_needed(pool)
+
+    def _ready_h2_connection(self, pool: H2Pool) -> Upstream | None:
+        for conn_id in pool.connection_ids:
+            upstream = self._upstream[conn_id]
+            if upstream.state is UpstreamState.READY and self._has_room(upstream):
+                return upstream
+        return None
+
+    def _has_room(self, upstream: Upstream) -> bool:
+        session = upstream.h2
+        assert session is not None
+        if session.goaway_received or session.goaway_sent:
+            return False
+        limit = min(session.peer_max_concurrent_streams, self.config.h2_max_concurrent_streams)
+        return len(upstream.streams) < limit
+
+    def _open_h2_if_needed(self, pool: H2Pool) -> None:
+        connecting = any(self._upstream[c].state is UpstreamState.CONNECTING for c in pool.connection_ids)
+        if pool.waiting and not connecting and len(pool.connection_ids) < self.config.pool_max_connections_per_endpoint:
+            conn_id = self._new_id()
+            upstream = Upstream(conn_id, self._new_upstream_parser(), pool.address, stream_world=True)
+            upstream.h2 = H2Session(client=True, limits=self._h2_limits())
+            upstream.preamble = pool.preamble + upstream.h2.data_to_send()
+            upstream.pool_key = (pool.address, pool.preamble)
+            self._upstream[conn_id] = upstream
+            pool.connection_ids.append(conn_id)
+            self._effects.append(Connect(conn_id=conn_id, address=pool.address))
+            self._deadlines.set(("connect", conn_id), self._now_ns + self.config.connect_timeout_ns)
+
+    def _serve_h2_waiters(self, pool: H2Pool) -> None:
+        while pool.waiting:
+            upstream = self._ready_h2_connection(pool)
+            if upstream is None:
+                break
+            exchange = self._streams.get(pool.waiting.popleft())
+            if exchange is not None and not exchange.done and exchange.sink_id is None:
+                self._open_sink_stream(exchange, upstream)
+        self._open_h2_if_needed(pool)
+
+    def _open_sink_stream(self, exchange: StreamExchange, upstream: Upstream) -> None:
+        session = upstream.h2
+        assert session is not None
+        stream_id = session.new_stream_id()
+        headers = tr.h2_request_headers(exchange.head, orig_proto=exchange.source_stream is None)
+        end_now = exchange.request_ended and not exchange.to_sink and not exchange.request_trailers
+        try:
+            session.send_headers(stream_id, headers, end_stream=end_now)
+        except h2.exceptions.ProtocolError as error:
+            reason = f"request cannot be sent over HTTP/2: {error}"
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.MALFORMED_REQUEST, reason[:300]))
+            return
+        upstream.streams[stream_id] = exchange.exchange_id
+        exchange.sink_id, exchange.sink_stream, exchange.sink_is_h2 = upstream.conn_id, stream_id, True
+        exchange.sink_request_ended = end_now
+        self._deadlines.cancel(("pool-idle", upstream.conn_id))
+        while exchange.to_sink:
+            session.send_data(stream_id, exchange.to_sink.popleft())
+        exchange.to_sink_bytes = 0
+        self._end_sink_request(exchange)
+        self._write_h2(upstream)
+        self._after_sink_progress(exchange)
+
+    def _stream_upstream_connected(self, upstream: Upstream) -> None:
+        self._send(upstream, upstream.preamble)
+        upstream.preamble = b""
+        if upstream.h2 is None:
+            exchange = self._streams.get(upstream.exchange_id or -1)
+            upstream.state = UpstreamState.IDLE
+            if exchange is not None and not exchange.done:
+                self._bind_h1_sink(exchange, upstream)
+            else:
+                self._release_h1_sink(upstream)
+            return
+        upstream.state = UpstreamState.READY
+        self._deadlines.set(("ping", upstream.conn_id), self._now_ns + self.config.h2_keepalive_interval_ns)
+        self._serve_h2_waiters(self._h2_pool_of(upstream))
+        self._h2_upstream_maybe_idle(upstream)
+
+    def _stream_upstream_failed(self, upstream: Upstream, reason: str) -> None:
+        """A connect failed or timed out: the streams waiting for it get the error."""
+        kind = ProxyErrorKind.CONNECT_TIMEOUT if "timed out" in reason else ProxyErrorKind.CONNECT_FAILED
+        waiting: list[int] = []
+        if upstream.h2 is not None:
+            pool = self._h2_pool_of(upstream)
+            waiting, pool.waiting = list(pool.waiting), pool.waiting.__class__()
+        elif upstream.exchange_id is not None:
+            waiting = [upstream.exchange_id]
+        upstream.exchange_id = None
+        self._close_upstream(upstream, reset=True)
+        for exchange_id in waiting:
+            exchange = self._streams.get(exchange_id)
+            if exchange is not None and not exchange.done and not exchange.response_started:
+                self._stream_fail(exchange, ProxyError(kind, reason))
+
+    def _h2_pool_of(self, upstream: Upstream) -> H2Pool:
+        assert upstream.pool_key is not None
+        return self._h2_pools[upstream.pool_key]
+
+    def _forget_stream_upstream(self, upstream: Upstream) -> None:
+        """Pool bookkeeping when a stream-world connection is gone (machine.py closed it)."""
+        if upstream.h2 is not None:
+            pool = self._h2_pools.get(upstream.pool_key) if upstream.pool_key is not None else None
+            if pool is not None:
+                if upstream.conn_id in pool.connection_ids:
+                    pool.connection_ids.remove(upstream.conn_id)
+                self._serve_h2_waiters(pool)
+            return
+        sink_pool = self._h1_sink_pools.get(upstream.endpoint)
+        if sink_pool is not None:
+            sink_pool.forget(upstream.conn_id)
+            self._serve_h1_sink_waiters(sink_pool)
+
+    # ---------------------------------------------------------------- HTTP/2 endpoint connections
+
+    def _stream_upstream_received(self, upstream: Upstream, data: bytes) -> None:
+        if upstream.h2 is None:
+            self._h1_sink_received(upstream, data)
+            return
+        if upstream.state is UpstreamState.CONNECTING:
+            return
+        if not data:
+            self._sink_connection_lost(upstream, f"{upstream.endpoint} closed the connection")
+            return
+        try:
+            events = upstream.h2.receive(data, self._now_ns)
+        except H2SessionError as error:
+            self._write_h2(upstream)
+            self._sink_connection_lost(upstream, f"{upstream.endpoint}: {error}")
+            return
+        for event in events:
+            if upstream.conn_id not in self._upstream:
+                return
+            self._h2_upstream_event(upstream, event)
+        if upstream.conn_id in self._upstream:
+            self._write_h2(upstream)
+            self._sync_h2_reading(upstream)
+            self._h2_upstream_maybe_idle(upstream)
+
+    def _h2_upstream_event(self, upstream: Upstream, event: h2.events.Event) -> None:
+        session = upstream.h2
+        assert session is not None
+        stream_id = getattr(event, "stream_id", 0) or 0
+        exchange = self._streams.get(upstream.streams.get(stream_id, -1))
+        if isinstance(event, h2.events.ResponseReceived) and exchange is not None:
+            self._h2_response_head(exchange, list(event.headers), ended=event.stream_ended is not None)
+        elif isinstance(event, h2.events.InformationalResponseReceived) and exchange is not None:
+            status, headers = tr.split_response(list(event.headers))
+            self._sink_informational(exchange, status, headers)
+        elif isinstance(event, h2.events.DataReceived):
+            session.acknowledge(stream_id, event.flow_controlled_length - len(event.data))
+            if exchange is None:
+                session.acknowledge(stream_id, len(event.data))
+            elif event.data:
+                exchange.sink_unacked += len(event.data)
+                self._sink_response_data(exchange, event.data)
+        elif isinstance(event, h2.events.TrailersReceived) and exchange is not None:
+            self._sink_response_end(exchange, list(event.headers))
+        elif isinstance(event, h2.events.StreamEnded) and exchange is not None and exchange.response_started:
+            self._sink_response_end(exchange, None)
+        elif isinstance(event, h2.events.StreamReset):
+            upstream.streams.pop(stream_id, None)
+            if exchange is not None:
+                self._sink_reset(exchange, event.error_code)
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._flush_h2(upstream)
+            self._serve_h2_waiters(self._h2_pool_of(upstream))
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._ping_answered(upstream, self._now_ns)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._h2_upstream_goaway(upstream, event.last_stream_id)
+
+    def _h2_response_head(self, exchange: StreamExchange, headers: list[tuple[bytes, bytes]], *, ended: bool) -> None:
+        try:
+            status, regular = tr.split_response(headers)
+        except tr.TranslationError as error:
+            reason = f"invalid response from {exchange.endpoint}: {error}"
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.INVALID_RESPONSE, reason))
+            return
+        self._sink_response_head(exchange, status, regular, ended=ended)
+
+    def _sink_reset(self, exchange: StreamExchange, code: int) -> None:
+        """The endpoint reset the stream: the client's stream is reset with the same code."""
+        exchange.sink_id = None  # the stream is gone on that side; nothing to reset back
+        if not exchange.response_started and exchange.source_stream is None:
+            reason = f"{exchange.endpoint} reset the stream (HTTP/2 error code {code})"
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))
+            return
+        self._reset_source(exchange, code)
+        self._abandon_stream(exchange, code)
+
+    def _h2_upstream_goaway(self, upstream: Upstream, last_stream_id: int | None) -> None:
+        """The endpoint is going away: streams it never processed fail now, the rest finish."""
+        last = last_stream_id if last_stream_id is not None else 2**31
+        for stream_id, exchange_id in list(upstream.streams.items()):
+            exchange = self._streams.get(exchange_id)
+            if stream_id > last and exchange is not None and not exchange.response_started:
+                upstream.streams.pop(stream_id, None)
+                exchange.sink_id = None
+                reason = f"{upstream.endpoint} sent GOAWAY before processing the request"
+                self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))
+
+    def _h2_upstream_maybe_idle(self, upstream: Upstream) -> None:
+        session = upstream.h2
+        if upstream.conn_id not in self._upstream or session is None or upstream.streams:
+            return
+        if upstream.state is not UpstreamState.READY:
+            return
+        if session.goaway_received or self._draining:
+            self._close_upstream(upstream)
+        else:
+            self._deadlines.set(("pool-idle", upstream.conn_id), self._now_ns + self.config.pool_idle_timeout_ns)
+
+    def _sink_connection_lost(self, upstream: Upstream, reason: str, *, already_closed: bool = False) -> None:
+        """The endpoint's connection broke: its streams fail (before their response) or are reset."""
+        exchange_ids = list(upstream.streams.values())
+        if upstream.h2 is None and upstream.exchange_id is not None:
+            exchange_ids.append(upstream.exchange_id)
+        upstream.streams.clear()
+        upstream.exchange_id = None
+        if already_closed:
+            self._forget_upstream(upstream)
+        else:
+            self._close_upstream(upstream, reset=True)
+        for exchange_id in exchange_ids:
+            exchange = self._streams.get(exchange_id)
+            if exchange is None or exchange.done:
+                continue
+            exchange.sink_id = None
+            if exchange.response_started:
+                self._stream_abort(exchange, reason)
+            else:
+                self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))
+
+    # ---------------------------------------------------------------- request bytes towards the sink
+
+    def _to_sink(self, exchange: StreamExchange, data: bytes) -> None:
+        sink = self._sink_connection(exchange)
+        if (
+            sink is None
+            or (exchange.sink_is_h2 and exchange.sink_stream is None)
+            or (not exchange.sink_is_h2 and sink.state is not UpstreamState.BUSY)
+        ):
+            exchange.to_sink.append(data)
+            exchange.to_sink_bytes += len(data)
+        elif sink.h2 is not None and exchange.sink_stream is not None:
+            sink.h2.send_data(exchange.sink_stream, data)
+            self._write_h2(sink)
+        else:
+            self._send(sink, sink.h11.send(h11.Data(data=data)))
+        self._after_sink_progress(exchange)
+
+    def _end_sink_request(self, exchange: StreamExchange) -> None:
+        sink = self._sink_connection(exchange)
+        if exchange.sink_request_ended or not exchange.request_ended or sink is None:
+            return
+        if sink.h2 is not None and exchange.sink_stream is not None:
+            exchange.sink_request_ended = True
+            sink.h2.end_stream(exchange.sink_stream, exchange.request_trailers)
+            self._write_h2(sink)
+        elif sink.h2 is None and sink.state is UpstreamState.BUSY:
+            exchange.sink_request_ended = True
+            trailers = exchange.request_trailers if exchange.request_chunked else None
+            self._send(sink, sink.h11.send(h11.EndOfMessage(headers=trailers or [])))
+
+    def _detach_sink(self, exchange: StreamExchange, code: int) -> None:
+        sink = self._sink_connection(exchange)
+        exchange.sink_id = None
+        if sink is None:
+            return
+        if sink.h2 is not None:
+            stream_id = exchange.sink_stream
+            if stream_id is not None and sink.streams.pop(stream_id, None) is not None:
+                if not (exchange.response_ended and exchange.sink_request_ended):
+                    sink.h2.reset(stream_id, code)
+                    self._write_h2(sink)
+                self._serve_h2_waiters(self._h2_pool_of(sink))
+                self._h2_upstream_maybe_idle(sink)
+        elif sink.exchange_id == exchange.exchange_id:
+            sink.exchange_id = None
+            if sink.state is UpstreamState.BUSY:
+                self._close_upstream(sink, reset=True)  # half an exchange went out: it cannot be reused
+
+    def _after_sink_progress(self, exchange: StreamExchange) -> None:
+        self._settle(exchange)
+        downstream = self._downstream.get(exchange.source_id)
+        if downstream is not None and exchange.source_stream is None:
+            self._sync_h1_source_reading(downstream)
+
+    def _flush_h2(self, connection: Downstream | Upstream) -> None:
+        """Windows opened: write what waited, and acknowledge its producers."""
+        session = connection.h2
+        if session is None:
+            return
+        for stream_id, _count in session.flush():
+            exchange = self._streams.get(connection.streams.get(stream_id, -1))
+            if exchange is not None:
+                self._settle(exchange)
+        self._write_h2(connection)
+
+    # ---------------------------------------------------------------- HTTP/1.1 endpoints (orig-proto)
+
+    def _h1_sink_pool(self, endpoint: Address) -> EndpointPool:
+        pool = self._h1_sink_pools.get(endpoint)
+        if pool is None:
+            config = self.config
+            pool = self._h1_sink_pools[endpoint] = EndpointPool(
+                endpoint,
+                max_connections=config.pool_max_connections_per_endpoint,
+                max_idle=config.pool_max_idle_per_endpoint,
+                max_waiters=config.pool_max_waiters_per_endpoint,
+            )
+        return pool
+
+    def _h1_sink_dispatch(self, exchange: StreamExchange, endpoint: Address) -> None:
+        pool = self._h1_sink_pool(endpoint)
+        idle_id = pool.take_idle()
+        if idle_id is not None:
+            self._deadlines.cancel(("pool-idle", idle_id))
+            self._bind_h1_sink(exchange, self._upstream[idle_id])
+        elif pool.has_capacity():
+            conn_id = self._new_id()
+            upstream = Upstream(conn_id, self._new_upstream_parser(), endpoint, stream_world=True)
+            upstream.exchange_id = exchange.exchange_id
+            self._upstream[conn_id] = upstream
+            pool.connection_ids.add(conn_id)
+            exchange.sink_id = conn_id
+            self._effects.append(Connect(conn_id=conn_id, address=endpoint))
+            self._deadlines.set(("connect", conn_id), self._now_ns + self.config.connect_timeout_ns)
+        elif pool.can_queue():
+            pool.waiting_exchange_ids.append(exchange.exchange_id)
+        else:
+            reason = f"{pool.max_connections} connections to {endpoint} busy and {pool.max_waiters} waiting"
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.POOL_EXHAUSTED, reason))
+
+    def _bind_h1_sink(self, exchange: StreamExchange, upstream: Upstream) -> None:
+        upstream.state = UpstreamState.BUSY
+        upstream.exchange_id = exchange.exchange_id
+        exchange.sink_id = upstream.conn_id
+        has_body = not (exchange.request_ended and not exchange.to_sink)
+        request = tr.h1_request(exchange.head, has_body=has_body)
+        exchange.request_chunked = has_body and not tr.has_content_length(exchange.head.headers)
+        self._send(upstream, upstream.h11.send(request))
+        while exchange.to_sink:
+            self._send(upstream, upstream.h11.send(h11.Data(data=exchange.to_sink.popleft())))
+        exchange.to_sink_bytes = 0
+        self._end_sink_request(exchange)
+        self._after_sink_progress(exchange)
+
+    def _h1_sink_received(self, upstream: Upstream, data: bytes) -> None:
+        if upstream.state is UpstreamState.IDLE:
+            self._close_upstream(upstream, reset=bool(data))  # nothing was asked: bytes or EOF end it
+            return
+        upstream.eof = upstream.eof or not data
+        upstream.h11.receive_data(data)
+        while upstream.conn_id in self._upstream and upstream.state is UpstreamState.BUSY:
+            exchange = self._streams.get(upstream.exchange_id or -1)
+            try:
+                event = upstream.h11.next_event()
+            except h11.RemoteProtocolError as error:
+                self._sink_connection_lost(upstream, f"invalid response from {upstream.endpoint}: {error}"[:300])
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            if exchange is None:
+                self._close_upstream(upstream, reset=True)
+                return
+            self._h1_sink_event(upstream, exchange, event)
+        self._sync_h1_sink_reading(upstream)
+
+    def _h1_sink_event(self, upstream: Upstream, exchange: StreamExchange, event: object) -> None:
+        if isinstance(event, h11.InformationalResponse):
+            self._sink_informational(exchange, event.status_code, list(event.headers))
+        elif isinstance(event, h11.Response):
+            if http1.head_size(event) > self.config.max_header_bytes:
+                reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
+                self._sink_connection_lost(upstream, reason)
+                return
+            self._sink_response_head(exchange, event.status_code, list(event.headers), ended=False)
+        elif isinstance(event, h11.Data):
+            self._sink_response_data(exchange, bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            upstream.exchange_id = None
+            self._release_h1_sink(upstream)
+            self._sink_response_end(exchange, list(event.headers))
+        elif isinstance(event, h11.ConnectionClosed):
+            self._sink_connection_lost(upstream, f"{upstream.endpoint} closed the connection")
+
+    def _release_h1_sink(self, upstream: Upstream) -> None:
+        leftover, _closed = upstream.h11.trailing_data
+        parser = upstream.h11
+        clean = parser.our_state is h11.DONE and parser.their_state is h11.DONE and not leftover
+        if upstream.state is UpstreamState.BUSY and not clean:
+            self._close_upstream(upstream)
+            return
+        if upstream.state is UpstreamState.BUSY:
+            parser.start_next_cycle()
+        upstream.state = UpstreamState.IDLE
+        pool = self._h1_sink_pool(upstream.endpoint)
+        while pool.waiting_exchange_ids:
+            waiting = self._streams.get(pool.waiting_exchange_ids.popleft())
+            if waiting is not None and not waiting.done and waiting.sink_id is None:
+                self._bind_h1_sink(waiting, upstream)
+                return
+        if self._draining or not pool.keep_idle(upstream.conn_id):
+            self._close_upstream(upstream)
+            return
+        self._deadlines.set(("pool-idle", upstream.conn_id), self._now_ns + self.config.pool_idle_timeout_ns)
+        self._set_reading(upstream, True)
+
+    def _serve_h1_sink_waiters(self, pool: EndpointPool) -> None:
+        while pool.waiting_exchange_ids and pool.has_capacity():
+            exchange = self._streams.get(pool.waiting_exchange_ids.popleft())
+            if exchange is not None and not exchange.done and exchange.sink_id is None:
+                self._h1_sink_dispatch(exchange, pool.endpoint)
+
+    def _sync_h1_sink_reading(self, upstream: Upstream) -> None:
+        if upstream.conn_id not in self._upstream or upstream.state is not UpstreamState.BUSY:
+            return
+        exchange = self._streams.get(upstream.exchange_id or -1)
+        source = self._downstream.get(exchange.source_id) if exchange is not None else None
+        limit = self.config.max_buffered_bytes
+        wanted = source is None or source.unsent_bytes < limit
+        if wanted and source is not None and source.h2 is not None and exchange is not None:
+            wanted = source.h2.queued_bytes(exchange.source_stream or 0) < limit
+        self._set_reading(upstream, wanted)
