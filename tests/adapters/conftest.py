@@ -20,6 +20,7 @@ class Nginx:
     port: int
     root: Path
     access_log: Path
+    h2_port: int  # the same site over h2c (HTTP/2 with prior knowledge, no TLS)
 
 
 NGINX_CONF = """
@@ -30,7 +31,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    log_format conn '$request_method $uri $status $connection $connection_requests';
+    log_format conn '$request_method $uri $status $connection $connection_requests $server_protocol';
     access_log {prefix}/access.log conn;
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
@@ -46,6 +47,13 @@ http {{
         # gzip makes the length unknown up front, so nginx answers with chunked transfer encoding
         location /chunked/ {{ alias {prefix}/www/; gzip on; gzip_types *; gzip_min_length 0; gzip_comp_level 1; }}
     }}
+    server {{
+        listen 127.0.0.1:{h2_port} http2;
+        root {prefix}/www;
+        client_max_body_size 64m;
+        http2_max_requests 100000;
+        location /upload/ {{ dav_methods PUT DELETE; create_full_put_path on; }}
+    }}
 }}
 """
 
@@ -57,13 +65,14 @@ def nginx(tmp_path: Path) -> Iterator[Nginx]:
         pytest.fail("nginx is not installed; .ci/run installs it (apt-get install nginx)")
     prefix = tmp_path / "nginx"
     (prefix / "www" / "upload").mkdir(parents=True)
-    port = free_port()
+    port, h2_port = free_port(), free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port))
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, h2_port=h2_port))
     process = subprocess.Popen([binary, "-c", str(conf), "-p", str(prefix)], stderr=subprocess.PIPE)
     try:
         wait_for_port(port)
-        yield Nginx(port, prefix / "www", prefix / "access.log")
+        wait_for_port(h2_port)
+        yield Nginx(port, prefix / "www", prefix / "access.log", h2_port)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -131,3 +140,29 @@ def tether_proxy_to():
 @pytest.fixture
 def unused_port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def tether_config(tmp_path: Path):
+    """Start `tether proxy --config FILE` from YAML text; waits until each of ``ports`` accepts."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(text: str, *ports: int) -> subprocess.Popen[str]:
+        path = tmp_path / f"proxy-{len(started)}.yaml"
+        path.write_text(text)
+        command = [sys.executable, "-m", "tether.adapters.cli", "proxy", "--config", str(path)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started.append(process)
+        for port in ports:
+            wait_for_port(port)
+        return process
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            _out, errors = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            continue
+        assert "Traceback" not in errors, errors

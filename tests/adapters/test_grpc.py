@@ -4,8 +4,6 @@ transport header -> inbound -> grpcio server. Neither grpcio side was written he
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from net_helpers import free_port, wait_for_port
+from net_helpers import free_port
 
 MB = 1024 * 1024
 MESSAGE_LIMIT = [("grpc.max_receive_message_length", 32 * MB), ("grpc.max_send_message_length", 32 * MB)]
@@ -82,33 +80,22 @@ inbound:
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
+def mesh(tether_config) -> Iterator[Mesh]:
     service = EchoService()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=MESSAGE_LIMIT)
     server.add_generic_rpc_handlers((service.handler(),))
     server_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     admin, outbound, inbound = free_port(), free_port(), free_port()
-    config = tmp_path / "proxy.yaml"
-    config.write_text(
-        MESH_CONF.format(admin=admin, outbound=outbound, inbound=inbound, server=server_port, closed=free_port())
-    )
-    command = [sys.executable, "-m", "tether.adapters.cli", "proxy", "--config", str(config)]
-    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
-    channel = None
+    ports = {"admin": admin, "outbound": outbound, "inbound": inbound, "server": server_port, "closed": free_port()}
+    tether_config(MESH_CONF.format(**ports), outbound, admin)
+    options = [("grpc.default_authority", "echo.test"), *MESSAGE_LIMIT]
+    channel = grpc.insecure_channel(f"127.0.0.1:{outbound}", options=options)
     try:
-        wait_for_port(outbound)
-        wait_for_port(admin)
-        options = [("grpc.default_authority", "echo.test"), *MESSAGE_LIMIT]
-        channel = grpc.insecure_channel(f"127.0.0.1:{outbound}", options=options)
         yield Mesh(channel, service, admin, outbound)
     finally:
-        if channel is not None:
-            channel.close()
-        proxy.terminate()
-        _out, errors = proxy.communicate(timeout=15)
+        channel.close()
         server.stop(grace=None)
-        assert "Traceback" not in errors, errors
 
 
 def test_unary_call(mesh: Mesh) -> None:
