@@ -93,6 +93,14 @@ def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Call
     help="With --listen: endpoints for every request (round robin for now).",
 )
 @click.option(
+    "--to-h2c",
+    "to_h2c",
+    default=None,
+    metavar="HOST:PORT[,HOST:PORT...]",
+    help="With --listen: endpoints for HTTP/2 clients, when the workload serves h2c on its own port.  "
+    "[default: the --to endpoints]",
+)
+@click.option(
     "--admin",
     "admin",
     default=None,
@@ -104,8 +112,9 @@ def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Call
     "--protocol",
     type=click.Choice(PROTOCOLS),
     default=None,
-    help="http1: HTTP/1.1 only; detect: HTTP/1.1 if the client speaks it, else an opaque TCP tunnel; "
-    "opaque: every connection is a TCP tunnel.  [default: http1 with --listen, else detect]",
+    help="http1: HTTP/1.1, or HTTP/2 if the client opens with its preface; detect: HTTP/2 or HTTP/1.1 if "
+    "the client speaks it, else an opaque TCP tunnel; opaque: every connection is a TCP tunnel.  "
+    "[default: http1 with --listen, else detect]",
 )
 @_ms_option("--connect-timeout-ms", "Upstream connect timeout (504).  [default: 1000]")
 @_ms_option(
@@ -118,6 +127,7 @@ def proxy(
     config_path: str | None,
     listen: str | None,
     to: str | None,
+    to_h2c: str | None,
     admin: str | None,
     shutdown_endpoint: bool,
     protocol: str | None,
@@ -137,6 +147,9 @@ def proxy(
     endpoints = tuple(parse_address(part, "--to") for part in (to or "").split(",") if part.strip())
     if to is not None and not endpoints:
         raise click.BadParameter("name at least one endpoint, for example --to 127.0.0.1:8080", param_hint="--to")
+    h2c_endpoints = tuple(parse_address(part, "--to-h2c") for part in (to_h2c or "").split(",") if part.strip())
+    if to_h2c is not None and listen is None:
+        raise click.UsageError("--to-h2c goes with --listen and --to")
     flag_limits: dict[str, Any] = {key: value for key, value in timeouts.items() if value is not None}
     if protocol is not None:
         flag_limits["protocol"] = protocol
@@ -148,6 +161,7 @@ def proxy(
             flag_limits=flag_limits,
             listen=parse_address(listen, "--listen", listening=True) if listen else None,
             to=endpoints,
+            to_h2c=h2c_endpoints,
             admin=parse_address(admin, "--admin", listening=True) if admin else None,
             shutdown_endpoint=shutdown_endpoint,
         )

@@ -54,6 +54,7 @@ class RoleConfig:
     listen: Address
     config: ProxyConfig
     endpoints: tuple[Address, ...] = ()  # every request goes here when set
+    h2c_endpoints: tuple[Address, ...] = ()  # with endpoints: HTTP/2 clients' requests go here instead
     routes: Mapping[str, tuple[Address, ...]] = field(default_factory=dict)
     dial_authority: bool = False
     meshed: Mapping[str, int] = field(default_factory=dict)  # route host -> its peers' inbound port
@@ -73,6 +74,7 @@ def load(
     flag_limits: Mapping[str, Any] | None = None,
     listen: Address | None = None,
     to: tuple[Address, ...] = (),
+    to_h2c: tuple[Address, ...] = (),
     admin: Address | None = None,
     shutdown_endpoint: bool = False,
 ) -> ProcessConfig:
@@ -90,7 +92,7 @@ def load(
     shared = dict(top.child("limits").data)
     if listen is not None:
         limits = read_proxy_config(FieldReader(source, "limits.", shared))
-        role = RoleConfig("proxy", "outbound", listen, limits, endpoints=to)
+        role = RoleConfig("proxy", "outbound", listen, limits, endpoints=to, h2c_endpoints=to_h2c)
         return ProcessConfig(admin_address, (role,), shutdown)
     roles = [_role(top, "outbound", shared), _role(top, "inbound", shared)]
     return ProcessConfig(admin_address, tuple(role for role in roles if role is not None), shutdown)

@@ -48,6 +48,7 @@ def build_role_proxy(role: RoleConfig) -> Proxy:
         default_name=role.name,
         dial_authority=role.dial_authority,
         meshed_hosts=role.meshed,
+        default_h2c=role.h2c_endpoints,
     )
     return Proxy(role.config, resolver, _seeded_rng(), direction=role.direction)
 

@@ -23,6 +23,9 @@ class EndpointSet:
     # Set when the endpoints are meshed proxies: opaque connections then go to this inbound port of theirs
     # with a transport header (core/proxy/transport_header.py). The destination service will say so later.
     meshed_inbound_port: int | None = None
+    # Where requests from HTTP/2 clients go instead, when the workload serves h2c on a port of its own
+    # (nginx, for one, cannot serve HTTP/1.1 and h2c with prior knowledge on one port).
+    h2c_endpoints: tuple[Address, ...] = ()
 
 
 class Resolver(Protocol):
@@ -48,9 +51,12 @@ class StaticResolver:
         *,
         dial_authority: bool = False,
         meshed_hosts: Mapping[str, int] | None = None,
+        default_h2c: Sequence[Address] = (),
     ) -> None:
         meshed = {host.lower(): port for host, port in (meshed_hosts or {}).items()}
-        self._default = EndpointSet(default_name, tuple(default)) if default is not None else None
+        self._default = (
+            EndpointSet(default_name, tuple(default), h2c_endpoints=tuple(default_h2c)) if default is not None else None
+        )
         self._by_host = {
             host.lower(): EndpointSet(host.lower(), tuple(eps), meshed.get(host.lower()))
             for host, eps in (by_host or {}).items()

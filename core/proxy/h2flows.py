@@ -177,7 +177,9 @@ class H2Flows:
         now_ns: int,
     ) -> StreamExchange:
         endpoint = downstream.fixed_endpoint
-        if endpoint is None and endpoint_set is not None and endpoint_set.endpoints:
+        if endpoint is None and endpoint_set is not None and stream_id is not None and endpoint_set.h2c_endpoints:
+            endpoint = self._picker.pick(EndpointSet(endpoint_set.name, endpoint_set.h2c_endpoints), self._rng)
+        elif endpoint is None and endpoint_set is not None and endpoint_set.endpoints:
             endpoint = self._picker.pick(endpoint_set, self._rng)
         service = endpoint_set.name if endpoint_set is not None else (authority or "unknown")
         if downstream.fixed_endpoint is not None:

@@ -197,3 +197,11 @@ def test_an_h2_client_that_never_reads_keeps_memory_bounded(nginx, tether_proxy_
         still_serves_h2(proxy, nginx)
     # Windows bound what is held: 10 streams x 64 KiB plus the 1 MiB connection window, and buffers.
     assert grown_kib < 16 * 1024, f"the proxy grew by {grown_kib} KiB for a client that never reads"
+
+
+def test_to_h2c_sends_http2_clients_to_the_workloads_h2c_port(nginx, tether_proxy_to) -> None:
+    (nginx.root / "hello.txt").write_text("hello\n")
+    proxy = tether_proxy_to(nginx.port, extra=["--to-h2c", f"127.0.0.1:{nginx.h2_port}"])
+    assert curl(f"{proxy.url}/hello.txt").stdout == "hello\n"
+    assert curl("--http2-prior-knowledge", f"{proxy.url}/hello.txt").stdout == "hello\n"
+    assert protocols_seen(nginx) == ["HTTP/1.1", "HTTP/2.0"]
