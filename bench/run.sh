@@ -24,14 +24,15 @@ Environment (defaults in brackets):
   HARNESS   harness folder            [bench/../../shared/bench]
   VENV      peers venv                [bench/.venv-peers]  (not committed)
   OUT       results folder            [bench/results/<timestamp>]  (not committed)
-  SETUPS    setups to run             ["direct nginx haproxy envoy mitmproxy custom"]
+  SETUPS    setups to run             ["direct nginx haproxy envoy mitmproxy custom tetheropaque"]
+            (custom = tether; tetheropaque = tether with --protocol opaque, h1 and rate tests only)
   PYTHON    python used for the fallback `-m tether.adapters.cli`  [python3]
   TETHER_ARGS  extra options for `tether proxy`  []
   SETUP     1 = install missing peers, 0 = never  [1]
 Passed through to the harness unchanged when set:
   DUR (10) WARM (2) WRK_ARGS H2_ARGS RATE_ARGS LOADGEN_CPU BACKEND_CPU PROXY_CPU
   PORT_BASE NOISE_MAX NOISE_RETRIES QUIET_MAX QUIET_CORES BODY
-  PROXY_H2C (0: tether has no h2c yet)
+  PROXY_H2C (1: run the h2c test for tether, its HTTP/2 clients going to the backend's h2c port)
 
 Results: $OUT/table.txt (tables), results.tsv (one row per run), raw/, run.log, env.txt.
 Quote ratios from one run only, never absolute numbers across runs or machines.
@@ -55,7 +56,7 @@ done
 HARNESS=${HARNESS:-$HERE/../../shared/bench}
 VENV=${VENV:-$HERE/.venv-peers}
 OUT=${OUT:-$HERE/results/$(date +%Y%m%d-%H%M%S)}
-SETUPS=${SETUPS:-direct nginx haproxy envoy mitmproxy custom}
+SETUPS=${SETUPS:-direct nginx haproxy envoy mitmproxy custom tetheropaque}
 PYTHON=${PYTHON:-python3}
 TETHER_ARGS=${TETHER_ARGS:-}
 
@@ -113,14 +114,17 @@ else
   echo "  install this checkout first (pip install -e \"$ROOT\") or set PYTHON to an interpreter that has it." >&2
   exit 1
 fi
-PROXY_CMD="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to \$UPSTREAM_HOST:\$UPSTREAM_PORT --admin 127.0.0.1:0${TETHER_ARGS:+ $TETHER_ARGS}"
+PROXY_CMD="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to \$UPSTREAM_HOST:\$UPSTREAM_PORT --to-h2c \$UPSTREAM_HOST:\$UPSTREAM_H2C_PORT --admin 127.0.0.1:0${TETHER_ARGS:+ $TETHER_ARGS}"
+# The same proxy with every connection an opaque TCP tunnel (Linkerd's opaque ports): the setup word
+# "tetheropaque" in SETUPS runs it through the h1 and rate tests.
+PROXY_CMD_tetheropaque="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to \$UPSTREAM_HOST:\$UPSTREAM_PORT --protocol opaque --admin 127.0.0.1:0"
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 echo "bench/run.sh: harness $HARNESS, peers $VENV, results $OUT" >&2
 echo "bench/run.sh: PROXY_CMD=$PROXY_CMD" >&2
 
-# Tether does not speak h2c yet: PROXY_H2C defaults to 0, so the h2c test is skipped for it.
-export OUT VENV SETUPS PROXY_NAME=tether PROXY_CMD PROXY_H2C=${PROXY_H2C:-0}
+# HTTP/2 clients reach the backend's h2c port (--to-h2c), so the h2c test runs for tether too.
+export OUT VENV SETUPS PROXY_NAME=tether PROXY_CMD PROXY_CMD_tetheropaque PROXY_H2C=${PROXY_H2C:-1}
 cd "$HARNESS"
 exec bash ./run.sh

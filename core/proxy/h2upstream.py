@@ -188,6 +188,7 @@ class H2Upstream:
         exchange.sink_id, exchange.sink_stream, exchange.sink_is_h2 = upstream.conn_id, stream_id, True
         exchange.sink_request_ended = end_now
         self._deadlines.cancel(("pool-idle", upstream.conn_id))
+        exchange.sink_body_bytes += exchange.to_sink_bytes
         while exchange.to_sink:
             session.send_data(stream_id, exchange.to_sink.popleft())
         exchange.to_sink_bytes = 0
@@ -324,13 +325,24 @@ class H2Upstream:
         self._abandon_stream(exchange, code)
 
     def _h2_upstream_goaway(self, upstream: Upstream, last_stream_id: int | None) -> None:
-        """The endpoint is going away: streams it never processed fail now, the rest finish."""
+        """The endpoint is going away: streams it never processed go elsewhere, the rest finish.
+
+        RFC 9113 section 6.8: streams above ``last_stream_id`` were not processed, so they are safe to
+        send again, on another connection of the pool (a server that caps requests per connection, as
+        nginx does at 1,000, says goodbye this way). Only a stream whose body bytes already left cannot
+        be replayed, since the proxy does not keep them: it fails.
+        """
         last = last_stream_id if last_stream_id is not None else 2**31
         for stream_id, exchange_id in list(upstream.streams.items()):
             exchange = self._streams.get(exchange_id)
-            if stream_id > last and exchange is not None and not exchange.response_started:
-                upstream.streams.pop(stream_id, None)
-                exchange.sink_id = None
+            if stream_id <= last or exchange is None or exchange.response_started:
+                continue
+            upstream.streams.pop(stream_id, None)
+            exchange.sink_id = exchange.sink_stream = None
+            if exchange.sink_body_bytes == 0:
+                exchange.sink_request_ended = False
+                self._h2_dispatch(exchange, self._h2_pool_of(upstream))
+            else:
                 reason = f"{upstream.endpoint} sent GOAWAY before processing the request"
                 self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))
 
@@ -378,6 +390,7 @@ class H2Upstream:
             exchange.to_sink.append(data)
             exchange.to_sink_bytes += len(data)
         elif sink.h2 is not None and exchange.sink_stream is not None:
+            exchange.sink_body_bytes += len(data)
             sink.h2.send_data(exchange.sink_stream, data)
             self._write_h2(sink)
         else:

@@ -38,6 +38,7 @@ class StreamExchange:
     request_ended: bool = False
     request_trailers: list[tuple[bytes, bytes]] | None = None
     sink_request_ended: bool = False  # the end (or trailers) went to the sink
+    sink_body_bytes: int = 0  # request body bytes handed to an HTTP/2 sink (a GOAWAY can replay a stream with none)
     request_chunked: bool = False  # an HTTP/1.1 sink got the body chunked (so trailers can follow)
     to_sink: deque[bytes] = field(default_factory=deque)
     to_sink_bytes: int = 0

@@ -208,3 +208,37 @@ def test_http1_client_rides_h2_to_a_meshed_peer_and_back(make_harness) -> None:
     outbound.recv(connect.conn_id, inbound.take(peer))
     answer = outbound.take(client)
     assert answer.startswith(b"HTTP/1.1 201 ") and answer.endswith(b"\r\n\r\nok")
+
+
+def test_oversized_h2_request_head_gets_431_on_its_stream(make_harness) -> None:
+    h = make_harness(max_header_bytes=4096)
+    client = client_for(h)
+    big = client.request("/", extra=[(b"x-big", b"a" * 3000), (b"x-big2", b"b" * 3000)])
+    small = client.request("/ok")
+    client.read()
+    assert dict(client.streams[big].headers)[b":status"] == b"431"
+    assert client.conn_id not in h.closed, "one oversized head does not cost the client its connection"
+    endpoint = endpoint_for(h)
+    assert [dict(stream.headers)[b":path"] for stream in endpoint.streams.values()] == [b"/ok"]
+    del small
+
+
+def test_streams_an_endpoint_never_processed_are_replayed_after_its_goaway(make_harness) -> None:
+    """nginx caps requests per connection and says GOAWAY: streams above its last stream id move to a
+    new connection instead of failing."""
+    h = make_harness()
+    client = client_for(h)
+    first, second = client.request("/1"), client.request("/2")
+    endpoint = endpoint_for(h)
+    processed, unprocessed = sorted(endpoint.streams)
+    endpoint.h2.close_connection(last_stream_id=processed)
+    endpoint.flush()
+    assert len(h.connects) == 2, "the unprocessed stream needs a new connection"
+    replacement = endpoint_for(h)
+    (replayed,) = replacement.streams
+    assert dict(replacement.streams[replayed].headers)[b":path"] == b"/2"
+    endpoint.respond(processed, 200, b"one")
+    replacement.respond(replayed, 200, b"two")
+    client.read()
+    assert (client.streams[first].data, client.streams[second].data) == (b"one", b"two")
+    del unprocessed
