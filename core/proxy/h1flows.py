@@ -23,55 +23,28 @@ This class holds only methods; the state lives in the ``Proxy`` that inherits it
 
 from __future__ import annotations
 
-import random
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
 
 from tether.core.address import Address
-from tether.core.balance import Picker
-from tether.core.config import ProxyConfig
-from tether.core.discovery import EndpointSet, Resolver
-from tether.core.effects import Connect, Effect, LogError
+from tether.core.discovery import EndpointSet
+from tether.core.effects import Connect, LogError
 from tether.core.proxy import http1
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
-from tether.core.proxy.pool import EndpointPool
+from tether.core.proxy.parts import ProxyParts
+from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import StreamExchange
-from tether.core.proxy.telemetry import Telemetry
-from tether.core.timers import Deadlines
 
 NS_PER_MS = 1_000_000
 
 
-class H1Flows:
-    # State, provided by Proxy (machine.py).
-    config: ProxyConfig
-    resolver: Resolver
-    telemetry: Telemetry
-    _rng: random.Random
-    _picker: Picker
-    _effects: list[Effect]
-    _downstream: dict[int, Downstream]
-    _upstream: dict[int, Upstream]
-    _exchanges: dict[int, Exchange]
-    _streams: dict[int, StreamExchange]
-    _pools: dict[Address, EndpointPool]
-    _deadlines: Deadlines
-    _draining: bool
-    _now_ns: int
+class H1Flows(ProxyParts):
+    if TYPE_CHECKING:  # defined by the other flows
 
-    if TYPE_CHECKING:  # provided by the class that mixes this in
-
-        def _new_id(self) -> int: ...
-        def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
-        def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
-        def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None: ...
-        def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
-        def _forget_upstream(self, upstream: Upstream) -> None: ...
-        def _new_upstream_parser(self) -> h11.Connection: ...
         def _exchange(self, exchange_id: int | None) -> Exchange | None: ...
         def _switch_to_tunnel(
             self, exchange: Exchange, upstream: Upstream, head: h11.InformationalResponse | h11.Response
@@ -306,16 +279,7 @@ class H1Flows:
                 waiting.upstream_id = upstream.conn_id
 
     def _pool(self, endpoint: Address) -> EndpointPool:
-        pool = self._pools.get(endpoint)
-        if pool is None:
-            config = self.config
-            pool = self._pools[endpoint] = EndpointPool(
-                endpoint,
-                max_connections=config.pool_max_connections_per_endpoint,
-                max_idle=config.pool_max_idle_per_endpoint,
-                max_waiters=config.pool_max_waiters_per_endpoint,
-            )
-        return pool
+        return pool_for(self._pools, endpoint, self.config)
 
     # ---------------------------------------------------------------- endpoint side
 

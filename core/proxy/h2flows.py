@@ -24,49 +24,27 @@ This class holds only methods; the state lives in the ``Proxy`` that inherits it
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING
 
 import h2.events
 import h11
 from h2.errors import ErrorCodes
 
-from tether.core.balance import Picker
-from tether.core.config import ProxyConfig
-from tether.core.discovery import EndpointSet, Resolver
-from tether.core.effects import Effect, LogError
+from tether.core.discovery import EndpointSet
+from tether.core.effects import LogError
 from tether.core.proxy import h2translate as tr
 from tether.core.proxy.connections import Downstream, Mode, Upstream
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
+from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.streams import StreamExchange
-from tether.core.proxy.telemetry import Telemetry
-from tether.core.timers import Deadlines
 
 NS_PER_MS = 1_000_000
 
 
-class H2Flows:
-    # Provided by Proxy (machine.py) and H2Upstream (h2upstream.py).
-    config: ProxyConfig
-    resolver: Resolver
-    telemetry: Telemetry
-    _rng: random.Random
-    _picker: Picker
-    _effects: list[Effect]
-    _downstream: dict[int, Downstream]
-    _upstream: dict[int, Upstream]
-    _streams: dict[int, StreamExchange]
-    _deadlines: Deadlines
-    _draining: bool
-    _now_ns: int
+class H2Flows(ProxyParts):
+    if TYPE_CHECKING:  # defined by the other flows
 
-    if TYPE_CHECKING:  # provided by the class that mixes this in
-
-        def _new_id(self) -> int: ...
-        def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
-        def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
-        def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None: ...
         def _next_request(self, downstream: Downstream, now_ns: int) -> None: ...
         def _dispatch_stream(self, exchange: StreamExchange, endpoint_set: EndpointSet | None) -> None: ...
         def _to_sink(self, exchange: StreamExchange, data: bytes) -> None: ...
@@ -543,7 +521,7 @@ class H2Flows:
             connection.ping_due = False
             self._deadlines.set(("ping", connection.conn_id), now_ns + self.config.h2_keepalive_interval_ns)
 
-    if TYPE_CHECKING:  # provided by the class that mixes this in
+    if TYPE_CHECKING:  # defined by the other flows
 
         def _sink_connection_lost(self, upstream: Upstream, reason: str, *, already_closed: bool = False) -> None: ...
         def _sync_h1_sink_reading(self, upstream: Upstream) -> None: ...

@@ -28,42 +28,23 @@ import h11
 from h2.errors import ErrorCodes
 
 from tether.core.address import Address
-from tether.core.config import ProxyConfig
 from tether.core.discovery import EndpointSet
-from tether.core.effects import Connect, Effect
+from tether.core.effects import Connect
 from tether.core.proxy import h2translate as tr
 from tether.core.proxy import http1, transport_header
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
-from tether.core.proxy.pool import EndpointPool
+from tether.core.proxy.parts import ProxyParts
+from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import H2Pool, StreamExchange
-from tether.core.timers import Deadlines
 
 NS_PER_MS = 1_000_000
 
 
-class H2Upstream:
-    # Provided by Proxy (machine.py) and H2Flows (h2flows.py).
-    config: ProxyConfig
-    _effects: list[Effect]
-    _downstream: dict[int, Downstream]
-    _upstream: dict[int, Upstream]
-    _streams: dict[int, StreamExchange]
-    _h2_pools: dict[tuple[Address, bytes], H2Pool]
-    _h1_sink_pools: dict[Address, EndpointPool]
-    _deadlines: Deadlines
-    _draining: bool
-    _now_ns: int
+class H2Upstream(ProxyParts):
+    if TYPE_CHECKING:  # defined by the other flows
 
-    if TYPE_CHECKING:  # provided by the class that mixes this in
-
-        def _new_id(self) -> int: ...
-        def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
-        def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
-        def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
-        def _forget_upstream(self, upstream: Upstream) -> None: ...
-        def _new_upstream_parser(self) -> h11.Connection: ...
         def _h2_limits(self) -> H2Limits: ...
         def _write_h2(self, connection: Downstream | Upstream) -> None: ...
         def _sync_h2_reading(self, connection: Downstream | Upstream) -> None: ...
@@ -448,16 +429,7 @@ class H2Upstream:
     # ---------------------------------------------------------------- HTTP/1.1 endpoints (orig-proto)
 
     def _h1_sink_pool(self, endpoint: Address) -> EndpointPool:
-        pool = self._h1_sink_pools.get(endpoint)
-        if pool is None:
-            config = self.config
-            pool = self._h1_sink_pools[endpoint] = EndpointPool(
-                endpoint,
-                max_connections=config.pool_max_connections_per_endpoint,
-                max_idle=config.pool_max_idle_per_endpoint,
-                max_waiters=config.pool_max_waiters_per_endpoint,
-            )
-        return pool
+        return pool_for(self._h1_sink_pools, endpoint, self.config)
 
     def _h1_sink_dispatch(self, exchange: StreamExchange, endpoint: Address) -> None:
         pool = self._h1_sink_pool(endpoint)

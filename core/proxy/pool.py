@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tether.core.address import Address
+from tether.core.config import ProxyConfig
 
 
 @dataclass(slots=True)
@@ -44,3 +45,16 @@ class EndpointPool:
         self.connection_ids.discard(conn_id)
         if conn_id in self.idle_ids:
             self.idle_ids.remove(conn_id)
+
+
+def pool_for(pools: dict[Address, EndpointPool], endpoint: Address, config: ProxyConfig) -> EndpointPool:
+    """The pool of ``endpoint`` in ``pools``, made with the configured limits on first use."""
+    pool = pools.get(endpoint)
+    if pool is None:
+        pool = pools[endpoint] = EndpointPool(
+            endpoint,
+            max_connections=config.pool_max_connections_per_endpoint,
+            max_idle=config.pool_max_idle_per_endpoint,
+            max_waiters=config.pool_max_waiters_per_endpoint,
+        )
+    return pool

@@ -20,48 +20,24 @@ This class holds only methods; its state lives in the ``Proxy`` that inherits it
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING
 
 import h11
 
 from tether.core.address import Address, parse_authority
-from tether.core.balance import Picker
-from tether.core.config import ProxyConfig
-from tether.core.discovery import Resolver
-from tether.core.effects import Connect, Effect, LogError, ShutdownWrite
+from tether.core.effects import Connect, LogError, ShutdownWrite
 from tether.core.proxy import transport_header
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.detect import Protocol, detect, detect_http
 from tether.core.proxy.exchange import Exchange, Step
+from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.pool import EndpointPool
-from tether.core.proxy.telemetry import Telemetry
-from tether.core.timers import Deadlines
 
 
-class TunnelFlows:
-    # Provided by Proxy (machine.py).
-    config: ProxyConfig
-    resolver: Resolver
-    telemetry: Telemetry
-    _rng: random.Random
-    _picker: Picker
-    _effects: list[Effect]
-    _downstream: dict[int, Downstream]
-    _upstream: dict[int, Upstream]
-    _deadlines: Deadlines
-    _now_ns: int
-    _exchanges: dict[int, Exchange]
+class TunnelFlows(ProxyParts):
+    if TYPE_CHECKING:  # defined by the other flows
 
-    if TYPE_CHECKING:  # provided by the class that mixes this in
-
-        def _new_id(self) -> int: ...
-        def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None: ...
-        def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None: ...
-        def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None: ...
-        def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None: ...
         def _pump_downstream(self, downstream: Downstream, now_ns: int) -> None: ...
-        def _new_upstream_parser(self) -> h11.Connection: ...
         def _start_h2_downstream(self, downstream: Downstream, buffered: bytes, now_ns: int) -> None: ...
         def _h2_downstream_received(self, downstream: Downstream, data: bytes, now_ns: int) -> None: ...
         def _pool(self, endpoint: Address) -> EndpointPool: ...
