@@ -11,12 +11,18 @@ from tether.core.discovery import StaticResolver
 GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
 
-def test_h2_request_keeps_its_protocol_to_the_endpoint(make_harness) -> None:
-    h = make_harness()
+def one_stream(h, path: str = "/", **request):
+    """A client with one stream open through the proxy, and the endpoint's side of that stream."""
     client = client_for(h)
-    stream = client.request("/hello", body=b"ping")
+    stream = client.request(path, **request)
     endpoint = endpoint_for(h)
     (upstream_stream,) = endpoint.streams
+    return client, stream, endpoint, upstream_stream
+
+
+def test_h2_request_keeps_its_protocol_to_the_endpoint(make_harness) -> None:
+    h = make_harness()
+    client, stream, endpoint, upstream_stream = one_stream(h, "/hello", body=b"ping")
     got = endpoint.streams[upstream_stream]
     assert (b":path", b"/hello") in got.headers and got.data == b"ping" and got.ended
     endpoint.respond(upstream_stream, 200, b"pong", extra=[(b"x-app", b"1")])
@@ -41,10 +47,7 @@ def test_h2_streams_multiplex_on_one_upstream_connection(make_harness) -> None:
 
 def test_h2_trailers_pass_through(make_harness) -> None:
     h = make_harness()
-    client = client_for(h)
-    stream = client.request("/svc.Echo/Say", body=b"\0\0\0\0\0", extra=GRPC)
-    endpoint = endpoint_for(h)
-    (upstream_stream,) = endpoint.streams
+    client, stream, endpoint, upstream_stream = one_stream(h, "/svc.Echo/Say", body=b"\0\0\0\0\0", extra=GRPC)
     endpoint.respond(upstream_stream, 200, b"\0\0\0\0\0", trailers=[(b"grpc-status", b"0")], extra=GRPC[:1])
     client.read()
     assert client.streams[stream].trailers == [(b"grpc-status", b"0")]
@@ -54,10 +57,7 @@ def test_h2_trailers_pass_through(make_harness) -> None:
 
 def test_grpc_failure_status_in_trailers_is_a_failure(make_harness) -> None:
     h = make_harness()
-    client = client_for(h)
-    client.request("/svc.Echo/Say", body=b"\0\0\0\0\0", extra=GRPC)
-    endpoint = endpoint_for(h)
-    (upstream_stream,) = endpoint.streams
+    client, _stream, endpoint, upstream_stream = one_stream(h, "/svc.Echo/Say", body=b"\0\0\0\0\0", extra=GRPC)
     endpoint.respond(upstream_stream, 200, trailers=[(b"grpc-status", b"14")], extra=GRPC[:1])
     client.read()
     ((_labels, classification, status, grpc_status),) = h.proxy.telemetry.response_total
@@ -88,10 +88,7 @@ def test_h2_connect_failure_is_a_502_with_l5d_proxy_error(make_harness) -> None:
 
 def test_client_reset_resets_the_endpoint_stream(make_harness) -> None:
     h = make_harness()
-    client = client_for(h)
-    stream = client.request("/slow")
-    endpoint = endpoint_for(h)
-    (upstream_stream,) = endpoint.streams
+    client, stream, endpoint, upstream_stream = one_stream(h, "/slow")
     client.h2.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
     client.flush()
     endpoint.read()
@@ -100,10 +97,7 @@ def test_client_reset_resets_the_endpoint_stream(make_harness) -> None:
 
 def test_endpoint_reset_resets_the_client_stream_with_its_code(make_harness) -> None:
     h = make_harness()
-    client = client_for(h)
-    stream = client.request("/")
-    endpoint = endpoint_for(h)
-    (upstream_stream,) = endpoint.streams
+    client, stream, endpoint, upstream_stream = one_stream(h, "/")
     endpoint.h2.reset_stream(upstream_stream, h2.errors.ErrorCodes.REFUSED_STREAM)
     endpoint.flush()
     client.read()
@@ -139,10 +133,7 @@ def test_a_slow_client_closes_the_endpoints_window(make_harness) -> None:
 
 def test_goaway_on_shutdown_lets_open_streams_finish(make_harness) -> None:
     h = make_harness()
-    client = client_for(h)
-    stream = client.request("/")
-    endpoint = endpoint_for(h)
-    (upstream_stream,) = endpoint.streams
+    client, stream, endpoint, upstream_stream = one_stream(h, "/")
     h.proxy.shutdown(h.now_ns)
     h.pump()
     client.read()
