@@ -71,7 +71,8 @@ class H2Flows(ProxyParts):
         downstream.h2 = H2Session(client=False, limits=self._h2_limits())
         self._deadlines.set(("ping", downstream.conn_id), now_ns + self.config.h2_keepalive_interval_ns)
         self._write_h2(downstream)
-        self._h2_downstream_received(downstream, buffered, now_ns)
+        if buffered:  # (b"" would read as the client's end of stream)
+            self._h2_downstream_received(downstream, buffered, now_ns)
 
     def _h2_downstream_received(self, downstream: Downstream, data: bytes, now_ns: int) -> None:
         session = downstream.h2
@@ -232,7 +233,7 @@ class H2Flows(ProxyParts):
         if exchange.done:
             return
         self.telemetry.aborted(exchange.service)
-        if exchange.grpc and exchange.response_started:
+        if exchange.grpc and exchange.response_started and not exchange.response_ended:
             self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, None)
         self._detach_sink(exchange, code)
         self._forget_stream(exchange)
@@ -303,9 +304,20 @@ class H2Flows(ProxyParts):
         self._response_complete(exchange, clean or [])
 
     def _response_complete(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]]) -> None:
-        """The whole response went to the client; finish the exchange on both sides."""
+        """The endpoint's whole response was handed to the client's side.
+
+        If part of it still waits for the client's window, the exchange stays until that part has left:
+        until then its bytes are unacknowledged towards the endpoint, which keeps the proxy's holdings
+        within the windows it advertised (``_exchange_progress`` finishes it).
+        """
         if exchange.grpc:
             self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, tr.grpc_status(trailers))
+        exchange.response_ended = True
+        if self._source_queued(exchange) == 0:
+            self._finish_stream(exchange)
+
+    def _finish_stream(self, exchange: StreamExchange) -> None:
+        """The response has left in full: end the exchange on both sides."""
         if not exchange.request_ended:
             # The endpoint answered before the upload ended (RFC 9113 section 8.1): stop the upload.
             self._detach_sink(exchange, ErrorCodes.NO_ERROR)
@@ -386,10 +398,9 @@ class H2Flows(ProxyParts):
         elif exchange.source_stream is None:
             downstream.closing = True  # the upload is cut short: the connection cannot carry another request
 
-    def _forget_stream(self, exchange: StreamExchange) -> None:
-        exchange.done = True
-        # Whatever is still unacknowledged can no longer be held against this stream: its bytes are
-        # queued on the other side at most, bounded by that stream's window. Credit the connections.
+    def _credit_all(self, exchange: StreamExchange) -> None:
+        """The exchange is ending: bytes still unacknowledged are credited back to both connections (the
+        streams are done with, and the connections' windows must not shrink by what they carried)."""
         source = self._downstream.get(exchange.source_id)
         sink = self._sink_connection(exchange)
         if exchange.source_unacked and source is not None and source.h2 is not None:
@@ -401,6 +412,17 @@ class H2Flows(ProxyParts):
             sink.h2.acknowledge(exchange.sink_stream, exchange.sink_unacked)
             self._write_h2(sink)
         exchange.source_unacked = exchange.sink_unacked = 0
+
+    def _source_queued(self, exchange: StreamExchange) -> int:
+        """Response bytes waiting for the client's HTTP/2 window."""
+        source = self._downstream.get(exchange.source_id)
+        if source is None or source.h2 is None or exchange.source_stream is None:
+            return 0
+        return source.h2.queued_bytes(exchange.source_stream)
+
+    def _forget_stream(self, exchange: StreamExchange) -> None:
+        exchange.done = True
+        self._credit_all(exchange)
         self._streams.pop(exchange.exchange_id, None)
         self._deadlines.cancel(("response", exchange.exchange_id))
         downstream = self._downstream.get(exchange.source_id)
@@ -463,15 +485,21 @@ class H2Flows(ProxyParts):
             exchange_ids = [connection.exchange_id] if connection.exchange_id is not None else []
         for exchange_id in exchange_ids:
             exchange = self._streams.get(exchange_id)
-            if exchange is None:
-                continue
-            self._settle(exchange)
-            source = self._downstream.get(exchange.source_id)
-            if source is not None and exchange.source_stream is None:
-                self._sync_h1_source_reading(source)
-            sink = self._sink_connection(exchange)
-            if sink is not None and sink.h2 is None:
-                self._sync_h1_sink_reading(sink)
+            if exchange is not None:
+                self._exchange_progress(exchange)
+
+    def _exchange_progress(self, exchange: StreamExchange) -> None:
+        """Bytes of the exchange left a queue or a connection: acknowledge them, read the HTTP/1.1 side
+        that waited on them, and finish an exchange whose last response bytes just left."""
+        self._settle(exchange)
+        source = self._downstream.get(exchange.source_id)
+        if source is not None and exchange.source_stream is None:
+            self._sync_h1_source_reading(source)
+        sink = self._sink_connection(exchange)
+        if sink is not None and sink.h2 is None:
+            self._sync_h1_sink_reading(sink)
+        if exchange.response_ended and not exchange.done and self._source_queued(exchange) == 0:
+            self._finish_stream(exchange)
 
     def _sync_h1_source_reading(self, downstream: Downstream) -> None:
         """An HTTP/1.1 client of a meshed peer is read while its upload can go somewhere."""

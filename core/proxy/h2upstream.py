@@ -64,6 +64,8 @@ class H2Upstream(ProxyParts):
         def _sink_response_data(self, exchange: StreamExchange, data: bytes) -> None: ...
         def _sink_response_end(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]] | None) -> None: ...
         def _ping_answered(self, connection: Downstream | Upstream, now_ns: int) -> None: ...
+        def _exchange_progress(self, exchange: StreamExchange) -> None: ...
+        def _credit_all(self, exchange: StreamExchange) -> None: ...
         def _sync_h1_source_reading(self, downstream: Downstream) -> None: ...
 
     # ---------------------------------------------------------------- where a stream goes
@@ -354,6 +356,8 @@ class H2Upstream(ProxyParts):
             if exchange is None or exchange.done:
                 continue
             exchange.sink_id = None
+            if exchange.response_ended:
+                continue  # the whole response is in: it only waits for the client's window
             if exchange.response_started:
                 self._stream_abort(exchange, reason)
             else:
@@ -392,6 +396,7 @@ class H2Upstream(ProxyParts):
             self._send(sink, sink.h11.send(h11.EndOfMessage(headers=trailers or [])))
 
     def _detach_sink(self, exchange: StreamExchange, code: int) -> None:
+        self._credit_all(exchange)
         sink = self._sink_connection(exchange)
         exchange.sink_id = None
         if sink is None:
@@ -423,7 +428,7 @@ class H2Upstream(ProxyParts):
         for stream_id, _count in session.flush():
             exchange = self._streams.get(connection.streams.get(stream_id, -1))
             if exchange is not None:
-                self._settle(exchange)
+                self._exchange_progress(exchange)
         self._write_h2(connection)
 
     # ---------------------------------------------------------------- HTTP/1.1 endpoints (orig-proto)
