@@ -174,6 +174,7 @@ class RequestRecord:
     chunked: bool
     ended_ns: int | None = None
     status: int | None = None
+    grpc_status: int | None = None  # gRPC calls: the grpc-status the call ended with
     error: str | None = None
     proxy_error: str | None = None
     connection: _ClientConnection | None = None
@@ -199,16 +200,22 @@ class OpenLoopClient:
         self.on_violation = on_violation
         self.records: list[RequestRecord] = []
         self._pending = 0  # records not yet done; kept as a count, the run's stop check reads it per event
+        self._probes_due = 0  # probes scheduled but not yet issued: the run must not stop before them
         self.kernel.at(spec.start_ns, self._next_arrival)
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return self._pending + self._probes_due
 
     def probe(self, count: int, spacing_ns: int) -> None:
         """Issue ``count`` liveness probes, one every ``spacing_ns``, starting now."""
+        self._probes_due += count
         for index in range(count):
-            self.kernel.after(index * spacing_ns, lambda: self._issue(probe=True))
+            self.kernel.after(index * spacing_ns, self._issue_probe)
+
+    def _issue_probe(self) -> None:
+        self._probes_due -= 1
+        self._issue(probe=True)
 
     def _next_arrival(self) -> None:
         if self.kernel.now_ns >= self.spec.stop_ns or not self.network.hosts[self.host].alive:

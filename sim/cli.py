@@ -82,6 +82,8 @@ def _print_summary(result: RunResult) -> None:
     for column in ("requests", "success", "errors", "p50 ms", "p99 ms", "p99.9 ms", "virtual s", "wall s"):
         table.add_column(column, justify="right")
     ok = sum(count for status, count in result.responses.items() if status < 500)
+    # A gRPC call fails with HTTP 200 and a non-zero grpc-status: it is not a success either.
+    ok -= sum(count for code, count in result.grpc_statuses.items() if code != 0)
     latency = result.latency_ms
     table.add_row(
         str(result.requests),
@@ -99,6 +101,8 @@ def _print_summary(result: RunResult) -> None:
     detail.add_column("count", justify="right")
     for status, count in sorted(result.responses.items()):
         detail.add_row(f"HTTP {status}", str(count))
+    for code, count in sorted(result.grpc_statuses.items()):
+        detail.add_row(f"gRPC status {code}", str(count))
     for kind, count in sorted(result.errors.items()):
         detail.add_row(f"error: {kind}", str(count))
     for kind, count in sorted(result.proxy_errors.items()):

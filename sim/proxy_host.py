@@ -17,12 +17,18 @@ from tether.sim.network import Network, VirtualSocket
 
 
 class SimProxy:
-    """One proxy process on host ``host``, listening on ``port``; rebuilt by ``factory`` after a crash."""
+    """One proxy process on host ``host``, listening on ``port``; rebuilt by ``factory`` after a crash.
 
-    def __init__(self, network: Network, host: str, port: int, factory: Callable[[int], Proxy]) -> None:
+    ``name`` is who the trace says acted (the host, unless two proxies share it: an inbound role).
+    """
+
+    def __init__(
+        self, network: Network, host: str, port: int, factory: Callable[[int], Proxy], *, name: str | None = None
+    ) -> None:
         self.network = network
         self.kernel = network.kernel
         self.host = host
+        self.name = name or host
         self.port = port
         self.factory = factory
         self.restarts = 0
@@ -51,7 +57,7 @@ class SimProxy:
         peer = sock.peer.host if sock.peer is not None else "?"
         conn_id = self.proxy.accepted(self.kernel.now_ns, peer=Address(peer, 1))
         self._register(conn_id, sock)
-        self.kernel.log(self.host, f"accept c{conn_id} from {peer}")
+        self.kernel.log(self.name, f"accept c{conn_id} from {peer}")
         self._apply()
         return self
 
@@ -64,7 +70,7 @@ class SimProxy:
     def on_eof(self, sock: VirtualSocket) -> None:
         conn_id = self._ids.get(id(sock))
         if conn_id is not None:
-            self.kernel.log(self.host, f"eof c{conn_id}")
+            self.kernel.log(self.name, f"eof c{conn_id}")
             self.proxy.received(conn_id, b"", self.kernel.now_ns)
             self._apply()
 
@@ -72,7 +78,7 @@ class SimProxy:
         conn_id = self._ids.pop(id(sock), None)
         if conn_id is not None:
             self._sockets.pop(conn_id, None)
-            self.kernel.log(self.host, f"reset c{conn_id}")
+            self.kernel.log(self.name, f"reset c{conn_id}")
             self.proxy.closed(conn_id, self.kernel.now_ns)
             self._apply()
 
@@ -82,12 +88,12 @@ class SimProxy:
                 sock.reset()
             return
         if sock is None:
-            self.kernel.log(self.host, f"connect c{conn_id} failed: {reason}")
+            self.kernel.log(self.name, f"connect c{conn_id} failed: {reason}")
             self.proxy.connect_failed(conn_id, reason, self.kernel.now_ns)
         else:
             sock.attach(self)
             self._register(conn_id, sock)
-            self.kernel.log(self.host, f"connected c{conn_id}")
+            self.kernel.log(self.name, f"connected c{conn_id}")
             self.proxy.connected(conn_id, self.kernel.now_ns)
         self._apply()
 
@@ -121,13 +127,13 @@ class SimProxy:
         elif isinstance(effect, ShutdownWrite):
             sock = self._sockets.get(effect.conn_id)
             if sock is not None:
-                self.kernel.log(self.host, f"shutdown-write c{effect.conn_id}")
+                self.kernel.log(self.name, f"shutdown-write c{effect.conn_id}")
                 sock.shutdown_write()
         elif isinstance(effect, LogError):
-            self.kernel.log(self.host, f"error c{effect.conn_id}: {effect.message}")
+            self.kernel.log(self.name, f"error c{effect.conn_id}: {effect.message}")
 
     def _connect(self, conn_id: int, address: Address) -> None:
-        self.kernel.log(self.host, f"connect c{conn_id} to {address}")
+        self.kernel.log(self.name, f"connect c{conn_id} to {address}")
         generation = self.restarts
         cancel = self.network.connect(
             self.host, address, lambda sock, reason: self._connect_result(conn_id, generation, sock, reason)
@@ -143,7 +149,7 @@ class SimProxy:
         if sock is None:
             return
         self._ids.pop(id(sock), None)
-        self.kernel.log(self.host, f"{'reset' if reset else 'close'} c{conn_id}")
+        self.kernel.log(self.name, f"{'reset' if reset else 'close'} c{conn_id}")
         sock.reset() if reset else sock.close()
 
     def _register(self, conn_id: int, sock: VirtualSocket) -> None:

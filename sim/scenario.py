@@ -1,4 +1,5 @@
-"""Scenario files: YAML that builds a World. See sim/scenarios/basic.yaml for every field.
+"""Scenario files: YAML that builds a World. See sim/scenarios/basic.yaml for every field, and
+meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps.
 
 Errors name the file, the field (as a path such as ``clients[0].rate_per_s``) and what to write instead.
 """
@@ -15,6 +16,7 @@ import yaml
 from tether.core.config import MS
 from tether.core.config_file import ConfigFileError, FieldReader, read_proxy_config
 from tether.sim.apps import ServerSpec, WorkloadSpec
+from tether.sim.grpc_apps import GrpcWorkloadSpec
 from tether.sim.network import LinkSpec
 from tether.sim.tcp_apps import TcpWorkloadSpec
 from tether.sim.world import Fault, World
@@ -66,6 +68,8 @@ def scenario_from_mapping(data: object, source: str) -> Scenario:
         "faults",
         "tcp_servers",
         "tcp_clients",
+        "grpc_servers",
+        "grpc_clients",
     )
     duration_ns = int(top.number("duration_s", 30, minimum=0.001) * S)
     seed = int(top.number("seed", 1))
@@ -86,29 +90,22 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
     world = World(
         seed, default_link=default_link, mss=mss, keep_trace=keep_trace, replay_hint=f"tether sim {scenario.source}"
     )
+    ports = _Ports()
     for server in top.items("servers"):
-        server.known("host", "port", "latency_ms", "failure_rate")
-        low, tail = server.latency("latency_ms", (1.0, 2.0))
-        world.add_server(
-            server.text("host"),
-            ServerSpec(
-                port=int(server.number("port", 8080, minimum=1)),
-                latency_min_ns=low,
-                latency_tail_mean_ns=tail,
-                failure_rate=server.number("failure_rate", 0.0, maximum=1.0),
-            ),
-        )
+        world.add_server(server.text("host"), _server_spec(server, ports, default_port=8080))
+    for server in top.items("grpc_servers"):
+        world.add_grpc_server(server.text("host"), _server_spec(server, ports, default_port=50051))
     for proxy in top.items("proxies"):
-        _add_proxy(world, proxy)
+        _add_proxy(world, proxy, ports)
     for client in top.items("clients"):
         _add_client(world, client, scenario.duration_ns)
+    for client in top.items("grpc_clients"):
+        _add_grpc_client(world, client, scenario.duration_ns)
     for server in top.items("tcp_servers"):
         server.known("host", "port", "server_first")
-        world.add_tcp_server(
-            server.text("host"),
-            int(server.number("port", 9000, minimum=1)),
-            server_first=bool(server.data.get("server_first", False)),
-        )
+        port = int(server.number("port", 9000, minimum=1))
+        ports.claim(server, "port", server.text("host"), port)
+        world.add_tcp_server(server.text("host"), port, server_first=bool(server.data.get("server_first", False)))
     for client in top.items("tcp_clients"):
         client.known("host", "target", "rate_per_s", "start_s", "stop_s", "payload_bytes", "server_first", "timeout_s")
         world.add_tcp_client(
@@ -135,22 +132,74 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
     return world
 
 
-def _add_proxy(world: World, proxy: FieldReader) -> None:
-    proxy.known("host", "port", "to", "service", "routes", "config")
+class _Ports:
+    """Which (host, port) pairs something listens on already: two listeners on one port is a mistake."""
+
+    def __init__(self) -> None:
+        self._taken: set[tuple[str, int]] = set()
+
+    def claim(self, reader: FieldReader, key: str, host: str, port: int) -> None:
+        if (host, port) in self._taken:
+            raise reader.fail(key, f"{host}:{port} already has a listener", "give each app and proxy its own port")
+        self._taken.add((host, port))
+
+
+def _server_spec(server: FieldReader, ports: _Ports, *, default_port: int) -> ServerSpec:
+    server.known("host", "port", "latency_ms", "failure_rate")
+    low, tail = server.latency("latency_ms", (1.0, 2.0))
+    port = int(server.number("port", default_port, minimum=1, maximum=65535))
+    ports.claim(server, "port", server.text("host"), port)
+    return ServerSpec(
+        port=port,
+        latency_min_ns=low,
+        latency_tail_mean_ns=tail,
+        failure_rate=server.number("failure_rate", 0.0, maximum=1.0),
+    )
+
+
+OUTBOUND_KEYS = ("port", "to", "service", "routes", "meshed", "config")
+
+
+def _add_proxy(world: World, proxy: FieldReader, ports: _Ports) -> None:
+    """An outbound proxy, an inbound one (``inbound: {port, to, config}``), or both on one host.
+
+    An entry with ``inbound`` and none of the outbound keys runs only the inbound role.
+    """
+    proxy.known("host", *OUTBOUND_KEYS, "inbound")
+    host = proxy.text("host")
+    if "inbound" in proxy.data:
+        _add_inbound(world, host, proxy.child("inbound"), ports)
+        if not any(key in proxy.data for key in OUTBOUND_KEYS):
+            return
     endpoints = [proxy.address(item, "to") for item in proxy.data.get("to", [])]
     routes = {
-        str(host): [proxy.address(item, f"routes.{host}") for item in items]
-        for host, items in dict(proxy.data.get("routes", {})).items()
+        str(name): [proxy.address(item, f"routes.{name}") for item in items]
+        for name, items in dict(proxy.child("routes").data).items()
     }
+    meshed_node = proxy.child("meshed")
+    meshed = {str(name): int(meshed_node.number(str(name), minimum=1, maximum=65535)) for name in meshed_node.data}
+    for name in meshed:
+        if name not in routes:
+            raise meshed_node.fail(name, "names no route", "add it under routes, or remove it from meshed")
+    port = int(proxy.number("port", 4140, minimum=1, maximum=65535))
+    ports.claim(proxy, "port", host, port)
     config = read_proxy_config(proxy.child("config"))
     world.add_proxy(
-        proxy.text("host"),
-        int(proxy.number("port", 4140, minimum=1)),
-        endpoints,
-        config,
-        routes=routes,
-        service=proxy.text("service", "default"),
+        host, port, endpoints, config, routes=routes, service=proxy.text("service", "default"), meshed=meshed
     )
+
+
+def _add_inbound(world: World, host: str, inbound: FieldReader, ports: _Ports) -> None:
+    inbound.known("port", "to", "service", "config")
+    port = int(inbound.number("port", 4143, minimum=1, maximum=65535))
+    ports.claim(inbound, "port", host, port)
+    workload_port = int(inbound.number("to", minimum=1, maximum=65535))
+    # The inbound role detects protocols unless told otherwise, as `tether proxy`'s does.
+    config_node = inbound.child("config")
+    config = read_proxy_config(
+        FieldReader(config_node.source, config_node.path, {"protocol": "detect", **config_node.data})
+    )
+    world.add_inbound_proxy(host, port, workload_port, config, service=inbound.text("service", "inbound"))
 
 
 def _add_client(world: World, client: FieldReader, duration_ns: int) -> None:
@@ -180,6 +229,35 @@ def _add_client(world: World, client: FieldReader, duration_ns: int) -> None:
         timeout_ns=int(client.number("timeout_s", 60, minimum=0.001) * S),
     )
     world.add_client(client.text("host"), spec)
+
+
+def _add_grpc_client(world: World, client: FieldReader, duration_ns: int) -> None:
+    client.known(
+        "host",
+        "target",
+        "authority",
+        "rate_per_s",
+        "start_s",
+        "stop_s",
+        "connections",
+        "request_bytes",
+        "response_bytes",
+        "timeout_s",
+        "connection_window",
+    )
+    spec = GrpcWorkloadSpec(
+        target=client.address(client.data.get("target"), "target"),
+        authority=client.text("authority", "default"),
+        rate_per_s=client.number("rate_per_s", 50, minimum=0.001, maximum=1_000_000),
+        start_ns=int(client.number("start_s", 0) * S),
+        stop_ns=int(client.number("stop_s", duration_ns / S) * S),
+        max_connections=int(client.number("connections", 1, minimum=1)),
+        request_bytes=client.pair("request_bytes", (0, 1024)),
+        response_bytes=client.pair("response_bytes", (64, 1024)),
+        timeout_ns=int(client.number("timeout_s", 60, minimum=0.001) * S),
+        connection_window=int(client.number("connection_window", 65_535, minimum=65_535, maximum=2**31 - 1)),
+    )
+    world.add_grpc_client(client.text("host"), spec)
 
 
 def _two_hosts(reader: FieldReader, key: str, world: World) -> tuple[str, str]:

@@ -2,8 +2,11 @@
 
 They exercise the proxy's opaque tunnels and protocol detection. A session sends a random payload, then
 half-closes; the server echoes every byte as it arrives (after a banner, if it speaks first) and
-half-closes when the client has. The client checks that it got exactly the banner and its own bytes back,
-then the end of stream: a tunnel that loses, reorders, truncates or mixes bytes breaks that check.
+half-closes when the client has. With a server that speaks first the client sends nothing until the
+whole banner has arrived, as an SMTP or MySQL client does: a detecting proxy in between sees no bytes
+and must tunnel the connection once its detect timeout passes. The client checks that it got exactly
+the banner and its own bytes back, then the end of stream: a tunnel that loses, reorders, truncates or
+mixes bytes breaks that check.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class _Session:
         self.record = record
         self.sock: VirtualSocket | None = None
         self.received = bytearray()
+        self.sent = False  # the payload and the half-close went out
 
     def connected(self, sock: VirtualSocket | None, reason: str) -> None:
         if self.record.done:
@@ -102,6 +106,11 @@ class _Session:
             return
         self.sock = sock
         sock.attach(self)
+        if not self.client.spec.server_first:
+            self._send_payload(sock)
+
+    def _send_payload(self, sock: VirtualSocket) -> None:
+        self.sent = True
         payload = self.record.body
         half = len(payload) // 2
         sock.send(payload[:half])
@@ -110,6 +119,8 @@ class _Session:
 
     def on_data(self, sock: VirtualSocket, data: bytes) -> None:
         self.received += data
+        if not self.sent and len(self.received) >= len(BANNER):
+            self._send_payload(sock)  # the server has spoken: the client's turn
 
     def on_eof(self, sock: VirtualSocket) -> None:
         if self.record.done:

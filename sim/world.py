@@ -5,6 +5,10 @@ fault schedule plays; then every fault is healed, crashed hosts restart, no new 
 world runs until every request has ended (or a grace period passes). Safety invariants are checked as
 events happen (a wrong or corrupt response, a request ending twice); liveness is checked at the end
 (every request ended, and none by a client timeout that no crash explains).
+
+A host runs any mix of virtual apps (HTTP, gRPC, TCP) and proxies: an outbound proxy, and beside a
+workload the inbound role (a second proxy process on the same host, named ``HOST/inbound``). A crash
+takes everything on the host down at once, as a pod's crash would, and its restart brings all of it back.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tether.core.address import Address
@@ -20,6 +24,7 @@ from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
 from tether.core.proxy import Proxy
 from tether.sim.apps import ServerSpec, VirtualHttpServer, WorkloadClient, WorkloadSpec
+from tether.sim.grpc_apps import GrpcWorkloadClient, GrpcWorkloadSpec, VirtualGrpcServer
 from tether.sim.kernel import Kernel
 from tether.sim.network import LinkSpec, Network
 from tether.sim.proxy_host import SimProxy
@@ -68,6 +73,7 @@ class RunResult:
     violations: list[str] = field(default_factory=list)
     proxy_errors: dict[str, int] = field(default_factory=dict)
     tcp_sessions_ok: int = 0  # opaque TCP sessions whose every byte came back
+    grpc_statuses: dict[int, int] = field(default_factory=dict)  # gRPC calls by the grpc-status they ended with
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -79,6 +85,7 @@ class RunResult:
             "errors_by_kind": dict(sorted(self.errors.items())),
             "proxy_errors": dict(sorted(self.proxy_errors.items())),
             "tcp_sessions_ok": self.tcp_sessions_ok,
+            "grpc_status": {str(code): count for code, count in sorted(self.grpc_statuses.items())},
             "latency_ms": self.latency_ms,
             "virtual_s": self.virtual_s,
             "wall_s": round(self.wall_s, 3),
@@ -101,9 +108,11 @@ class World:
         self.kernel = Kernel(seed, keep_trace=keep_trace)
         self.network = Network(self.kernel, self.kernel.rng_for("network"), default_link=default_link, mss=mss)
         self.replay_hint = replay_hint
-        self.clients: list[WorkloadClient | TcpSessionClient] = []
+        self.clients: list[WorkloadClient | TcpSessionClient | GrpcWorkloadClient] = []
         self._tcp_servers: dict[str, tuple[int, bool]] = {}
         self.servers: dict[str, VirtualHttpServer] = {}
+        self._grpc_specs: dict[str, ServerSpec] = {}
+        # By name: the host for an outbound proxy, "HOST/inbound" for the inbound role beside a workload.
         self.proxies: dict[str, SimProxy] = {}
         self.violations: list[str] = []
         self._server_specs: dict[str, ServerSpec] = {}
@@ -131,14 +140,43 @@ class World:
         *,
         routes: dict[str, Sequence[Address]] | None = None,
         service: str = "default",
+        meshed: Mapping[str, int] | None = None,
     ) -> None:
+        """An outbound proxy. ``meshed`` maps route hosts whose endpoints run an inbound proxy to its port:
+        HTTP to them rides HTTP/2 to that port, opened with a transport header."""
         self._host(host)
 
         def factory(restart: int) -> Proxy:
-            resolver = StaticResolver(default=endpoints, by_host=routes, default_name=service)
+            resolver = StaticResolver(default=endpoints, by_host=routes, default_name=service, meshed_hosts=meshed)
             return Proxy(config, resolver, self.kernel.rng_for("proxy", host, restart))
 
         self.proxies[host] = SimProxy(self.network, host, port, factory)
+
+    def add_inbound_proxy(
+        self, host: str, port: int, workload_port: int, config: ProxyConfig, *, service: str = "inbound"
+    ) -> None:
+        """The inbound role beside a workload on ``host``: a second proxy process there, whose every
+        connection goes to the local workload (the port a peer's transport header names, else
+        ``workload_port``), as ``tether proxy``'s inbound role."""
+        self._host(host)
+        workload = [Address(host, workload_port)]
+
+        def factory(restart: int) -> Proxy:
+            resolver = StaticResolver(default=workload, default_name=service)
+            return Proxy(config, resolver, self.kernel.rng_for("inbound", host, restart), direction="inbound")
+
+        name = f"{host}/inbound"
+        self.proxies[name] = SimProxy(self.network, host, port, factory, name=name)
+
+    def add_grpc_server(self, host: str, spec: ServerSpec) -> None:
+        self._host(host)
+        self._grpc_specs[host] = spec
+        VirtualGrpcServer(self.network, host, spec, self.kernel.rng_for("grpc-server", host, 0), self._violation)
+
+    def add_grpc_client(self, host: str, spec: GrpcWorkloadSpec) -> None:
+        self._host(host)
+        rng = self.kernel.rng_for("grpc-workload", host)
+        self.clients.append(GrpcWorkloadClient(self.network, host, spec, rng, self._violation))
 
     def add_tcp_server(self, host: str, port: int, *, server_first: bool) -> None:
         self._host(host)
@@ -206,14 +244,22 @@ class World:
         self.kernel.log("network", f"link {a}<->{b} {spec}")
 
     def _restart(self, host: str) -> None:
+        if self.network.hosts[host].alive:
+            # A crash that never started (healing came first) or that an overlapping one already ended:
+            # restarting the processes of a live host would orphan their open connections.
+            return
         self.network.restart(host)
-        if host in self.proxies:
-            self.proxies[host].restart()
+        restarts = self.network.hosts[host].epoch
+        for sim_proxy in self.proxies.values():
+            if sim_proxy.host == host:
+                sim_proxy.restart()
+        if host in self._grpc_specs:
+            rng = self.kernel.rng_for("grpc-server", host, restarts)
+            VirtualGrpcServer(self.network, host, self._grpc_specs[host], rng, self._violation)
         if host in self._tcp_servers:
             port, server_first = self._tcp_servers[host]
             VirtualEchoServer(self.network, host, port, server_first=server_first)
         if host in self.servers:
-            restarts = self.network.hosts[host].epoch
             spec = self._server_specs[host]
             self.servers[host] = VirtualHttpServer(
                 self.network, host, spec, self.kernel.rng_for("server", host, restarts)
@@ -276,6 +322,7 @@ class World:
         records = [record for client in self.clients for record in client.records if not record.probe]
         tcp_sessions_ok = 0
         responses: dict[int, int] = {}
+        grpc_statuses: dict[int, int] = {}
         errors: dict[str, int] = {}
         latencies: list[float] = []
         for record in records:
@@ -283,6 +330,8 @@ class World:
                 tcp_sessions_ok += 1
             if record.status is not None:
                 responses[record.status] = responses.get(record.status, 0) + 1
+            if record.grpc_status is not None:
+                grpc_statuses[record.grpc_status] = grpc_statuses.get(record.grpc_status, 0) + 1
             elif record.error is not None:
                 kind = record.error.split(":")[0]
                 errors[kind] = errors.get(kind, 0) + 1
@@ -306,6 +355,7 @@ class World:
             violations=list(self.violations),
             proxy_errors=proxy_errors,
             tcp_sessions_ok=tcp_sessions_ok,
+            grpc_statuses=grpc_statuses,
         )
 
 

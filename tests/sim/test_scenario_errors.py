@@ -54,3 +54,50 @@ def test_tether_sim_exits_2_on_bad_file(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "duration_s" in done.stderr and "bad.yaml" in done.stderr
+
+
+MESHED = """
+duration_s: 5
+servers: [{host: b, port: 8080}]
+grpc_servers: [{host: b, port: 50051}]
+proxies:
+  - {host: p, port: 4140, routes: {web: ["b:8080"]}, meshed: {web: 4143}}
+  - {host: b, inbound: {port: 4143, to: 8080}}
+clients: [{host: c, target: "p:4140", authority: web}]
+grpc_clients: [{host: g, target: "p:4140", authority: web}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "fix"),
+    [
+        ("meshed: {web: 4143}", "meshed: {api: 4143}", "proxies[0].meshed.api", "add it under routes"),
+        ("meshed: {web: 4143}", "meshed: {web: none}", "proxies[0].meshed.web", "give a number"),
+        ("inbound: {port: 4143, to: 8080}", "inbound: {port: 4143}", "proxies[1].inbound.to", "give a number"),
+        ("inbound: {port: 4143, to: 8080}", "inbound: {port: 8080, to: 8080}", "proxies[1].inbound.port", "own port"),
+        ("to: 8080}", "to: 8080, config: {protocol: tcp}}", "proxies[1].inbound.config.protocol", "use one of"),
+        (
+            '{host: g, target: "p:4140"',
+            '{host: g, colour: red, target: "p:4140"',
+            "grpc_clients[0].colour",
+            "use one of",
+        ),
+        ("grpc_servers: [{host: b, port: 50051}]", "grpc_servers: [{host: b, port: 8080}]", "grpc_servers", "own port"),
+    ],
+)
+def test_meshed_and_grpc_fields_name_file_field_and_fix(
+    tmp_path: Path, old: str, new: str, field: str, fix: str
+) -> None:
+    path = tmp_path / "meshed.yaml"
+    assert old in MESHED
+    path.write_text(MESHED.replace(old, new))
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(path)
+    message = str(caught.value)
+    assert str(path) in message and field in message and fix in message, message
+
+
+def test_meshed_scenario_loads(tmp_path: Path) -> None:
+    path = tmp_path / "meshed.yaml"
+    path.write_text(MESHED)
+    assert load_scenario(path).duration_ns == 5_000_000_000
