@@ -6,12 +6,9 @@ A failure writes the drawn scenario to .tether-failures/ and prints the command 
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
-import yaml
+from fault_draws import faults, report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,28 +24,6 @@ LINKS = [
     ("tcp-client", "tcp-proxy"),
     ("tcp-proxy", "echo"),
 ]
-
-
-@st.composite
-def faults(draw: st.DrawFn, duration_s: float) -> list[dict[str, Any]]:
-    drawn: list[dict[str, Any]] = []
-    for _ in range(draw(st.integers(0, 4))):
-        kind = draw(st.sampled_from(["partition", "crash", "loss", "latency"]))
-        at_s = draw(st.floats(0.5, duration_s - 0.5))
-        length_s = draw(st.floats(0.1, 6.0))
-        if kind == "crash":
-            fault: dict[str, Any] = {"kind": kind, "hosts": [draw(st.sampled_from(HOSTS[1:]))]}
-        else:
-            fault = {"kind": kind, "hosts": list(draw(st.sampled_from(LINKS)))}
-            if kind == "partition":
-                fault["one_way"] = draw(st.booleans())
-            if kind == "loss":
-                fault["loss"] = draw(st.sampled_from([0.05, 0.2, 0.5]))
-            if kind == "latency":
-                fault["latency_ms"] = {"min": draw(st.sampled_from([5, 50, 500])), "tail_mean": 20}
-        fault.update(at_s=round(at_s, 3), duration_s=round(length_s, 3))
-        drawn.append(fault)
-    return drawn
 
 
 def mesh(draw: st.DrawFn) -> dict[str, Any]:
@@ -121,20 +96,8 @@ def mesh(draw: st.DrawFn) -> dict[str, Any]:
                 ],
             },
         ],
-        "faults": draw(faults(duration_s)),
+        "faults": draw(faults(duration_s=duration_s, crashable=HOSTS[1:], links=LINKS)),
     }
-
-
-def report(data: dict[str, Any], seed: int, violations: list[str]) -> str:
-    text = yaml.safe_dump(data, sort_keys=False)
-    folder = Path(".tether-failures")
-    folder.mkdir(exist_ok=True)
-    path = folder / f"mesh-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
-    path.write_text(text)
-    return (
-        f"{len(violations)} violations, first: {violations[0]}\n"
-        f"replay with: tether sim {path} --seed {seed}\nscenario: {json.dumps(data)}"
-    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -143,8 +106,10 @@ def test_mesh_invariants_hold_under_drawn_faults(data: st.DataObject, seed: int)
     mapping = mesh(data.draw)
     scenario = scenario_from_mapping(mapping, "<hypothesis>")
     result = scenario.build(seed).run(scenario.duration_ns)
-    assert not result.violations, report(mapping, seed, result.violations)
+    assert not result.violations, report(mapping, seed, result.violations, prefix="mesh")
     assert result.requests > 0
     if seed % 5 == 0:  # replaying a seed gives the same run
         again = scenario.build(seed).run(scenario.duration_ns)
-        assert again.trace_hash == result.trace_hash, report(mapping, seed, ["trace hash differs on replay"])
+        assert again.trace_hash == result.trace_hash, report(
+            mapping, seed, ["trace hash differs on replay"], prefix="mesh"
+        )

@@ -13,12 +13,9 @@ MSS of 7.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
-import yaml
+from fault_draws import faults, report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,28 +24,6 @@ from tether.sim.scenario import scenario_from_mapping
 DURATION_S = 5.0
 CRASHABLE = ["out", "app-1", "app-2"]
 LINKS = [("client", "out"), ("caller", "out"), ("out", "app-1"), ("out", "app-2")]
-
-
-@st.composite
-def faults(draw: st.DrawFn) -> list[dict[str, Any]]:
-    drawn: list[dict[str, Any]] = []
-    for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.sampled_from(["partition", "crash", "loss", "latency"]))
-        fault: dict[str, Any] = {"kind": kind}
-        if kind == "crash":
-            fault["hosts"] = [draw(st.sampled_from(CRASHABLE))]
-        else:
-            fault["hosts"] = list(draw(st.sampled_from(LINKS)))
-        if kind == "partition":
-            fault["one_way"] = draw(st.booleans())
-        if kind == "loss":
-            fault["loss"] = draw(st.sampled_from([0.05, 0.2, 0.5]))
-        if kind == "latency":
-            fault["latency_ms"] = {"min": draw(st.sampled_from([5, 50, 500])), "tail_mean": 20}
-        fault["at_s"] = round(draw(st.floats(0.2, DURATION_S - 0.5)), 3)
-        fault["duration_s"] = round(draw(st.floats(0.1, 5.0)), 3)
-        drawn.append(fault)
-    return drawn
 
 
 def app(draw: st.DrawFn, host: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -116,20 +91,8 @@ def meshed(draw: st.DrawFn) -> dict[str, Any]:
                 "connection_window": draw(st.sampled_from([65_535, 1_048_576])),
             },
         ],
-        "faults": draw(faults()),
+        "faults": draw(faults(duration_s=DURATION_S, crashable=CRASHABLE, links=LINKS, most=3, longest_s=5.0)),
     }
-
-
-def report(data: dict[str, Any], seed: int, violations: list[str]) -> str:
-    text = yaml.safe_dump(data, sort_keys=False)
-    folder = Path(".tether-failures")
-    folder.mkdir(exist_ok=True)
-    path = folder / f"meshed-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
-    path.write_text(text)
-    return (
-        f"{len(violations)} violations, first: {violations[0]}\n"
-        f"replay with: tether sim {path} --seed {seed}\nscenario: {json.dumps(data)}"
-    )
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -138,8 +101,10 @@ def test_meshed_invariants_hold_under_drawn_faults(data: st.DataObject, seed: in
     mapping = meshed(data.draw)
     scenario = scenario_from_mapping(mapping, "<hypothesis>")
     result = scenario.build(seed).run(scenario.duration_ns)
-    assert not result.violations, report(mapping, seed, result.violations)
+    assert not result.violations, report(mapping, seed, result.violations, prefix="meshed")
     assert result.requests > 0 and result.grpc_statuses
     if seed % 4 == 0:  # replaying a seed gives the same run
         again = scenario.build(seed).run(scenario.duration_ns)
-        assert again.trace_hash == result.trace_hash, report(mapping, seed, ["trace hash differs on replay"])
+        assert again.trace_hash == result.trace_hash, report(
+            mapping, seed, ["trace hash differs on replay"], prefix="meshed"
+        )
