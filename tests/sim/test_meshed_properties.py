@@ -5,7 +5,7 @@ inbound proxy beside each app -> the app's HTTP/1.1 server or h2c gRPC server. A
 its servers and its inbound proxy down together. A failure writes the drawn scenario to .tether-failures/
 and prints the command that replays it.
 
-The draws reach the shapes that once broke the core (test_grpc.py and test_meshed.py keep one test
+The draws reach the shapes that once broke the core (test_grpc_scenarios.py and test_meshed.py keep one test
 each): bodies larger than the 64 KiB HTTP/2 stream window, gRPC responses that outgrow the client's
 window, and gRPC on port 50051, whose 35-byte transport header ends exactly at a segment boundary with an
 MSS of 7.
