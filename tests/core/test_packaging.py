@@ -23,3 +23,10 @@ def test_shipped_scenarios_are_package_data() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "scenarios/*.yaml" in data["tether.sim"]
     assert list((ROOT / "sim" / "scenarios").glob("*.yaml"))
+
+
+def test_test_module_names_are_unique() -> None:
+    """pytest's default import mode imports test modules by basename: two test_x.py in different folders
+    make collection fail with "import file mismatch"."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []
