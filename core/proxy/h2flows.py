@@ -111,8 +111,10 @@ class H2Flows(ProxyParts):
             exchange.request_trailers = [(n, v) for n, v in event.headers if not n.startswith(b":")]
         elif isinstance(event, h2.events.StreamEnded) and exchange is not None:
             self._source_request_ended(exchange, now_ns)
-        elif isinstance(event, h2.events.StreamReset) and exchange is not None:
-            self._source_reset(exchange, event.error_code)
+        elif isinstance(event, h2.events.StreamReset):
+            downstream.h2.forget(event.stream_id)  # type: ignore[union-attr]
+            if exchange is not None:
+                self._source_reset(exchange, event.error_code)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._flush_h2(downstream)
         elif isinstance(event, h2.events.PingAckReceived):
@@ -126,6 +128,12 @@ class H2Flows(ProxyParts):
         stream_id = event.stream_id
         if downstream.closing or self._draining:
             session.reset(stream_id, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: the client may retry
+            return
+        if len(downstream.streams) >= self.config.h2_max_concurrent_streams:
+            if session.refuse(stream_id, now_ns):
+                self._write_h2(downstream)
+                reason = "HTTP/2 flood: streams over the concurrency limit, refused faster than the flood limit"
+                self._h2_downstream_lost(downstream, reason, reset=False)
             return
         self._deadlines.cancel(("idle", downstream.conn_id))
         try:
@@ -179,8 +187,8 @@ class H2Flows(ProxyParts):
         """The client connection ended or broke: every stream on it is abandoned."""
         if reason:
             self._effects.append(LogError(conn_id=downstream.conn_id, message=reason))
+        self._close_downstream(downstream, reset=reset)  # first: abandoning must not close it gracefully
         self._abandon_client_streams(downstream)
-        self._close_downstream(downstream, reset=reset)
 
     def _close_finished_h2(self, downstream: Downstream) -> None:
         """A client connection that said (or was told) GOAWAY closes once its last stream ends."""
@@ -192,8 +200,6 @@ class H2Flows(ProxyParts):
             self._write_h2(downstream)
             if not downstream.streams:
                 self._close_downstream(downstream)
-        elif not downstream.streams:
-            self._deadlines.set(("idle", downstream.conn_id), self._now_ns + self.config.idle_timeout_ns)
 
     def _h2_idle(self, downstream: Downstream) -> None:
         if downstream.h2 is not None and not downstream.streams:
@@ -358,9 +364,11 @@ class H2Flows(ProxyParts):
             headers, body = tr.h2_error_response(error)
             session.send_headers(exchange.source_stream, headers)
             session.send_data(exchange.source_stream, body)
-            session.end_stream(exchange.source_stream)
-        if not exchange.request_ended:
-            session.reset(exchange.source_stream, ErrorCodes.NO_ERROR)
+            # An unfinished upload is stopped with RST_STREAM(NO_ERROR), after the answer is complete.
+            stop = None if exchange.request_ended else ErrorCodes.NO_ERROR
+            session.end_stream(exchange.source_stream, reset_after=stop)
+        if exchange.grpc and not exchange.request_ended:
+            session.reset(exchange.source_stream, ErrorCodes.NO_ERROR)  # its HEADERS already ended the stream
         self._write_h2(downstream)
 
     def _h1_error_response(self, downstream: Downstream, exchange: StreamExchange, error: ProxyError) -> None:
@@ -430,6 +438,8 @@ class H2Flows(ProxyParts):
             return
         if exchange.source_stream is not None:
             downstream.streams.pop(exchange.source_stream, None)
+            if not downstream.streams:  # idle from now on (reads such as PING answers do not count)
+                self._deadlines.set(("idle", downstream.conn_id), self._now_ns + self.config.idle_timeout_ns)
             self._close_finished_h2(downstream)
         elif downstream.exchange_id == exchange.exchange_id:
             if not exchange.request_ended:

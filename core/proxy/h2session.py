@@ -32,6 +32,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.errors import ErrorCodes
 
 NS_PER_S = 1_000_000_000
@@ -59,6 +60,7 @@ class _Outgoing:
     size: int = 0
     end: bool = False
     trailers: list[tuple[bytes, bytes]] | None = None
+    reset_after: int | None = None  # RST_STREAM with this code once the end has gone out
 
 
 class H2Session:
@@ -80,6 +82,10 @@ class H2Session:
             settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
         self._h2.local_settings = h2.settings.Settings(client=client, initial_values=settings)
         self._h2.initiate_connection()
+        # The stream limit went out in SETTINGS; the proxy enforces it itself, per stream (REFUSED_STREAM,
+        # RFC 9113 section 5.1.2), because h2 would treat one stream too many as a connection error, and
+        # before the peer has even seen the limit. So h2's own copy of the limit is lifted.
+        self._h2.local_settings._settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = deque([2**31 - 1])  # noqa: SLF001
         if limits.connection_window > DEFAULT_WINDOW:
             self._h2.increment_flow_control_window(limits.connection_window - DEFAULT_WINDOW)
         self._outgoing: dict[int, _Outgoing] = {}
@@ -146,11 +152,15 @@ class H2Session:
         outgoing.size += len(data)
         return self._flush_stream(stream_id, outgoing)
 
-    def end_stream(self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
-        """End the stream (with trailers, if any) once everything queued before has been written."""
+    def end_stream(
+        self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None = None, *, reset_after: int | None = None
+    ) -> None:
+        """End the stream (with trailers, if any) once everything queued before has been written; then
+        reset it with ``reset_after`` if given (a complete answer to an upload that is to stop)."""
         outgoing = self._outgoing.setdefault(stream_id, _Outgoing())
         outgoing.end = True
         outgoing.trailers = trailers
+        outgoing.reset_after = reset_after
         self._flush_stream(stream_id, outgoing)
 
     def flush(self) -> list[tuple[int, int]]:
@@ -189,6 +199,15 @@ class H2Session:
         self.goaway_sent = True
         self._h2.close_connection(code, last_stream_id=self.last_peer_stream_id)
 
+    def refuse(self, stream_id: int, now_ns: int) -> bool:
+        """Refuse a stream over the limit (REFUSED_STREAM: the client may retry it). Refusals count towards
+        the flood limit; returns True when this one went past it (the connection then gets GOAWAY)."""
+        self.reset(stream_id, ErrorCodes.REFUSED_STREAM)
+        if self._count_control(now_ns):
+            self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+            return True
+        return False
+
     def ping(self, payload: bytes) -> None:
         self._h2.ping(payload)
 
@@ -222,6 +241,8 @@ class H2Session:
                     self._h2.send_headers(stream_id, outgoing.trailers, end_stream=True)
                 else:
                     self._h2.end_stream(stream_id)
+                if outgoing.reset_after is not None:
+                    self._h2.reset_stream(stream_id, outgoing.reset_after)
         except h2.exceptions.ProtocolError:
             # The stream was reset or closed under us; whatever was queued for it is moot.
             self._outgoing.pop(stream_id, None)
@@ -258,3 +279,18 @@ def keep_open_after_goaway(connection: h2.connection.H2Connection) -> None:
             action, _closed = table[(state, goaway)]
             table[(state, goaway)] = (action, state)
     machine._transitions = table  # noqa: SLF001
+
+
+def _ignore_informational_on_closed_streams() -> None:
+    """A 1xx response that crosses the proxy's RST_STREAM is ignored, as RFC 9113 section 5.1 asks for
+    frames on a stream the receiver reset. h2's stream table has no entry for it, so h2 would fail the
+    whole connection; this gives it the one h2 uses for a final response on such a stream."""
+    table = h2.stream._transitions  # noqa: SLF001 - h2 offers no public switch for this
+    closed = h2.stream.StreamState.CLOSED
+    table.setdefault(
+        (closed, h2.stream.StreamInputs.RECV_INFORMATIONAL_HEADERS),
+        table[(closed, h2.stream.StreamInputs.RECV_HEADERS)],
+    )
+
+
+_ignore_informational_on_closed_streams()

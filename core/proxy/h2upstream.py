@@ -253,7 +253,6 @@ class H2Upstream(ProxyParts):
         if upstream.conn_id in self._upstream:
             self._write_h2(upstream)
             self._sync_h2_reading(upstream)
-            self._h2_upstream_maybe_idle(upstream)
 
     def _h2_upstream_event(self, upstream: Upstream, event: h2.events.Event) -> None:
         session = upstream.h2
@@ -278,8 +277,10 @@ class H2Upstream(ProxyParts):
             self._sink_response_end(exchange, None)
         elif isinstance(event, h2.events.StreamReset):
             upstream.streams.pop(stream_id, None)
+            session.forget(stream_id)  # request bytes queued for it are moot
             if exchange is not None:
                 self._sink_reset(exchange, event.error_code)
+            self._h2_upstream_maybe_idle(upstream)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._flush_h2(upstream)
             self._serve_h2_waiters(self._h2_pool_of(upstream))
@@ -304,7 +305,9 @@ class H2Upstream(ProxyParts):
             reason = f"{exchange.endpoint} reset the stream (HTTP/2 error code {code})"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))
             return
-        self._reset_source(exchange, code)
+        # An HTTP/1.1 client whose response was cut (whatever the code, NO_ERROR too) is reset, never
+        # given a FIN that would pass for the end of the body.
+        self._reset_source(exchange, code if exchange.source_stream is not None else ErrorCodes.INTERNAL_ERROR)
         self._abandon_stream(exchange, code)
 
     def _h2_upstream_goaway(self, upstream: Upstream, last_stream_id: int | None) -> None:
@@ -328,6 +331,7 @@ class H2Upstream(ProxyParts):
             else:
                 reason = f"{upstream.endpoint} sent GOAWAY before processing the request"
                 self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))
+        self._h2_upstream_maybe_idle(upstream)  # with no streams left it closes now
 
     def _h2_upstream_maybe_idle(self, upstream: Upstream) -> None:
         session = upstream.h2

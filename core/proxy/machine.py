@@ -321,12 +321,12 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
             if downstream.mode is Mode.HTTP2:
                 self._h2_downstream_lost(downstream, "", reset=True)
                 continue
+            self._close_downstream(downstream, reset=True)  # first: abandoning must not close it gracefully
             self._abandon_client_streams(downstream)
             exchange = self._exchange(downstream.exchange_id)
             if exchange is not None and exchange.live:
                 self._abandon(exchange, now_ns)
             self._tunnel_client_lost(downstream)
-            self._close_downstream(downstream, reset=True)
 
     # ------------------------------------------------------------------ connection bookkeeping
 

@@ -82,7 +82,8 @@ class TunnelFlows(ProxyParts):
         buffered, downstream.detect_buffer = bytes(downstream.detect_buffer), bytearray()
         if protocol is Protocol.HTTP1:
             downstream.mode = Mode.HTTP1
-            downstream.h11.receive_data(buffered)
+            if buffered:  # (b"" would read as the client's end of stream)
+                downstream.h11.receive_data(buffered)
             if downstream.eof:
                 downstream.h11.receive_data(b"")
             self._pump_downstream(downstream, now_ns)
