@@ -63,6 +63,13 @@ class _Outgoing:
     reset_after: int | None = None  # RST_STREAM with this code once the end has gone out
 
 
+class _Connection(h2.connection.H2Connection):
+    # h2 remembers up to 65,536 closed streams per connection (a few MB once a busy connection has seen
+    # that many). It needs them only to tell a frame for a recently closed stream from a protocol error,
+    # and a stream closed thousands of streams ago gets no more frames from a sane peer.
+    MAX_CLOSED_STREAMS = 1000
+
+
 class H2Session:
     def __init__(self, *, client: bool, limits: H2Limits) -> None:
         # Outbound headers were validated on their way in (by h2 or h11) and are rewritten only by this
@@ -70,7 +77,7 @@ class H2Session:
         config = h2.config.H2Configuration(
             client_side=client, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
         )
-        self._h2 = h2.connection.H2Connection(config)
+        self._h2 = _Connection(config)
         keep_open_after_goaway(self._h2)
         self._limits = limits
         settings = {
