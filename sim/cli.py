@@ -84,6 +84,7 @@ def _print_summary(result: RunResult) -> None:
     ok = sum(count for status, count in result.responses.items() if status < 500)
     # A gRPC call fails with HTTP 200 and a non-zero grpc-status: it is not a success either.
     ok -= sum(count for code, count in result.grpc_statuses.items() if code != 0)
+    ok += result.tcp_sessions_ok  # an opaque TCP session whose every byte came back succeeded too
     latency = result.latency_ms
     table.add_row(
         str(result.requests),
