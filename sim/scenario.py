@@ -202,62 +202,50 @@ def _add_inbound(world: World, host: str, inbound: FieldReader, ports: _Ports) -
     world.add_inbound_proxy(host, port, workload_port, config, service=inbound.text("service", "inbound"))
 
 
+_WORKLOAD_KEYS = (
+    "host",
+    "target",
+    "authority",
+    "rate_per_s",
+    "start_s",
+    "stop_s",
+    "connections",
+    "request_bytes",
+    "response_bytes",
+    "timeout_s",
+)
+
+
+def _workload(
+    client: FieldReader, duration_ns: int, *, rate: float, connections: int, sizes: tuple[tuple[int, int], ...]
+) -> dict[str, Any]:
+    """The fields HTTP and gRPC clients share, with their own defaults (rate, connections, body sizes)."""
+    request_bytes, response_bytes = sizes
+    return {
+        "target": client.address(client.data.get("target"), "target"),
+        "authority": client.text("authority", "default"),
+        "rate_per_s": client.number("rate_per_s", rate, minimum=0.001, maximum=1_000_000),
+        "start_ns": int(client.number("start_s", 0) * S),
+        "stop_ns": int(client.number("stop_s", duration_ns / S) * S),
+        "max_connections": int(client.number("connections", connections, minimum=1)),
+        "request_bytes": client.pair("request_bytes", request_bytes),
+        "response_bytes": client.pair("response_bytes", response_bytes),
+        "timeout_ns": int(client.number("timeout_s", 60, minimum=0.001) * S),
+    }
+
+
 def _add_client(world: World, client: FieldReader, duration_ns: int) -> None:
-    client.known(
-        "host",
-        "target",
-        "authority",
-        "rate_per_s",
-        "start_s",
-        "stop_s",
-        "connections",
-        "request_bytes",
-        "response_bytes",
-        "chunked_ratio",
-        "timeout_s",
-    )
-    spec = WorkloadSpec(
-        target=client.address(client.data.get("target"), "target"),
-        authority=client.text("authority", "default"),
-        rate_per_s=client.number("rate_per_s", 100, minimum=0.001, maximum=1_000_000),
-        start_ns=int(client.number("start_s", 0) * S),
-        stop_ns=int(client.number("stop_s", duration_ns / S) * S),
-        max_connections=int(client.number("connections", 8, minimum=1)),
-        request_bytes=client.pair("request_bytes", (0, 0)),
-        response_bytes=client.pair("response_bytes", (64, 512)),
-        chunked_ratio=client.number("chunked_ratio", 0.25, maximum=1.0),
-        timeout_ns=int(client.number("timeout_s", 60, minimum=0.001) * S),
-    )
+    client.known(*_WORKLOAD_KEYS, "chunked_ratio")
+    shared = _workload(client, duration_ns, rate=100, connections=8, sizes=((0, 0), (64, 512)))
+    spec = WorkloadSpec(**shared, chunked_ratio=client.number("chunked_ratio", 0.25, maximum=1.0))
     world.add_client(client.text("host"), spec)
 
 
 def _add_grpc_client(world: World, client: FieldReader, duration_ns: int) -> None:
-    client.known(
-        "host",
-        "target",
-        "authority",
-        "rate_per_s",
-        "start_s",
-        "stop_s",
-        "connections",
-        "request_bytes",
-        "response_bytes",
-        "timeout_s",
-        "connection_window",
-    )
-    spec = GrpcWorkloadSpec(
-        target=client.address(client.data.get("target"), "target"),
-        authority=client.text("authority", "default"),
-        rate_per_s=client.number("rate_per_s", 50, minimum=0.001, maximum=1_000_000),
-        start_ns=int(client.number("start_s", 0) * S),
-        stop_ns=int(client.number("stop_s", duration_ns / S) * S),
-        max_connections=int(client.number("connections", 1, minimum=1)),
-        request_bytes=client.pair("request_bytes", (0, 1024)),
-        response_bytes=client.pair("response_bytes", (64, 1024)),
-        timeout_ns=int(client.number("timeout_s", 60, minimum=0.001) * S),
-        connection_window=int(client.number("connection_window", 65_535, minimum=65_535, maximum=2**31 - 1)),
-    )
-    world.add_grpc_client(client.text("host"), spec)
+    client.known(*_WORKLOAD_KEYS, "connection_window")
+    shared = _workload(client, duration_ns, rate=50, connections=1, sizes=((0, 1024), (64, 1024)))
+    window = int(client.number("connection_window", 65_535, minimum=65_535, maximum=2**31 - 1))
+    world.add_grpc_client(client.text("host"), GrpcWorkloadSpec(**shared, connection_window=window))
 
 
 def _two_hosts(reader: FieldReader, key: str, world: World) -> tuple[str, str]:
