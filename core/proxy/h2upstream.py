@@ -299,7 +299,16 @@ class H2Upstream(ProxyParts):
         self._sink_response_head(exchange, status, regular, ended=ended)
 
     def _sink_reset(self, exchange: StreamExchange, code: int) -> None:
-        """The endpoint reset the stream: the client's stream is reset with the same code."""
+        """The endpoint reset the stream: the client's stream is reset with the same code.
+
+        After the whole response is in, a reset (NO_ERROR, RFC 9113 section 8.1) only stops the upload:
+        the client still gets every byte of the response, then its own RST_STREAM(NO_ERROR) once the
+        last byte has left (``_finish_stream``).
+        """
+        if exchange.response_ended:
+            self._credit_all(exchange)
+            exchange.sink_id = None
+            return
         exchange.sink_id = None  # the stream is gone on that side; nothing to reset back
         if not exchange.response_started and exchange.source_stream is None:
             reason = f"{exchange.endpoint} reset the stream (HTTP/2 error code {code})"
