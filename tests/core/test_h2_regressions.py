@@ -1,8 +1,10 @@
 """HTTP/2 proxy bugs the state machines of test_h2_stateful.py found, shrunk to plain reproductions.
 
-Each test names the behaviour the proxy should have; its docstring says what goes wrong and where. While a
-bug stands, the state machines steer clear of (or tolerate) its trigger under the name in ``KNOWN_BUGS``
-(h2_stateful_support.py), so that they keep guarding everything else.
+Each test names the behaviour the proxy should have; its docstring says what went wrong and where (names in
+the present tense describe the code before the fix). While a bug stands, the state machines steer clear of
+(or tolerate) its trigger under the name in ``KNOWN_BUGS`` (h2_stateful_support.py), so that they keep
+guarding everything else. All of them are fixed now (the section headings name the commits), so the set is
+empty and these tests guard against the bugs coming back. Each failed on the commit before its fix.
 """
 
 from __future__ import annotations
@@ -46,7 +48,41 @@ def _meshed_endpoint(h, upstream_id: int) -> tuple[h2.connection.H2Connection, l
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Open bugs
+# Fixed in 78f35de
+
+
+def test_endpoint_no_error_reset_after_its_whole_response_does_not_cut_what_the_client_has_yet_to_read(
+    make_harness,
+) -> None:
+    """An endpoint that answers before the upload ended ends its response, then resets the stream with NO_ERROR
+    to stop the upload (RFC 9113 section 8.1; nginx and Go's server do this). Since b4a5131 the exchange stays
+    until the last response bytes have left for the client's window, so the reset can reach it first: h2upstream.py,
+    ``_sink_reset`` hands NO_ERROR to ``_reset_source``, whose ``H2Session.reset`` drops the bytes still queued
+    for the client, and the client gets RST_STREAM(NO_ERROR) without the end of a response the endpoint sent
+    whole. After ``response_ended`` an endpoint's reset should only stop the upload."""
+    h = make_harness()
+    client = client_for(h)
+    client.auto_ack = False  # a client that reads the response later
+    stream = client.request("/upload", body=b"u" * 100, end=False)
+    endpoint = endpoint_for(h)
+    (upstream_stream,) = endpoint.streams
+    body = bytes(range(256)) * 400  # 102,400 bytes: more than the client's window
+    _respond_in_windows(endpoint, upstream_stream, body)
+    endpoint.h2.reset_stream(upstream_stream, ErrorCodes.NO_ERROR)
+    endpoint.flush()
+    received = bytearray()
+    for _ in range(10):
+        client.read()
+        received += client.streams[stream].data
+        if client.streams[stream].data:
+            client.h2.acknowledge_received_data(len(client.streams[stream].data), stream)
+            client.streams[stream].data.clear()
+            client.flush()
+    assert client.streams[stream].ended and bytes(received) == body, (len(received), client.streams[stream].reset)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixed in 04636a1
 
 
 def test_idle_h2_client_connection_closes_although_the_client_answers_keepalive_pings(make_harness) -> None:
@@ -252,7 +288,7 @@ def test_a_stream_over_the_concurrency_limit_is_refused_not_the_connection(make_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Found by the state machines and already fixed in b4a5131 (which came with no test of its own)
+# Fixed in b4a5131 (found by the simulator at the same time)
 
 
 def test_endpoint_connection_window_is_credited_when_a_stream_ends_with_bytes_unacknowledged(make_harness) -> None:
