@@ -3,7 +3,9 @@
 The machine never schedules anything: it records deadlines here and exposes the earliest through
 ``next_deadline_ns()``; the driver calls ``machine.on_timer(now_ns)`` once that time has passed.
 Cancelled or replaced deadlines stay in the heap and are skipped when they surface (lazy deletion),
-which keeps set and cancel O(log n) without searching.
+which keeps set and cancel O(log n) without searching. When stale entries outnumber live ones the heap is
+rebuilt from the live ones, so it never holds more than about twice what is armed (a 10 s response timeout
+set and cancelled for every request would otherwise keep rate x 10 s stale entries).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class Deadlines:
         entry = (deadline_ns, self._sequence)
         self._current[key] = entry
         heapq.heappush(self._heap, (deadline_ns, self._sequence, key))
+        if len(self._heap) > 2 * len(self._current) + 64:
+            self._compact()
 
     def cancel(self, key: Hashable) -> None:
         self._current.pop(key, None)
@@ -47,6 +51,10 @@ class Deadlines:
 
     def __len__(self) -> int:
         return len(self._current)
+
+    def _compact(self) -> None:
+        self._heap = [(deadline, seq, key) for key, (deadline, seq) in self._current.items()]
+        heapq.heapify(self._heap)
 
     def _drop_stale(self) -> None:
         heap = self._heap

@@ -99,3 +99,13 @@ def test_address_port_zero_only_for_listening() -> None:
     assert Address.parse("127.0.0.1:0", listening=True) == Address("127.0.0.1", 0)
     with pytest.raises(AddressError):
         Address.parse("127.0.0.1:0")
+
+
+def test_deadlines_set_and_cancelled_forever_keep_the_heap_small() -> None:
+    deadlines = Deadlines()
+    deadlines.set(("idle", 0), 10**12)
+    for request in range(10_000):  # a response timeout armed and cancelled per request
+        deadlines.set(("response", request), request + 10**10)
+        deadlines.cancel(("response", request))
+    assert len(deadlines) == 1 and len(deadlines._heap) <= 2 * 1 + 64 + 1  # noqa: SLF001
+    assert deadlines.next_ns() == 10**12 and deadlines.pop_expired(10**12) == [("idle", 0)]
