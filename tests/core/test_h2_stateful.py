@@ -668,7 +668,7 @@ def _answered(record: Request) -> None:
 
 
 H2ProxyMachine.TestCase.settings = settings(
-    max_examples=int(120 * EXAMPLES),
+    max_examples=int(300 * EXAMPLES),
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
@@ -982,7 +982,7 @@ class MeshedMachine(NetMachine):
 
 
 MeshedMachine.TestCase.settings = settings(
-    max_examples=int(60 * EXAMPLES),
+    max_examples=int(150 * EXAMPLES),
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
