@@ -195,8 +195,9 @@ class H2Upstream(ProxyParts):
         self._serve_h2_waiters(self._h2_pool_of(upstream))
         self._h2_upstream_maybe_idle(upstream)
 
-    def _stream_upstream_failed(self, upstream: Upstream, reason: str) -> None:
-        """A connect failed or timed out: the streams waiting for it get the error."""
+    def _stream_upstream_failed(self, upstream: Upstream, reason: str, *, driver_gave_up: bool = False) -> None:
+        """A connect failed (``driver_gave_up``: the driver already dropped the id) or timed out: the
+        streams waiting for it get the error."""
         kind = ProxyErrorKind.CONNECT_TIMEOUT if "timed out" in reason else ProxyErrorKind.CONNECT_FAILED
         waiting: list[int] = []
         if upstream.h2 is not None:
@@ -205,7 +206,10 @@ class H2Upstream(ProxyParts):
         elif upstream.exchange_id is not None:
             waiting = [upstream.exchange_id]
         upstream.exchange_id = None
-        self._close_upstream(upstream, reset=True)
+        if driver_gave_up:
+            self._forget_upstream(upstream)
+        else:
+            self._close_upstream(upstream, reset=True)  # cancels the connect in progress
         for exchange_id in waiting:
             exchange = self._streams.get(exchange_id)
             if exchange is not None and not exchange.done and not exchange.response_started:

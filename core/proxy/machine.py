@@ -183,7 +183,9 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
             self._tunnel_failed(upstream, f"connect to {upstream.endpoint} failed: {reason}")
             return
         if upstream.stream_world:
-            self._stream_upstream_failed(upstream, f"connect to {upstream.endpoint} failed: {reason}")
+            self._stream_upstream_failed(
+                upstream, f"connect to {upstream.endpoint} failed: {reason}", driver_gave_up=True
+            )
             return
         exchange = self._exchange(upstream.exchange_id)
         self._forget_upstream(upstream)

@@ -1,4 +1,4 @@
-"""The driver, peers and bounds for the HTTP/2 state machine test (tests/core/test_h2_stateful.py).
+"""The driver, peers, bounds and shared base machine of the HTTP/2 state machine tests (test_h2_stateful.py).
 
 ``Net`` plays the network for one or more ``Proxy`` machines. Every connection a proxy knows is a ``Conn``
 on the driver's side, whose far end is a test peer (an h2 or h11 client or endpoint) or a connection of

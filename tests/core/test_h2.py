@@ -84,6 +84,7 @@ def test_h2_connect_failure_is_a_502_with_l5d_proxy_error(make_harness) -> None:
     client.read()
     headers = dict(client.streams[stream].headers)
     assert headers[b":status"] == b"502" and b"refused" in headers[b"l5d-proxy-error"]
+    assert h.connects[-1].conn_id not in h.closed, "the driver dropped that id already: no Close for it"
 
 
 def test_client_reset_resets_the_endpoint_stream(make_harness) -> None:

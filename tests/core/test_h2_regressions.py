@@ -318,6 +318,30 @@ def test_endpoint_connection_window_is_credited_when_a_stream_ends_with_bytes_un
         assert client.streams[stream].ended and received == 100_000, (round_, received)
 
 
+def test_response_that_ends_before_the_upload_reaches_the_client_whole(make_harness) -> None:
+    """The endpoint answers, whole, before the client's upload ended. ``_response_complete`` ran when the end of
+    the response was *queued* for the client, and reset the client's stream with NO_ERROR to stop the upload:
+    ``H2Session.reset`` dropped the response bytes still waiting for the client's window, so the client got
+    a window's worth of the body and RST_STREAM(NO_ERROR), with no END_STREAM."""
+    h = make_harness()
+    client = client_for(h)
+    client.auto_ack = False  # reads the response later
+    stream = client.request("/upload", body=b"u" * 100, end=False)
+    endpoint = endpoint_for(h)
+    (upstream_stream,) = endpoint.streams
+    body = bytes(range(256)) * 400  # 102,400 bytes: more than the client's window
+    _respond_in_windows(endpoint, upstream_stream, body)
+    received = bytearray()
+    for _ in range(10):
+        client.read()
+        received += client.streams[stream].data
+        if client.streams[stream].data:
+            client.h2.acknowledge_received_data(len(client.streams[stream].data), stream)
+            client.streams[stream].data.clear()
+            client.flush()
+    assert client.streams[stream].ended and bytes(received) == body, (len(received), client.streams[stream].reset)
+
+
 def test_meshed_http1_upload_is_read_again_once_a_window_update_drains_its_queue(make_harness) -> None:
     """An HTTP/1.1 client's upload to a meshed peer stops being read while its HTTP/2 queue is full
     (``_sync_h1_source_reading``); a WINDOW_UPDATE that emptied the queue only settled the exchange, so the
