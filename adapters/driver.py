@@ -16,12 +16,9 @@ backpressure sees the kernel's pace. Per connection there is a reader task (paus
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
-import os
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +28,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from tether.adapters.sockets import close_socket, connect, original_destination
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, SetReading, ShutdownWrite
 from tether.core.proxy import Proxy
@@ -141,7 +139,7 @@ class ProxyDriver:
         with anyio.CancelScope() as scope:
             connection.connect_scope = scope
             try:
-                sock = await _connect(address)
+                sock = await connect(address)
             except OSError as error:
                 self._connections.pop(conn_id, None)
                 reason = error.strerror or str(error)
@@ -364,14 +362,7 @@ class ProxyDriver:
         connection.queued.clear()
         connection.writer_wakeup.set()
         connection.reading_allowed.set()
-        if sock.fileno() < 0:
-            return
-        if reset:
-            # SO_LINGER with a zero timeout makes close() send RST: the peer sees an abort, not a clean end.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        anyio.notify_closing(sock)  # tasks waiting on it wake with ClosedResourceError
-        sock.close()
+        close_socket(sock, reset=reset)
 
     def _rearm_timer(self) -> None:
         deadline = self.proxy.next_deadline_ns()
@@ -391,55 +382,9 @@ class ProxyDriver:
                 self._feed(None, self.proxy.on_timer, now_ns)
 
 
-async def _connect(address: Address) -> socket.socket:
-    """A connected non-blocking TCP socket to ``address`` (each resolved address tried in turn)."""
-    infos = await anyio.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
-    last_error: OSError = OSError(errno.EHOSTUNREACH, f"no address for {address.host}")
-    for family, kind, proto, _name, sockaddr in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            code = sock.connect_ex(sockaddr)
-            if code == errno.EINPROGRESS:
-                await anyio.wait_writable(sock)
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code == 0:
-                return sock
-            last_error = OSError(code, os.strerror(code))
-        except BaseException:
-            anyio.notify_closing(sock)
-            sock.close()
-            raise
-        sock.close()
-    raise last_error
-
-
 async def _wait_closed(connection: _Connection) -> None:
     """After the peer's EOF, a connection stays open until the machine closes it (half-close)."""
     while not connection.closed:
         event = anyio.Event()
         connection.reading_allowed = event
         await event.wait()
-
-
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
-
-
-def original_destination(sock: socket.socket) -> Address | None:
-    """Where the client was going before iptables redirected it here, or None if it came here directly.
-
-    Linux keeps the pre-NAT address of a REDIRECTed connection, readable with SO_ORIGINAL_DST (IPv4);
-    the proxy routes by it as Linkerd's does. A connection that was not redirected reads back the
-    proxy's own address, and so yields None.
-    """
-    if sock.family != socket.AF_INET:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    except OSError:
-        return None
-    port = struct.unpack("!H", raw[2:4])[0]
-    address = Address(socket.inet_ntoa(raw[4:8]), port)
-    local_host, local_port = sock.getsockname()[:2]
-    return None if (address.host, address.port) == (local_host, local_port) else address
