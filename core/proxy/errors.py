@@ -47,7 +47,7 @@ def error_response_headers(error: ProxyError, *, close: bool) -> list[tuple[byte
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(body_length).encode()),
-        (b"l5d-proxy-error", _header_safe(error.reason)),
+        (b"l5d-proxy-error", header_safe(error.reason)),
     ]
     if close:
         headers.append((b"connection", b"close"))
@@ -58,7 +58,7 @@ def error_body(error: ProxyError) -> bytes:
     return error.reason.encode("utf-8", "replace") + b"\n"
 
 
-def _header_safe(text: str) -> bytes:
+def header_safe(text: str) -> bytes:
     # A reason can quote peer input (a reset message, a bad header); keep the header value legal.
     cleaned = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)
     return cleaned[:512].encode("ascii")

@@ -432,12 +432,17 @@ class H1Flows(ProxyParts):
         if parser.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self._close_downstream(downstream, reset=True)
             return
+        self._write_h1_error(downstream, error, close=close)
+        self._end_exchange(downstream, exchange, now_ns)
+
+    def _write_h1_error(self, downstream: Downstream, error: ProxyError, *, close: bool) -> None:
+        """The whole response the proxy answers ``error`` with, on an HTTP/1.1 client connection."""
+        parser = downstream.h11
         phrase = HTTPStatus(error.status).phrase.encode() if error.status in HTTPStatus._value2member_map_ else b""
         head = h11.Response(status_code=error.status, reason=phrase, headers=error_response_headers(error, close=close))
         self._send(downstream, parser.send(head))
         self._send(downstream, parser.send(h11.Data(data=error_body(error))))
         self._send(downstream, parser.send(h11.EndOfMessage()))
-        self._end_exchange(downstream, exchange, now_ns)
 
     def _fail_after_request(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None:
         """Answer with ``error`` once the request has been read, so the connection can be kept.

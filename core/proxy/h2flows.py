@@ -34,7 +34,7 @@ from tether.core.discovery import EndpointSet
 from tether.core.effects import LogError
 from tether.core.proxy import h2translate as tr
 from tether.core.proxy.connections import Downstream, Mode, Upstream
-from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
+from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.streams import StreamExchange
@@ -46,6 +46,7 @@ class H2Flows(ProxyParts):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _next_request(self, downstream: Downstream, now_ns: int) -> None: ...
+        def _write_h1_error(self, downstream: Downstream, error: ProxyError, *, close: bool) -> None: ...
         def _dispatch_stream(self, exchange: StreamExchange, endpoint_set: EndpointSet | None) -> None: ...
         def _to_sink(self, exchange: StreamExchange, data: bytes) -> None: ...
         def _end_sink_request(self, exchange: StreamExchange) -> None: ...
@@ -378,13 +379,7 @@ class H2Flows(ProxyParts):
         if parser.our_state is not h11.SEND_RESPONSE:
             self._close_downstream(downstream, reset=True)
             return
-        close = downstream.closing or self._draining
-        self._send(
-            downstream,
-            parser.send(h11.Response(status_code=error.status, headers=error_response_headers(error, close=close))),
-        )
-        self._send(downstream, parser.send(h11.Data(data=error_body(error))))
-        self._send(downstream, parser.send(h11.EndOfMessage()))
+        self._write_h1_error(downstream, error, close=downstream.closing or self._draining)
 
     def _stream_abort(self, exchange: StreamExchange, reason: str, code: int = ErrorCodes.INTERNAL_ERROR) -> None:
         """The response broke after its head went to the client: reset the client's stream."""

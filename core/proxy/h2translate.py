@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import h11
 
-from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
+from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers, header_safe
 from tether.core.proxy.http1 import forwarded_headers
 
 ORIG_PROTO = b"l5d-orig-proto"
@@ -177,7 +177,7 @@ def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
         (b"content-type", b"application/grpc"),
         (b"grpc-status", str(code).encode()),
         (b"grpc-message", _percent_encode(f"proxy error: {error.reason}")),
-        (b"l5d-proxy-error", _header_value(error.reason)),
+        (b"l5d-proxy-error", header_safe(error.reason)),
     ]
 
 
@@ -196,7 +196,3 @@ def _percent_encode(text: str) -> bytes:
         else:
             out.extend(b"%%%02X" % byte)
     return bytes(out)
-
-
-def _header_value(text: str) -> bytes:
-    return "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in text)[:512].encode("ascii")

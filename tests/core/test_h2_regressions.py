@@ -39,6 +39,19 @@ def _respond_in_windows(endpoint: H2Peer, stream_id: int, body: bytes, *, end: b
         endpoint.flush()
 
 
+def _read_on(client: H2Peer, stream: int) -> bytes:
+    """A client that had stopped reading reads the stream to its end, reopening its window as it goes."""
+    received = bytearray()
+    for _ in range(10):
+        client.read()
+        received += client.streams[stream].data
+        if client.streams[stream].data:
+            client.h2.acknowledge_received_data(len(client.streams[stream].data), stream)
+            client.streams[stream].data.clear()
+            client.flush()
+    return bytes(received)
+
+
 def _meshed_endpoint(h, upstream_id: int) -> tuple[h2.connection.H2Connection, list[h2.events.Event]]:
     """A bare h2 server behind the meshed peer's port: it skips the transport header the proxy writes first."""
     wire = h.take(upstream_id)
@@ -70,15 +83,8 @@ def test_endpoint_no_error_reset_after_its_whole_response_does_not_cut_what_the_
     _respond_in_windows(endpoint, upstream_stream, body)
     endpoint.h2.reset_stream(upstream_stream, ErrorCodes.NO_ERROR)
     endpoint.flush()
-    received = bytearray()
-    for _ in range(10):
-        client.read()
-        received += client.streams[stream].data
-        if client.streams[stream].data:
-            client.h2.acknowledge_received_data(len(client.streams[stream].data), stream)
-            client.streams[stream].data.clear()
-            client.flush()
-    assert client.streams[stream].ended and bytes(received) == body, (len(received), client.streams[stream].reset)
+    received = _read_on(client, stream)
+    assert client.streams[stream].ended and received == body, (len(received), client.streams[stream].reset)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,15 +337,8 @@ def test_response_that_ends_before_the_upload_reaches_the_client_whole(make_harn
     (upstream_stream,) = endpoint.streams
     body = bytes(range(256)) * 400  # 102,400 bytes: more than the client's window
     _respond_in_windows(endpoint, upstream_stream, body)
-    received = bytearray()
-    for _ in range(10):
-        client.read()
-        received += client.streams[stream].data
-        if client.streams[stream].data:
-            client.h2.acknowledge_received_data(len(client.streams[stream].data), stream)
-            client.streams[stream].data.clear()
-            client.flush()
-    assert client.streams[stream].ended and bytes(received) == body, (len(received), client.streams[stream].reset)
+    received = _read_on(client, stream)
+    assert client.streams[stream].ended and received == body, (len(received), client.streams[stream].reset)
 
 
 def test_meshed_http1_upload_is_read_again_once_a_window_update_drains_its_queue(make_harness) -> None:
