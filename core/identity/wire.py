@@ -115,19 +115,22 @@ def _put_varint(out: bytearray, value: int) -> None:
 
 
 def decode_certify_request(data: bytes) -> CertifyRequest:
-    values: dict[int, bytes] = {}
+    identity, token, csr = "", b"", b""
 
     def on_field(number: int, wire_type: int, value: int | bytes) -> None:
-        if wire_type == _WIRE_LENGTH and number in (1, 2, 3):
-            assert isinstance(value, bytes)
-            values[number] = value  # the last one wins; other numbers and wire types are skipped
+        nonlocal identity, token, csr
+        if wire_type != _WIRE_LENGTH:
+            return  # a known number with another wire type is an unknown field, as in protobuf
+        assert isinstance(value, bytes)
+        if number == 1:
+            identity = _utf8(value, "CertifyRequest.identity")  # every occurrence must be UTF-8, not just the last
+        elif number == 2:
+            token = value
+        elif number == 3:
+            csr = value
 
     _walk(data, on_field)
-    return CertifyRequest(
-        identity=_utf8(values.get(1, b""), "CertifyRequest.identity"),
-        token=values.get(2, b""),
-        certificate_signing_request=values.get(3, b""),
-    )
+    return CertifyRequest(identity=identity, token=token, certificate_signing_request=csr)
 
 
 def decode_certify_response(data: bytes) -> CertifyResponse:
