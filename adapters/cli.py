@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from tether.adapters.identity_cli import identity
 from tether.core.address import Address, AddressError
 from tether.core.config import PROTOCOLS
 from tether.core.config_file import ConfigFileError
@@ -216,6 +217,9 @@ def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
 
     code = anyio.run(run_demo, duration_s, rate_per_s, as_json, Console())
     sys.exit(code)
+
+
+cli.add_command(identity)
 
 
 def main() -> None:

@@ -1,0 +1,237 @@
+"""The identity service on grpcio: ``io.linkerd.proxy.identity.Identity/Certify`` around the core CA.
+
+The adapter reads the mesh directory, the clock and the OS's entropy (serial numbers); the core decides
+everything else. One Certify call: decode (core/identity/wire.py) -> check the identity and CSR -> verify
+the token (the only step that may block: TokenReview is a network call) -> certify -> encode. Requests go
+through grpcio's generic handler with raw bytes, so a malformed message reaches our decoder and comes back
+as INVALID_ARGUMENT with a reason, rather than as grpcio's opaque deserializer failure.
+
+Error kinds map to gRPC status codes:
+
+    invalid_request   -> INVALID_ARGUMENT     (fix the request: identity, CSR, message)
+    invalid_token     -> UNAUTHENTICATED      (the token proves nothing)
+    identity_mismatch -> FAILED_PRECONDITION  (the token proves another identity)
+    not_ready         -> UNAVAILABLE          (issuer not valid now, or TokenReview failed: retry)
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tether.core.address import Address
+from tether.core.identity.ca import LEAF_VALIDITY_S_DEFAULT, Issuer, certify, check_request
+from tether.core.identity.errors import CertifyError, CertifyErrorKind, Problem
+from tether.core.identity.issuer_config import CaConfigError, CaConfigItem, LoadedCa, load_ca
+from tether.core.identity.tokens import TokenKey, TokenVerifier
+from tether.core.identity.wire import (
+    CertifyResponse,
+    Timestamp,
+    WireError,
+    decode_certify_request,
+    encode_certify_response,
+)
+
+log = logging.getLogger("tether.identity")
+
+SERVICE_NAME = "io.linkerd.proxy.identity.Identity"
+CERTIFY_METHOD = f"/{SERVICE_NAME}/Certify"
+STATUS_CODES = {
+    CertifyErrorKind.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    CertifyErrorKind.INVALID_TOKEN: grpc.StatusCode.UNAUTHENTICATED,
+    CertifyErrorKind.IDENTITY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    CertifyErrorKind.NOT_READY: grpc.StatusCode.UNAVAILABLE,
+}
+# Certify is CPU-bound under the GIL, so more threads add no throughput; they only absorb TokenReview
+# round trips. 8 keeps a slow API server from stalling every caller.
+WORKERS_DEFAULT = 8
+REQUEST_BYTES_MAX = 64 * 1024  # a request is a name, a ~1 KB token and a ~300-byte CSR
+SERIAL_BITS = 127
+STOP_GRACE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class MeshFiles:
+    """The files ``tether identity init`` writes and ``tether identity serve`` reads, by role."""
+
+    directory: Path
+
+    @property
+    def trust_anchor(self) -> Path:
+        return self.directory / "trust-anchor.crt"
+
+    @property
+    def trust_anchor_key(self) -> Path:
+        """Only ``init`` uses it; keep it offline once the mesh runs (the service never reads it)."""
+        return self.directory / "trust-anchor.key"
+
+    @property
+    def issuer_certificate(self) -> Path:
+        return self.directory / "issuer.crt"
+
+    @property
+    def issuer_key(self) -> Path:
+        return self.directory / "issuer.key"
+
+    @property
+    def token_key(self) -> Path:
+        return self.directory / "token.key"
+
+    def path_of(self, item: CaConfigItem) -> Path:
+        return {
+            CaConfigItem.TRUST_ANCHOR: self.trust_anchor,
+            CaConfigItem.ISSUER_CERTIFICATE: self.issuer_certificate,
+            CaConfigItem.ISSUER_KEY: self.issuer_key,
+            CaConfigItem.TOKEN_KEY: self.token_key,
+        }[item]
+
+
+class MeshDirectoryError(Exception):
+    """A mesh directory the service cannot start from; the message names the file, the problem and the fix."""
+
+
+def load_mesh(files: MeshFiles, wall_time_s: float) -> tuple[LoadedCa, TokenKey]:
+    """Read and check every file the service needs; MeshDirectoryError naming the first bad one."""
+    contents = {item: _read(files, item) for item in CaConfigItem}
+    try:
+        loaded = load_ca(
+            trust_anchor_pem=contents[CaConfigItem.TRUST_ANCHOR],
+            issuer_certificate_pem=contents[CaConfigItem.ISSUER_CERTIFICATE],
+            issuer_key_pem=contents[CaConfigItem.ISSUER_KEY],
+            wall_time_s=wall_time_s,
+        )
+    except CaConfigError as error:
+        raise MeshDirectoryError(f"{files.path_of(error.item)} ({error.item.value}): {error.message}") from None
+    try:
+        token_key = TokenKey.from_text(contents[CaConfigItem.TOKEN_KEY].decode("ascii", "replace"))
+    except ValueError as error:
+        raise MeshDirectoryError(f"{files.token_key} (token key): {error}") from None
+    return loaded, token_key
+
+
+def load_token_key(files: MeshFiles) -> TokenKey:
+    try:
+        return TokenKey.from_text(_read(files, CaConfigItem.TOKEN_KEY).decode("ascii", "replace"))
+    except ValueError as error:
+        raise MeshDirectoryError(f"{files.token_key} (token key): {error}") from None
+
+
+def _read(files: MeshFiles, item: CaConfigItem) -> bytes:
+    path = files.path_of(item)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise MeshDirectoryError(
+            f"{path} ({item.value}) is missing; create a mesh directory with `tether identity init --out "
+            f"{files.directory}`, or point --dir at one"
+        ) from None
+    except OSError as error:
+        raise MeshDirectoryError(f"{path} ({item.value}) cannot be read: {error.strerror or error}") from None
+
+
+def draw_serial() -> int:
+    """A serial number from the OS's entropy: 127 random bits, never zero (RFC 5280 wants positive)."""
+    return secrets.randbits(SERIAL_BITS) + 1
+
+
+class IdentityService:
+    """One issuer and one token verifier behind the Certify method."""
+
+    def __init__(
+        self,
+        issuer: Issuer,
+        verifier: TokenVerifier,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        serials: Callable[[], int] = draw_serial,
+        leaf_validity_s: int = LEAF_VALIDITY_S_DEFAULT,
+    ) -> None:
+        self._issuer = issuer
+        self._verifier = verifier
+        self._wall_clock = wall_clock
+        self._serials = serials
+        self._leaf_validity_s = leaf_validity_s
+
+    def certify(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self._certify(request)
+        except CertifyError as error:
+            log.info("Certify refused (%s): %s", error.problem.label, error.message)
+            context.abort(STATUS_CODES[error.kind], error.message)
+            raise AssertionError("context.abort raises") from None
+
+    def _certify(self, request: bytes) -> bytes:
+        try:
+            message = decode_certify_request(request)
+        except WireError as error:
+            raise CertifyError(Problem.MALFORMED_MESSAGE, f"the CertifyRequest message is malformed: {error}") from None
+        checked = check_request(
+            identity=message.identity, csr=message.certificate_signing_request, mesh=self._issuer.mesh
+        )
+        wall_time_s = self._wall_clock()
+        verdict = self._verifier.verify(message.token, wall_time_s)
+        issued = certify(
+            checked,
+            verdict,
+            self._issuer,
+            wall_time_s=wall_time_s,
+            serial=self._serials(),
+            leaf_validity_s=self._leaf_validity_s,
+        )
+        response = CertifyResponse(
+            leaf_certificate=issued.leaf_der,
+            intermediate_certificates=issued.intermediates_der,
+            valid_until=Timestamp(seconds=issued.not_after_s),
+        )
+        return encode_certify_response(response)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        # No (de)serializers: the method sees the raw bytes and decodes them itself (see the module docstring).
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME, {"Certify": grpc.unary_unary_rpc_method_handler(self.certify)}
+        )
+
+
+def start_server(
+    service: IdentityService, listen: Address, *, workers: int = WORKERS_DEFAULT
+) -> tuple[grpc.Server, int]:
+    """Bind ``listen`` (port 0: any free port) and start serving; returns the server and the bound port.
+
+    Raises OSError when the address cannot be bound.
+    """
+    assert workers > 0, workers
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity"),
+        handlers=[service.handler()],
+        options=[("grpc.max_receive_message_length", REQUEST_BYTES_MAX), ("grpc.so_reuseport", 0)],
+    )
+    try:
+        port = server.add_insecure_port(str(listen))
+    except RuntimeError as error:  # grpcio >= 1.51 raises instead of returning 0
+        raise OSError(f"cannot listen on {listen}: {error}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: the address is in use or not local")
+    server.start()
+    return server, port
+
+
+def serve_until_signalled(server: grpc.Server) -> None:
+    """Block until SIGTERM or Ctrl-C, then stop, letting calls in flight finish for up to 5 s."""
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping (calls in flight get %.0f s)", signum, STOP_GRACE_S)
+        server.stop(STOP_GRACE_S)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        server.stop(0)
