@@ -62,7 +62,9 @@ class Issuer:
     not_before_s: int
     not_after_s: int
     intermediates_der: tuple[bytes, ...]
-    _authority_key_id: x509.AuthorityKeyIdentifier = field(repr=False)
+    # Everything a leaf shares with every other leaf of this issuer, built once: the builder API costs about
+    # 20 us per extension, a sixth of a whole Certify call once the two ECDSA operations are paid.
+    _leaf_template: x509.CertificateBuilder = field(repr=False)
 
     @classmethod
     def of(cls, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey, mesh: Mesh) -> Issuer:
@@ -75,7 +77,14 @@ class Issuer:
             not_before_s=int(certificate.not_valid_before_utc.timestamp()),
             not_after_s=int(certificate.not_valid_after_utc.timestamp()),
             intermediates_der=(certificate.public_bytes(Encoding.DER),),
-            _authority_key_id=x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()),
+            _leaf_template=(
+                x509.CertificateBuilder()
+                .issuer_name(certificate.subject)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(_LEAF_KEY_USAGE, critical=True)
+                .add_extension(_LEAF_EXTENDED_KEY_USAGE, critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+            ),
         )
 
 
@@ -155,18 +164,12 @@ def certify(
     not_after_s = min(now_s + leaf_validity_s, issuer.not_after_s)
     name = request.identity.name
     leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(issuer.certificate.subject)
+        issuer._leaf_template.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .public_key(request.public_key)
         .serial_number(serial)
         .not_valid_before(_datetime(max(now_s - CLOCK_SKEW_ALLOWANCE_S, issuer.not_before_s)))
         .not_valid_after(_datetime(not_after_s))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_LEAF_KEY_USAGE, critical=True)
-        .add_extension(_LEAF_EXTENDED_KEY_USAGE, critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(issuer._authority_key_id, critical=False)
         .sign(issuer.key, hashes.SHA256())
     )
     return IssuedCertificate(

@@ -18,7 +18,7 @@ Requested extensions other than the SAN are ignored; the CA never copies them.
 from __future__ import annotations
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -46,7 +46,8 @@ def parse_csr(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(_PEM_MARKER):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as error:
+        # InvalidVersion is no ValueError: a CSR whose version byte is not 0 would otherwise escape as a crash.
         raise CertifyError(
             Problem.CSR_UNPARSEABLE, f"certificate_signing_request is not a DER or PEM PKCS#10 CSR ({error})"
         ) from None
@@ -58,7 +59,7 @@ def validate_csr(data: bytes, identity: str) -> ec.EllipticCurvePublicKey:
     csr = parse_csr(data)
     try:
         key = _checked_key(csr)
-        _check_signature(csr)
+        _check_signature(csr, key)
         _check_names(csr, identity)
     except (ValueError, TypeError, UnsupportedAlgorithm) as error:
         # Lazily parsed parts (extensions, attribute values) can still turn out malformed here.
@@ -81,16 +82,19 @@ def _checked_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicK
     return key
 
 
-def _check_signature(csr: x509.CertificateSigningRequest) -> None:
+def _check_signature(csr: x509.CertificateSigningRequest, key: ec.EllipticCurvePublicKey) -> None:
     algorithm = csr.signature_hash_algorithm
     if not isinstance(algorithm, ACCEPTED_HASHES):
         name = algorithm.name if algorithm is not None else "none"
         message = f"the CSR is signed with {name}; sign it with ECDSA and SHA-256"
         raise CertifyError(Problem.CSR_UNSUPPORTED_HASH, message)
-    if not csr.is_signature_valid:
+    # The same check as csr.is_signature_valid, with the key already parsed (that property parses it again).
+    try:
+        key.verify(csr.signature, csr.tbs_certrequest_bytes, ec.ECDSA(algorithm))
+    except InvalidSignature:
         raise CertifyError(
             Problem.CSR_BAD_SIGNATURE, "the CSR's signature does not verify with its own key; sign it with that key"
-        )
+        ) from None
 
 
 def _check_names(csr: x509.CertificateSigningRequest, identity: str) -> None:
