@@ -191,8 +191,21 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     help="Lifetime of workload certificates (never past the issuer's expiry).",
 )
 @click.option("--workers", type=click.IntRange(min=1, max=64), default=8, show_default=True, help="Handler threads.")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port (SO_REUSEPORT); Certify is CPU-bound, so one per core to use.",
+)
 def serve(
-    directory: str, listen: str, tokens: str, kubeconfig: str | None, leaf_validity_hours: int, workers: int
+    directory: str,
+    listen: str,
+    tokens: str,
+    kubeconfig: str | None,
+    leaf_validity_hours: int,
+    workers: int,
+    processes: int,
 ) -> None:
     """Serve io.linkerd.proxy.identity.Identity/Certify over gRPC (plaintext h2c) until SIGTERM or Ctrl-C.
 
@@ -203,8 +216,7 @@ def serve(
         MeshDirectoryError,
         MeshFiles,
         load_mesh,
-        serve_until_signalled,
-        start_server,
+        serve_processes,
     )
     from tether.core.identity.tokens import EmbeddedTokenVerifier
 
@@ -222,17 +234,18 @@ def serve(
     else:
         verifier = EmbeddedTokenVerifier(token_key)
     service = IdentityService(loaded.issuer, verifier, leaf_validity_s=leaf_validity_hours * 3600)
+
+    def ready(port: int) -> None:
+        click.echo(
+            f"tether identity: listening on {Address(address.host, port)} for {loaded.issuer.mesh.issuer_name} "
+            f"(issuer valid until {_utc(loaded.issuer.not_after_s)}, {tokens} tokens, {processes} process(es))"
+        )
+        sys.stdout.flush()
+
     try:
-        server, port = start_server(service, address, workers=workers)
+        serve_processes(service, address, processes=processes, workers=workers, on_ready=ready)
     except OSError as error:
         _fail("serve", str(error), EXIT_BIND)
-    bound = Address(address.host, port)
-    click.echo(
-        f"tether identity: listening on {bound} for {loaded.issuer.mesh.issuer_name} "
-        f"(issuer valid until {_utc(loaded.issuer.not_after_s)}, {tokens} tokens)"
-    )
-    sys.stdout.flush()
-    serve_until_signalled(server)
 
 
 def _kubernetes_verifier(kubeconfig: str | None) -> Any:

@@ -16,9 +16,12 @@ Error kinds map to gRPC status codes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -201,17 +204,18 @@ class IdentityService:
 
 
 def start_server(
-    service: IdentityService, listen: Address, *, workers: int = WORKERS_DEFAULT
+    service: IdentityService, listen: Address, *, workers: int = WORKERS_DEFAULT, reuse_port: bool = False
 ) -> tuple[grpc.Server, int]:
     """Bind ``listen`` (port 0: any free port) and start serving; returns the server and the bound port.
 
-    Raises OSError when the address cannot be bound.
+    ``reuse_port`` lets several processes share the port (see ``serve_processes``). Raises OSError when the
+    address cannot be bound.
     """
     assert workers > 0, workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity"),
         handlers=[service.handler()],
-        options=[("grpc.max_receive_message_length", REQUEST_BYTES_MAX), ("grpc.so_reuseport", 0)],
+        options=[("grpc.max_receive_message_length", REQUEST_BYTES_MAX), ("grpc.so_reuseport", int(reuse_port))],
     )
     try:
         port = server.add_insecure_port(str(listen))
@@ -221,6 +225,65 @@ def start_server(
         raise OSError(f"cannot listen on {listen}: the address is in use or not local")
     server.start()
     return server, port
+
+
+def serve_processes(
+    service: IdentityService, listen: Address, *, processes: int, workers: int, on_ready: Callable[[int], None]
+) -> None:
+    """Serve from ``processes`` processes sharing one port (SO_REUSEPORT), until SIGTERM or Ctrl-C.
+
+    Certify is CPU-bound and Python runs one thread at a time, so a second core needs a second process;
+    the kernel spreads new connections over the listeners (each proxy holds one connection). The children
+    are forked before any gRPC object exists, as grpcio requires. ``on_ready(port)`` runs once this process
+    listens. Raises OSError when the address cannot be bound.
+    """
+    assert processes >= 1, processes
+    reservation, port = _reserve_port(listen) if processes > 1 else (None, listen.port)
+    address = Address(listen.host, port)
+    children = []
+    for _ in range(processes - 1):
+        pid = os.fork()
+        if pid == 0:  # the child serves until its parent forwards SIGTERM
+            try:
+                serve_until_signalled(start_server(service, address, workers=workers, reuse_port=True)[0])
+            finally:
+                os._exit(0)
+        children.append(pid)
+    try:
+        server, port = start_server(service, address, workers=workers, reuse_port=processes > 1)
+    except OSError:
+        _stop_children(children)
+        raise
+    if reservation is not None:
+        reservation.close()
+    on_ready(port)
+    try:
+        serve_until_signalled(server)
+    finally:
+        _stop_children(children)
+
+
+def _reserve_port(listen: Address) -> tuple[socket.socket, int]:
+    # Port 0 must become one concrete port before forking, so every process binds the same one. The
+    # reservation is bound (not listening) with SO_REUSEPORT until the listeners exist.
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    reservation = socket.socket(family, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reservation.bind((listen.host, listen.port))
+    except OSError as error:
+        reservation.close()
+        raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror or error}") from None
+    return reservation, int(reservation.getsockname()[1])
+
+
+def _stop_children(children: list[int]) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def serve_until_signalled(server: grpc.Server) -> None:

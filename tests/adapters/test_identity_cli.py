@@ -127,11 +127,12 @@ def test_identity_serve_on_a_busy_port_exits_3(mesh: Path) -> None:
 
 
 @pytest.mark.realsocket
-def test_identity_serve_certifies_with_a_minted_token_and_stops_on_sigterm(mesh: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_identity_serve_certifies_with_a_minted_token_and_stops_on_sigterm(mesh: Path, processes: int) -> None:
     _, out, _ = run("token", "--dir", str(mesh), "--namespace", "emojivoto", "--serviceaccount", "web")
     token = out.strip().encode()
     process = subprocess.Popen(
-        [*TETHER, "identity", "serve", "--dir", str(mesh), "--listen", "127.0.0.1:0"],
+        [*TETHER, "identity", "serve", "--dir", str(mesh), "--listen", "127.0.0.1:0", "--processes", str(processes)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -150,15 +151,24 @@ def test_identity_serve_certifies_with_a_minted_token_and_stops_on_sigterm(mesh:
             .sign(key, hashes.SHA256())
             .public_bytes(Encoding.DER)
         )
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            certify = channel.unary_unary(
-                CERTIFY_METHOD, request_serializer=encode_certify_request, response_deserializer=decode_certify_response
-            )
-            response = certify(CertifyRequest(identity=WEB, token=token, certificate_signing_request=csr), timeout=10)
-        leaf = x509.load_der_x509_certificate(response.leaf_certificate)
-        assert leaf.public_key() == key.public_key()
+        children = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        assert len(children) == processes - 1
+        for _ in range(4):  # separate connections, which the kernel spreads over the processes
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                certify = channel.unary_unary(
+                    CERTIFY_METHOD,
+                    request_serializer=encode_certify_request,
+                    response_deserializer=decode_certify_response,
+                )
+                request = CertifyRequest(identity=WEB, token=token, certificate_signing_request=csr)
+                leaf = x509.load_der_x509_certificate(certify(request, timeout=10).leaf_certificate)
+            assert leaf.public_key() == key.public_key()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
+        for child in children:  # reaped by the parent, not left running
+            with pytest.raises(ProcessLookupError):
+                os.kill(child, 0)
     finally:
         if process.poll() is None:
             process.kill()
