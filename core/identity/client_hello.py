@@ -11,6 +11,9 @@ answers one of three things:
 - ``NotTls``: this is not a TLS ClientHello (or not one we can read), with the reason;
 - ``ClientHello``: a complete ClientHello, with its server name (``None`` when the client sent no SNI).
 
+``inbound_decision(first_bytes, local_identity)`` turns that into what the inbound proxy does: TERMINATE a
+ClientHello whose SNI is its own identity, PASS_THROUGH anything else, or wait for more bytes.
+
 The answer for a prefix never contradicts the answer for a longer prefix: once ``NotTls`` or ``ClientHello``,
 more bytes do not change it (tests/core/identity/test_tls.py checks this over arbitrary splits).
 
@@ -27,6 +30,7 @@ large"), so a client cannot make the proxy buffer without bound before deciding.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 MAX_PEEK_BYTES = 16 * 1024
@@ -194,3 +198,24 @@ def _host_name(payload: bytes) -> str | None:
                 raise _Malformed("the SNI host_name is empty or not ASCII")
             return name.decode("ascii").lower()
     return None
+
+
+# ---------------------------------------------------------------------------------------------- inbound
+
+
+class InboundDecision(enum.Enum):
+    """What the inbound proxy does with a new connection, decided from its first bytes."""
+
+    NEED_MORE_BYTES = "need more bytes"
+    TERMINATE = "terminate TLS"  # a ClientHello for this proxy's own identity
+    PASS_THROUGH = "pass through"  # not TLS, or TLS for someone else (the application's own TLS)
+
+
+def inbound_decision(first_bytes: bytes, local_identity: str) -> InboundDecision:
+    """Terminate TLS only when the SNI is ``local_identity``; consumes nothing."""
+    peeked = peek_client_hello(first_bytes)
+    if isinstance(peeked, NeedMoreBytes):
+        return InboundDecision.NEED_MORE_BYTES
+    if isinstance(peeked, ClientHello) and peeked.server_name == local_identity.lower():
+        return InboundDecision.TERMINATE
+    return InboundDecision.PASS_THROUGH

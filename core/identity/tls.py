@@ -18,7 +18,7 @@ terminate TLS at all: ``inbound_decision`` terminates only a ClientHello whose S
 and passes everything else (plain text, TLS meant for the application) through untouched.
 
 States (``_ALLOWED`` says which call is legal in which state; anything else is a ``TlsUsageError``):
-HANDSHAKING -> ESTABLISHED -> (CLOSED once our close_notify went out and the peer's stream ended), and
+HANDSHAKING -> ESTABLISHED -> CLOSE_SENT (our close_notify went out; the peer may still send), and
 FAILED from any state after a ``TlsError``. Before failing, OpenSSL often writes an alert for the peer: send
 ``data_to_send()`` and then close the connection.
 
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tether.core.identity.client_hello import ClientHello, NeedMoreBytes, peek_client_hello
+from tether.core.identity.client_hello import InboundDecision, inbound_decision
 
 __all__ = [
     "CloseNotifyReceived",
@@ -354,7 +354,7 @@ TlsEvent = HandshakeCompleted | PlaintextReceived | CloseNotifyReceived | EndOfS
 class _State(enum.Enum):
     HANDSHAKING = "handshaking"
     ESTABLISHED = "established"
-    CLOSED = "closed"
+    CLOSE_SENT = "closing (close_notify sent)"
     FAILED = "failed"
 
 
@@ -371,9 +371,9 @@ _ALLOWED: dict[tuple[_State, _Call], bool] = {
     (_State.ESTABLISHED, _Call.RECEIVE): True,
     (_State.ESTABLISHED, _Call.SEND): True,
     (_State.ESTABLISHED, _Call.CLOSE): True,
-    (_State.CLOSED, _Call.RECEIVE): True,  # after our close_notify the peer may still be talking
-    (_State.CLOSED, _Call.SEND): False,
-    (_State.CLOSED, _Call.CLOSE): True,
+    (_State.CLOSE_SENT, _Call.RECEIVE): True,  # after our close_notify the peer may still be talking
+    (_State.CLOSE_SENT, _Call.SEND): False,
+    (_State.CLOSE_SENT, _Call.CLOSE): True,
     (_State.FAILED, _Call.RECEIVE): False,
     (_State.FAILED, _Call.SEND): False,
     (_State.FAILED, _Call.CLOSE): True,
@@ -400,6 +400,7 @@ class TlsSession:
         self._state = _State.HANDSHAKING
         self._close_notify_received = False
         self._close_notify_sent = False
+        self._end_received = False
         self._pending_error: TlsError | None = None
         self.peer_identity: str | None = None
         self.failure: TlsError | None = None
@@ -428,7 +429,7 @@ class TlsSession:
 
     @property
     def established(self) -> bool:
-        return self._state in (_State.ESTABLISHED, _State.CLOSED) and self.peer_identity is not None
+        return self._state in (_State.ESTABLISHED, _State.CLOSE_SENT) and self.peer_identity is not None
 
     @property
     def handshaking(self) -> bool:
@@ -449,9 +450,12 @@ class TlsSession:
         self._check(_Call.RECEIVE)
         if self._pending_error is not None:
             raise self._fail(self._pending_error)
+        if self._end_received:
+            raise TlsUsageError("receive() after the end of the stream (receive(b''))")
         if data:
             self._incoming.write(data)
         else:
+            self._end_received = True
             self._incoming.write_eof()
         events: list[TlsEvent] = []
         try:
@@ -570,6 +574,8 @@ class TlsSession:
     def send(self, plaintext: bytes) -> None:
         """Encrypt ``plaintext`` for the peer; the records are in the next ``data_to_send()``."""
         self._check(_Call.SEND)
+        if self._pending_error is not None:
+            raise self._fail(self._pending_error)
         if plaintext:
             try:
                 self._ssl.write(plaintext)
@@ -584,7 +590,7 @@ class TlsSession:
                 self._state = _State.FAILED
             return
         self._close_notify_sent = True
-        self._state = _State.CLOSED
+        self._state = _State.CLOSE_SENT
         try:
             self._ssl.unwrap()
         except ssl.SSLWantReadError:
@@ -593,26 +599,5 @@ class TlsSession:
             raise self._fail(self._classify(error)) from None
 
     def data_to_send(self) -> bytes:
-        """Bytes for the peer (handshake, records, alerts); drain after every call. Never empty-blocks."""
+        """Bytes for the peer (handshake, records, alerts; b"" if none); drain after every call."""
         return self._outgoing.read()
-
-
-# ---------------------------------------------------------------------------------------------- inbound
-
-
-class InboundDecision(enum.Enum):
-    """What the inbound proxy does with a new connection, decided from its first bytes."""
-
-    NEED_MORE_BYTES = "need more bytes"
-    TERMINATE = "terminate TLS"  # a ClientHello for this proxy's own identity
-    PASS_THROUGH = "pass through"  # not TLS, or TLS for someone else (the application's own TLS)
-
-
-def inbound_decision(first_bytes: bytes, local_identity: str) -> InboundDecision:
-    """Terminate TLS only when the SNI is ``local_identity``; consumes nothing (see client_hello.py)."""
-    peeked = peek_client_hello(first_bytes)
-    if isinstance(peeked, NeedMoreBytes):
-        return InboundDecision.NEED_MORE_BYTES
-    if isinstance(peeked, ClientHello) and peeked.server_name == local_identity.lower():
-        return InboundDecision.TERMINATE
-    return InboundDecision.PASS_THROUGH

@@ -162,13 +162,6 @@ def test_TlsSession_close_notify_then_end_of_stream_is_clean(web: TlsContexts, a
         client.session.send(b"after close")
 
 
-def test_TlsSession_end_without_close_notify_is_unclean(web: TlsContexts, api: TlsContexts):
-    client, server = connect(api, web)
-    server.feed(b"")
-    assert server.error is None
-    assert server.events[-1] == EndOfStream(clean=False)
-
-
 def test_TlsSession_end_during_handshake_is_a_handshake_error(web: TlsContexts):
     server = Side(TlsSession.server(web, NOW_S))
     server.feed(b"")
@@ -296,6 +289,20 @@ def test_TlsSession_corrupt_record_after_plaintext_fails_on_the_next_receive(web
 def test_TlsSession_send_before_the_handshake_is_a_usage_error(web: TlsContexts):
     with pytest.raises(TlsUsageError):
         TlsSession.client(web, API, NOW_S).send(b"too early")
+
+
+def test_TlsSession_receive_after_the_end_of_stream_is_a_usage_error(web: TlsContexts, api: TlsContexts):
+    _client, server = connect(api, web)
+    assert server.session.receive(b"") == [EndOfStream(clean=False)]
+    with pytest.raises(TlsUsageError):
+        server.session.receive(b"more")
+
+
+def test_TlsSession_close_during_the_handshake_gives_up(web: TlsContexts):
+    client = TlsSession.client(web, API, NOW_S)
+    client.close()
+    with pytest.raises(TlsUsageError):
+        client.receive(b"\x16\x03\x03")
 
 
 def test_TlsSession_contexts_serve_many_connections(web: TlsContexts, api: TlsContexts):
