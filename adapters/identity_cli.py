@@ -245,7 +245,7 @@ def serve(
     try:
         serve_processes(service, address, processes=processes, workers=workers, on_ready=ready)
     except OSError as error:
-        _fail("serve", str(error), EXIT_BIND)
+        _fail("serve", error.strerror or str(error), EXIT_BIND)
 
 
 def _kubernetes_verifier(kubeconfig: str | None) -> Any:
