@@ -142,4 +142,4 @@ class MirrorMachine(RuleBasedStateMachine):
 
 
 TestMirrorMachine = MirrorMachine.TestCase
-TestMirrorMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestMirrorMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

@@ -82,7 +82,7 @@ def expected_reason(policy: RetryPolicy | None, attempt: int, outcome: AttemptOu
     timed_out=st.booleans(),
     seed=st.integers(0, 2**32),
 )
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_should_retry_follows_the_documented_order(policy, attempt, outcome, buffered, timed_out, seed) -> None:
     rng = random.Random(seed)
     decision = should_retry(policy, attempt, outcome, buffered, timed_out, rng=rng)
@@ -275,4 +275,4 @@ class RetriesUnderBudget(RuleBasedStateMachine):
 
 
 TestRetriesUnderBudget = RetriesUnderBudget.TestCase
-TestRetriesUnderBudget.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestRetriesUnderBudget.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

@@ -182,7 +182,7 @@ authorities = st.sampled_from(["web.shop", "web.shop:80", "WEB.SHOP", "api.shop"
     query=st.sampled_from(["", "q=1", "q=2&q=1", "debug=", "q=1&debug=", "q=%31"]),
     headers=request_headers,
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_http_route_precedence_matches_brute_force(routes, method, authority, path, query, headers) -> None:
     found = RouteTable(routes).match(method, authority, path, query, headers)
     expected = brute_force(routes, method.upper(), authority, path, query, headers)
@@ -204,7 +204,7 @@ def position(routes: list[Route], found) -> tuple[int, int, int] | None:
     grpc=st.booleans(),
     headers=request_headers,
 )
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_grpc_route_precedence_matches_brute_force(grpc_routes, http_routes, authority, path, grpc, headers) -> None:
     routes = [*grpc_routes, *http_routes]
     headers = [*headers, ("content-type", "application/grpc+proto" if grpc else "text/plain")]

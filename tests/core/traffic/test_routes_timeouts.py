@@ -130,7 +130,7 @@ class TimersMachine(RuleBasedStateMachine):
 
 
 TestTimersMachine = TimersMachine.TestCase
-TestTimersMachine.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
+TestTimersMachine.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
 
 
 def test_request_timeout_spans_attempts_and_response_timeout_is_per_attempt() -> None:
