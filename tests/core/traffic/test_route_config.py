@@ -478,3 +478,13 @@ def test_any_value_anywhere_is_read_or_refused_cleanly(data: st.DataObject, valu
     path = data.draw(st.sampled_from(paths(document)[1:]))
     with contextlib.suppress(ConfigFileError):
         read_route_documents([replaced(document, path, value)], "fuzz.yaml")
+
+
+def test_the_documented_example_loads() -> None:
+    text = (Path(__file__).parents[3] / "docs" / "traffic-routes.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (route,) = load_route_yaml(example, "docs/traffic-routes.md").routes
+    rule = route.rules[0]
+    assert rule.fault is not None and rule.mirrors and rule.request_headers is not None
+    assert rule.retry.limit == 2 and rule.retry.attempt_timeout_ns == 300 * MS  # annotations win
+    assert rule.timeouts == RouteTimeouts(request_ns=5 * S, response_ns=1 * S, idle_ns=30 * S)
