@@ -367,3 +367,19 @@ def test_route_counters_record_decisions() -> None:
     assert (counters.retries, counters.retry_budget_exhausted, counters.retry_limit_reached) == (1, 1, 1)
     assert (counters.fault_delays, counters.fault_aborts, counters.mirror_skipped) == (1, 0, 1)
     assert counters.timeouts == {"request": 0, "response": 0, "idle": 1}
+
+
+@given(
+    routes=st.lists(
+        st.one_of(routes_of(RouteKind.HTTP, http_matches), routes_of(RouteKind.GRPC, grpc_matches)), max_size=3
+    ),
+    method=st.text(max_size=8),
+    authority=st.text(max_size=20),
+    path=st.text(max_size=20),
+    query=st.text(max_size=20),
+    headers=st.lists(st.tuples(st.sampled_from(["content-type", "x-v", "X-Canary"]), st.text(max_size=20)), max_size=3),
+)
+@settings(max_examples=150, deadline=None)
+def test_any_request_head_matches_or_not_without_raising(routes, method, authority, path, query, headers) -> None:
+    found = RouteTable(routes).match(method, authority, path, query, headers)
+    assert found is None or found.rule in found.route.rules
