@@ -6,9 +6,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-import h11
-
 from tether.core.address import Address
+from tether.core.proxy.h1fast import H1Connection
 from tether.core.proxy.h2session import H2Session
 
 
@@ -24,7 +23,7 @@ class Mode(enum.Enum):
 @dataclass(slots=True)
 class Downstream:
     conn_id: int
-    h11: h11.Connection
+    h11: H1Connection  # h11.Connection's interface, with a fast path (h1fast.py)
     peer: Address | None
     target: str | None  # an authority the driver routes by instead of the Host header
     identity: str | None  # the client's identity once TLS is terminated (identity issue); None today
@@ -58,7 +57,7 @@ class UpstreamState(enum.Enum):
 @dataclass(slots=True)
 class Upstream:
     conn_id: int
-    h11: h11.Connection
+    h11: H1Connection  # h11.Connection's interface, with a fast path (h1fast.py)
     endpoint: Address
     state: UpstreamState = UpstreamState.CONNECTING
     exchange_id: int | None = None

@@ -325,7 +325,7 @@ class H1Flows(ProxyParts):
                 reason = f"{upstream.endpoint} switched protocols without being asked to"
                 self._upstream_broke(upstream, reason, now_ns, kind=ProxyErrorKind.INVALID_RESPONSE)
                 return
-            headers = http1.forwarded_headers(list(event.headers)) + http1.upgrade_headers(list(event.headers))
+            headers = http1.forwarded_headers(http1.pairs(event)) + http1.upgrade_headers(http1.pairs(event))
             self._switch_to_tunnel(exchange, upstream, h11.InformationalResponse(status_code=101, headers=headers))
             return
         downstream = self._downstream.get(exchange.downstream_id)
@@ -334,7 +334,7 @@ class H1Flows(ProxyParts):
                 downstream,
                 downstream.h11.send(
                     h11.InformationalResponse(
-                        status_code=event.status_code, headers=http1.forwarded_headers(list(event.headers))
+                        status_code=event.status_code, headers=http1.forwarded_headers(http1.pairs(event))
                     )
                 ),
             )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import h11
 
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers, header_safe
-from tether.core.proxy.http1 import forwarded_headers
+from tether.core.proxy.http1 import forwarded_headers, pairs
 
 ORIG_PROTO = b"l5d-orig-proto"
 HTTP11 = b"HTTP/1.1"
@@ -94,7 +94,7 @@ def head_from_h2(headers: list[tuple[bytes, bytes]]) -> RequestHead:
 
 
 def head_from_h1(request: h11.Request, authority: str) -> RequestHead:
-    headers = [(name, value) for name, value in forwarded_headers(list(request.headers)) if name != b"host"]
+    headers = [(name, value) for name, value in forwarded_headers(pairs(request)) if name != b"host"]
     if any(name == b"transfer-encoding" for name, _ in headers):
         headers = [(name, value) for name, value in headers if name != b"transfer-encoding"]
     path = request.target

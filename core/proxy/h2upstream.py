@@ -511,13 +511,13 @@ class H2Upstream(ProxyParts):
 
     def _h1_sink_event(self, upstream: Upstream, exchange: StreamExchange, event: object) -> None:
         if isinstance(event, h11.InformationalResponse):
-            self._sink_informational(exchange, event.status_code, list(event.headers))
+            self._sink_informational(exchange, event.status_code, http1.pairs(event))
         elif isinstance(event, h11.Response):
             if http1.head_size(event) > self.config.max_header_bytes:
                 reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
                 self._sink_connection_lost(upstream, reason)
                 return
-            self._sink_response_head(exchange, event.status_code, list(event.headers), ended=False)
+            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=False)
         elif isinstance(event, h11.Data):
             self._sink_response_data(exchange, bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):

@@ -34,6 +34,7 @@ from tether.core.effects import Close, Effect, Send, SetReading
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState
+from tether.core.proxy.h1fast import H1Connection
 from tether.core.proxy.h1flows import H1Flows
 from tether.core.proxy.h2flows import H2Flows
 from tether.core.proxy.h2upstream import H2Upstream
@@ -100,7 +101,7 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
             self._effects.append(Close(conn_id=conn_id))
             self.telemetry.tcp_closed(conn_id, now_ns)
             return conn_id
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+        parser = H1Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         downstream = self._downstream[conn_id] = Downstream(conn_id, parser, peer, target, identity)
         self._deadlines.set(("idle", conn_id), now_ns + self.config.idle_timeout_ns)
         self._start_detecting(downstream, now_ns)
@@ -375,8 +376,8 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
             connection.reading = enabled
             self._effects.append(SetReading(conn_id=connection.conn_id, enabled=enabled))
 
-    def _new_upstream_parser(self) -> h11.Connection:
-        return h11.Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes)
+    def _new_upstream_parser(self) -> H1Connection:
+        return H1Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes)
 
     def _exchange(self, exchange_id: int | None) -> Exchange | None:
         return self._exchanges.get(exchange_id) if exchange_id is not None else None

@@ -1,0 +1,286 @@
+"""The HTTP/1.1 fast path against h11 itself: the same bytes in, the same events, states, bytes out and errors.
+
+Each example builds a connection's worth of traffic (common-case messages and hostile ones: other versions,
+bad header lines, bare LF line ends, conflicting framing, broken chunked bodies, garbage), splits it at
+arbitrary points, and runs an ``h11.Connection`` and an ``H1Connection`` side by side, answering each request
+(or sending each request, in the client role) with the same events. Consecutive Data events are merged before
+comparing: how a body is cut into events is not part of the contract, its bytes are.
+
+TETHER_H1FAST_EXAMPLES raises the example count for a longer local run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import h11
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tether.core.proxy.h1fast import H1Connection
+
+EXAMPLES = int(os.environ.get("TETHER_H1FAST_EXAMPLES", "300"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+METHODS = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"CONNECT", b"OPTIONS", b"get", b"G@T", b""]
+TARGETS = [b"/", b"/a/b?c=d&e", b"*", b"http://example.com/x", b"/a b", b"/\x7f", b"/\xc3\xa9"]
+VERSIONS = [b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 ", b"http/1.1"]
+HEADER_LINES = [
+    b"Host: example.com",
+    b"host: other",
+    b"User-Agent: wrk",
+    b"Accept: */*",
+    b"X-Spaced:   padded value  ",
+    b"X-Empty:",
+    b"X-Tab:\tvalue\t",
+    b"Connection: keep-alive",
+    b"Connection: close",
+    b"Connection: upgrade",
+    b"Connection: Keep-Alive, Close",
+    b"Upgrade: websocket",
+    b"Expect: 100-continue",
+    b"Bad Name: x",
+    b"X-Control: a\x01b",
+    b"X-Latin: \xe9t\xe9",
+    b" folded continuation",
+    b"NoColon",
+    b"X-Colon : x",
+    b"Content-Length: 5",
+    b"Content-Length: 0",
+    b"Content-Length: 05",
+    b"Content-Length: 3, 3",
+    b"Content-Length: -1",
+    b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: gzip, chunked",
+    b"Transfer-Encoding: Chunked",
+]
+STATUS_LINES = [
+    b"HTTP/1.1 200 OK",
+    b"HTTP/1.1 200",
+    b"HTTP/1.1 404 Not Found",
+    b"HTTP/1.1 204 No Content",
+    b"HTTP/1.1 304 Not Modified",
+    b"HTTP/1.1 500 Internal Server Error",
+    b"HTTP/1.1 100 Continue",
+    b"HTTP/1.1 101 Switching Protocols",
+    b"HTTP/1.0 200 OK",
+    b"HTTP/1.1 999 Odd",
+    b"HTTP/1.1 20 Short",
+    b"HTTP/1.1 200 \xe9",
+    b"HTTX/1.1 200 OK",
+]
+
+
+@st.composite
+def chunked_body(draw: st.DrawFn) -> bytes:
+    pieces = draw(st.lists(st.binary(min_size=1, max_size=40), max_size=3))
+    out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), draw(st.sampled_from([b"", b";ext=1", b" "])), p) for p in pieces)
+    trailer = draw(st.sampled_from([b"", b"X-Trailer: yes\r\n", b"Bad Trailer\r\n", b"A: 1\r\nB: 2\r\n"]))
+    out += b"0\r\n" + trailer + b"\r\n"
+    if draw(st.integers(0, 9)) == 0:  # a broken chunk: wrong size, missing CRLF, not hex
+        out = draw(st.sampled_from([b"5\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXY0\r\n\r\n", b"zz\r\n", b"3\r\nabc\r\n"]))
+    return out
+
+
+@st.composite
+def message(draw: st.DrawFn, *, request: bool) -> bytes:
+    """One head and body, mostly the common case, sometimes hostile."""
+    if draw(st.integers(0, 19)) == 0:
+        return draw(st.binary(max_size=60))
+    if request:
+        start = b"%s %s %s" % (
+            draw(st.sampled_from(METHODS)),
+            draw(st.sampled_from(TARGETS)),
+            draw(st.sampled_from(VERSIONS)),
+        )
+    else:
+        start = draw(st.sampled_from(STATUS_LINES))
+    common = [b"Host: example.com"] if request else [b"Server: test"]
+    lines = common + draw(st.lists(st.sampled_from(HEADER_LINES), max_size=4))
+    if not request and draw(st.booleans()):
+        lines.append(draw(st.sampled_from([b"Content-Length: 5", b"Transfer-Encoding: chunked"])))
+    eol = b"\r\n" if draw(st.integers(0, 9)) else b"\n"
+    head = eol.join([start, *lines]) + eol + eol
+    if any(line.startswith(b"Transfer-Encoding") for line in lines):
+        body = draw(chunked_body())
+    else:
+        body = draw(st.binary(max_size=8))
+        if any(line == b"Content-Length: 5" for line in lines):
+            body = draw(st.sampled_from([b"hello", b"hell", b"hello!"]))
+    return head + body
+
+
+def pieces_of(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if data[a:b]]
+
+
+def normal(event: Any) -> Any:
+    if isinstance(event, h11.Request):
+        return ("Request", event.method, event.target, event.http_version, list(event.headers._full_items))
+    if isinstance(event, (h11.Response, h11.InformationalResponse)):
+        items = list(event.headers._full_items)
+        return (type(event).__name__, event.status_code, event.reason, event.http_version, items)
+    if isinstance(event, h11.EndOfMessage):
+        return ("EndOfMessage", list(event.headers))
+    if isinstance(event, h11.Data):
+        return ("Data", bytes(event.data))
+    if isinstance(event, h11.ConnectionClosed):
+        return ("ConnectionClosed",)
+    return (event.__name__,)  # NEED_DATA, PAUSED
+
+
+def drain(connection: Any) -> tuple[list[Any], str | None]:
+    """Events until NEED_DATA, PAUSED or ConnectionClosed, with Data merged; and the error, if one was raised."""
+    events: list[Any] = []
+    for _ in range(1000):
+        try:
+            event = normal(connection.next_event())
+        except h11.RemoteProtocolError as error:
+            return events, type(error).__name__
+        if events and event[0] == "Data" and events[-1][0] == "Data":
+            events[-1] = ("Data", events[-1][1] + event[1])
+        else:
+            events.append(event)
+        if event[0] in ("NEED_DATA", "PAUSED", "ConnectionClosed"):
+            return events, None
+    raise AssertionError("next_event never settles")
+
+
+def same_state(slow: h11.Connection, fast: H1Connection) -> None:
+    assert (fast.our_state, fast.their_state) == (slow.our_state, slow.their_state)
+    assert fast.trailing_data == slow.trailing_data
+
+
+def send_both(slow: h11.Connection, fast: H1Connection, event: Any) -> bool:
+    """Send ``event`` on both; True if both accepted it, False if both refused it."""
+    outcomes = []
+    for connection in (slow, fast):
+        try:
+            outcomes.append(connection.send(event))
+        except h11.LocalProtocolError:
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1], event
+    return outcomes[0] != "refused"
+
+
+RESPONSE_HEADS = [
+    [("content-length", "5")],
+    [("transfer-encoding", "chunked")],
+    [("x-any", "1")],
+    [("content-length", "5"), ("connection", "close")],
+    [("Transfer-Encoding", "chunked"), ("connection", "keep-alive")],
+    [("content-length", "0")],
+]
+
+
+@st.composite
+def response_events(draw: st.DrawFn) -> list[Any]:
+    status = draw(st.sampled_from([200, 204, 304, 404, 502]))
+    head = h11.Response(status_code=status, headers=draw(st.sampled_from(RESPONSE_HEADS)), reason=b"R")
+    body = draw(st.sampled_from([[b"hello"], [b"hel", b"lo"], [b""], [], [b"hello!"]]))
+    trailers = draw(st.sampled_from([[], [("x-trailer", "1")]]))
+    extra = [h11.InformationalResponse(status_code=103, headers=[])] if draw(st.integers(0, 9)) == 0 else []
+    return [*extra, head, *[h11.Data(data=b) for b in body], h11.EndOfMessage(headers=trailers)]
+
+
+@SETTINGS
+@given(
+    messages=st.lists(message(request=True), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 2000), max_size=6),
+    answers=st.lists(response_events(), min_size=4, max_size=4),
+    eof=st.booleans(),
+)
+def test_server_role_matches_h11(messages: list[bytes], cuts: list[int], answers: list[list[Any]], eof: bool) -> None:
+    slow = h11.Connection(h11.SERVER, max_incomplete_event_size=200)
+    fast = H1Connection(h11.SERVER, max_incomplete_event_size=200)
+    chunks = [*pieces_of(b"".join(messages), cuts), *([b""] if eof else [])]
+    answer_index = 0
+    for chunk in chunks:
+        slow.receive_data(chunk)
+        fast.receive_data(chunk)
+        while True:
+            slow_events, slow_error = drain(slow)
+            fast_events, fast_error = drain(fast)
+            assert (fast_events, fast_error) == (slow_events, slow_error)
+            if slow_error:
+                return
+            same_state(slow, fast)
+            if slow.our_state is not h11.SEND_RESPONSE or slow.their_state is not h11.DONE or answer_index >= 4:
+                break
+            for event in answers[answer_index]:
+                if not send_both(slow, fast, event):
+                    return
+                same_state(slow, fast)
+            answer_index += 1
+            if slow.our_state is h11.DONE and slow.their_state is h11.DONE:
+                slow.start_next_cycle()
+                fast.start_next_cycle()
+            else:
+                return
+
+
+REQUESTS = [
+    ([b"GET", b"/"], [("host", "a")], []),
+    ([b"POST", b"/up"], [("host", "a"), ("content-length", "5")], [b"hel", b"lo"]),
+    ([b"POST", b"/up"], [("host", "a"), ("transfer-encoding", "chunked")], [b"hello"]),
+    ([b"HEAD", b"/"], [("host", "a")], []),
+    ([b"GET", b"/"], [("host", "a"), ("connection", "close")], []),
+    ([b"GET", b"/"], [("host", "a"), ("connection", "keep-alive"), ("x-b", "c")], []),
+]
+
+
+@SETTINGS
+@given(
+    requests=st.lists(st.sampled_from(REQUESTS), min_size=1, max_size=3),
+    answers=st.lists(message(request=False), min_size=3, max_size=3),
+    cuts=st.lists(st.integers(0, 400), max_size=5),
+    eof=st.booleans(),
+)
+def test_client_role_matches_h11(requests: list[Any], answers: list[bytes], cuts: list[int], eof: bool) -> None:
+    slow = h11.Connection(h11.CLIENT, max_incomplete_event_size=200)
+    fast = H1Connection(h11.CLIENT, max_incomplete_event_size=200)
+    for (method, target), headers, body in requests:
+        events = [h11.Request(method=method, target=target, headers=headers)]
+        events += [h11.Data(data=piece) for piece in body] + [h11.EndOfMessage()]
+        for event in events:
+            if not send_both(slow, fast, event):
+                return
+            same_state(slow, fast)
+        answer = answers.pop(0)
+        chunks = [*pieces_of(answer, cuts), *([b""] if eof and not answers else [])]
+        for chunk in chunks:
+            slow.receive_data(chunk)
+            fast.receive_data(chunk)
+            slow_events, slow_error = drain(slow)
+            assert drain(fast) == (slow_events, slow_error)
+            if slow_error:
+                return
+            same_state(slow, fast)
+        if slow.our_state is not h11.DONE or slow.their_state is not h11.DONE:
+            return
+        slow.start_next_cycle()
+        fast.start_next_cycle()
+
+
+def test_common_request_takes_the_fast_path() -> None:
+    """The point of the module: a plain keep-alive exchange never builds an h11 connection."""
+    server = H1Connection(h11.SERVER)
+    server.receive_data(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+    assert isinstance(server.next_event(), h11.Request)
+    assert server.next_event() == h11.Data(data=b"hi")
+    assert isinstance(server.next_event(), h11.EndOfMessage)
+    server.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+    server.send(h11.EndOfMessage())
+    server.start_next_cycle()
+    assert server._slow is None
+
+
+@pytest.mark.parametrize("head", [b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\n"])
+def test_uncommon_heads_are_left_to_h11(head: bytes) -> None:
+    server = H1Connection(h11.SERVER)
+    server.receive_data(head)
+    server.next_event()
+    assert server._slow is not None
