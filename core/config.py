@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 MS = 1_000_000
 S = 1_000_000_000
 PROTOCOLS = ("http1", "detect", "opaque")
+# Endpoint choice (core/traffic/balancer.py). Linkerd balances HTTP with P2C over peak-EWMA; the other two
+# stay available for comparison (`tether sim --balancer`).
+BALANCERS = ("p2c-ewma", "round-robin", "least-loaded")
 
 
 class ConfigError(ValueError):
@@ -80,6 +83,8 @@ class ProxyConfig:
     # (a peer that vanished without a FIN). Linkerd's proxy pings every 10 s.
     h2_keepalive_interval_ns: int = 10 * S
     h2_keepalive_timeout_ns: int = 3 * S
+    # How requests choose among a service's endpoints; see BALANCERS.
+    balancer: str = "p2c-ewma"
 
     def __post_init__(self) -> None:
         for port in self.opaque_ports:
@@ -89,8 +94,12 @@ class ProxyConfig:
             raise ConfigError(
                 "protocol", f"{self.protocol!r} is not a protocol mode", f"use one of {', '.join(PROTOCOLS)}"
             )
+        if self.balancer not in BALANCERS:
+            raise ConfigError(
+                "balancer", f"{self.balancer!r} is not a balancer", f"use one of {', '.join(BALANCERS)}"
+            )
         for field in fields(self):
-            if field.name in ("protocol", "opaque_ports"):
+            if field.name in ("protocol", "opaque_ports", "balancer"):
                 continue
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool):
