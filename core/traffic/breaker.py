@@ -164,12 +164,13 @@ class BreakerStats:
 class _EndpointBreaker:
     """The mutable per-endpoint record; only ``CircuitBreaker`` touches it."""
 
-    __slots__ = ("consecutive_failures", "ejections_in_row", "probe_in_flight", "state", "window")
+    __slots__ = ("consecutive_failures", "ejected_until_ns", "ejections_in_row", "probe_in_flight", "state", "window")
 
     def __init__(self) -> None:
         self.state = BreakerState.CLOSED
         self.consecutive_failures = 0
         self.ejections_in_row = 0
+        self.ejected_until_ns: int | None = None
         self.probe_in_flight = False
         # [bucket index, successes, failures], oldest first; at most ``buckets`` entries
         self.window: deque[list[int]] = deque()
@@ -220,6 +221,11 @@ class CircuitBreaker:
 
     def probe_in_flight(self, endpoint: Address) -> bool:
         return self._require(endpoint).probe_in_flight
+
+    def ejected_until_ns(self, endpoint: Address) -> int | None:
+        """When an EJECTED endpoint's backoff ends; None in the other states."""
+        entry = self._require(endpoint)
+        return entry.ejected_until_ns if entry.state is BreakerState.EJECTED else None
 
     def next_deadline_ns(self) -> int | None:
         """When the earliest ejected endpoint becomes PROBING; call ``on_timer`` once it has passed."""
@@ -319,7 +325,8 @@ class CircuitBreaker:
         entry.consecutive_failures = 0
         entry.window.clear()
         self._counts[reason] += 1
-        self._deadlines.set(endpoint, now_ns + backoff_ns)
+        entry.ejected_until_ns = now_ns + backoff_ns
+        self._deadlines.set(endpoint, entry.ejected_until_ns)
         self._move(endpoint, entry, event, f"{reason.value}: ejected for {backoff_ns / NS_PER_S:.3f} s")
 
     def _backoff_ns(self, ejections_in_row: int) -> int:
