@@ -92,25 +92,22 @@ def merge(telemetries: list[Telemetry]) -> Telemetry:
     return merged
 
 
+def _tls(labels: HttpLabels | TcpLabels) -> Labels:
+    """Linkerd's TLS labels: the peer's identity when TLS is on (client_id inbound, server_id outbound),
+    else the reason it is not."""
+    if labels.tls == "true":
+        name = "client_id" if labels.direction == "inbound" else "server_id"
+        return [("tls", "true"), (name, labels.peer_id)]
+    return [("tls", labels.tls), ("no_tls_reason", labels.no_tls_reason)]
+
+
 def _http(labels: HttpLabels, **more: str) -> Labels:
-    pairs = [
-        ("direction", labels.direction),
-        ("authority", labels.authority),
-        ("target_addr", labels.target_addr),
-        ("tls", labels.tls),
-        ("no_tls_reason", labels.no_tls_reason),
-    ]
-    return pairs + list(more.items())
+    pairs = [("direction", labels.direction), ("authority", labels.authority), ("target_addr", labels.target_addr)]
+    return pairs + _tls(labels) + list(more.items())
 
 
 def _tcp_labels(labels: TcpLabels) -> Labels:
-    return [
-        ("direction", labels.direction),
-        ("peer", labels.peer),
-        ("target_addr", labels.target_addr),
-        ("tls", labels.tls),
-        ("no_tls_reason", labels.no_tls_reason),
-    ]
+    return [("direction", labels.direction), ("peer", labels.peer), ("target_addr", labels.target_addr)] + _tls(labels)
 
 
 def _tcp(table: Mapping[TcpLabels, int]) -> list[tuple[Labels, int]]:

@@ -95,9 +95,7 @@ class ProxyConfig:
                 "protocol", f"{self.protocol!r} is not a protocol mode", f"use one of {', '.join(PROTOCOLS)}"
             )
         if self.balancer not in BALANCERS:
-            raise ConfigError(
-                "balancer", f"{self.balancer!r} is not a balancer", f"use one of {', '.join(BALANCERS)}"
-            )
+            raise ConfigError("balancer", f"{self.balancer!r} is not a balancer", f"use one of {', '.join(BALANCERS)}")
         for field in fields(self):
             if field.name in ("protocol", "opaque_ports", "balancer"):
                 continue

@@ -26,6 +26,9 @@ class EndpointSet:
     # Where requests from HTTP/2 clients go instead, when the workload serves h2c on a port of its own
     # (nginx, for one, cannot serve HTTP/1.1 and h2c with prior knowledge on one port).
     h2c_endpoints: tuple[Address, ...] = ()
+    # The identity the meshed endpoints prove with mTLS (their server certificate's name); None: not meshed
+    # with identity, so connections to them are plaintext.
+    identity: str | None = None
 
 
 class Resolver(Protocol):
@@ -52,13 +55,17 @@ class StaticResolver:
         dial_authority: bool = False,
         meshed_hosts: Mapping[str, int] | None = None,
         default_h2c: Sequence[Address] = (),
+        identities: Mapping[str, str] | None = None,
     ) -> None:
         meshed = {host.lower(): port for host, port in (meshed_hosts or {}).items()}
+        named = {host.lower(): identity.lower() for host, identity in (identities or {}).items()}
         self._default = (
             EndpointSet(default_name, tuple(default), h2c_endpoints=tuple(default_h2c)) if default is not None else None
         )
         self._by_host = {
-            host.lower(): EndpointSet(host.lower(), tuple(eps), meshed.get(host.lower()))
+            host.lower(): EndpointSet(
+                host.lower(), tuple(eps), meshed.get(host.lower()), identity=named.get(host.lower())
+            )
             for host, eps in (by_host or {}).items()
         }
         self._dial_authority = dial_authority

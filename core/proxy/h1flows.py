@@ -97,7 +97,7 @@ class H1Flows(ProxyParts):
         if endpoint_set is not None and endpoint_set.endpoints:
             exchange.endpoint = self._picker.pick(endpoint_set, self._rng)
         target_addr = str(exchange.endpoint) if exchange.endpoint is not None else ""
-        exchange.labels = self.telemetry.http_labels(authority, target_addr)
+        exchange.labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
         self.telemetry.request_started(service, exchange.labels)
         if http1.head_size(request) > self.config.max_header_bytes:
             downstream.closing = True
@@ -196,7 +196,7 @@ class H1Flows(ProxyParts):
             )
             self._exchanges[exchange.exchange_id] = exchange
             downstream.exchange_id = exchange.exchange_id
-            exchange.labels = self.telemetry.http_labels(downstream.target or "", "")
+            exchange.labels = self.telemetry.http_labels(downstream.target or "", "", self.tls_labels(downstream, None))
             self.telemetry.request_started(service, exchange.labels)
         self._fail(exchange, ProxyError(kind, reason), now_ns)
 

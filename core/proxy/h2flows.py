@@ -172,7 +172,9 @@ class H2Flows(ProxyParts):
         service = endpoint_set.name if endpoint_set is not None else (authority or "unknown")
         if downstream.fixed_endpoint is not None:
             service = str(endpoint)
-        labels = self.telemetry.http_labels(authority, str(endpoint) if endpoint is not None else "")
+        meshed = endpoint_set is not None and endpoint_set.meshed_inbound_port is not None
+        tls = self.tls_labels(downstream, endpoint_set.identity if meshed and endpoint_set is not None else None)
+        labels = self.telemetry.http_labels(authority, str(endpoint) if endpoint is not None else "", tls)
         exchange = StreamExchange(
             self._new_id(), downstream.conn_id, stream_id, head, service, now_ns, labels, head.is_grpc, endpoint
         )

@@ -88,7 +88,8 @@ class H2Upstream(ProxyParts):
             key = (endpoint, b"")
         pool = self._h2_pools.get(key)
         if pool is None:
-            pool = self._h2_pools[key] = H2Pool(key[0], key[1])
+            identity = endpoint_set.identity if endpoint_set is not None and meshed_port is not None else None
+            pool = self._h2_pools[key] = H2Pool(key[0], key[1], server_identity=identity)
         self._h2_dispatch(exchange, pool)
 
     def _sink_connection(self, exchange: StreamExchange) -> Upstream | None:
@@ -142,7 +143,9 @@ class H2Upstream(ProxyParts):
             upstream.pool_key = (pool.address, pool.preamble)
             self._upstream[conn_id] = upstream
             pool.connection_ids.append(conn_id)
-            self._effects.append(Connect(conn_id=conn_id, address=pool.address))
+            if not self._connect(conn_id, pool.address, pool.server_identity):
+                self._stream_upstream_failed(upstream, f"mTLS to {pool.server_identity}: {self._tls_refusal}")
+                return
             self._deadlines.set(("connect", conn_id), self._now_ns + self.config.connect_timeout_ns)
 
     def _serve_h2_waiters(self, pool: H2Pool) -> None:

@@ -38,17 +38,18 @@ from tether.core.proxy.h1fast import H1Connection
 from tether.core.proxy.h1flows import H1Flows
 from tether.core.proxy.h2flows import H2Flows
 from tether.core.proxy.h2upstream import H2Upstream
+from tether.core.proxy.mtls import LOOPBACK, CertificateExpired, CertificateUpdate, MeshTls
 from tether.core.proxy.pool import EndpointPool
 from tether.core.proxy.stats import ProxyStats
 from tether.core.proxy.streams import H2Pool, StreamExchange
-from tether.core.proxy.telemetry import Telemetry
+from tether.core.proxy.telemetry import NO_TLS_LABEL, Telemetry
 from tether.core.proxy.tunnel import TunnelFlows
 from tether.core.timers import Deadlines
 
 NS_PER_MS = 1_000_000
 
 
-class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
+class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
     """All connections of one proxy; see the module docstring."""
 
     def __init__(
@@ -77,6 +78,7 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
         self._deadlines = Deadlines()
         self._draining = False
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
+        self._init_mtls()
 
     @property
     def stats(self) -> ProxyStats:
@@ -96,7 +98,11 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
         """A client connected; returns the id the driver must use for this connection from now on."""
         self._now_ns = now_ns
         conn_id = self._new_id()
-        self.telemetry.tcp_opened(conn_id, "src", "", now_ns)
+        holding = not self._draining and self._tls_holds_first_bytes(conn_id)
+        tls_label = self.tls_labels(None, None) if self.telemetry.direction == "inbound" else LOOPBACK
+        self.telemetry.tcp_opened(
+            conn_id, "src", "", now_ns, tls_label if self.local_identity else NO_TLS_LABEL, settled=not holding
+        )
         if self._draining:
             self._effects.append(Close(conn_id=conn_id))
             self.telemetry.tcp_closed(conn_id, now_ns)
@@ -111,6 +117,14 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
         """Bytes arrived on ``conn_id``; ``b""`` means the peer closed its sending side."""
         self._now_ns = now_ns
         self.telemetry.tcp_read(conn_id, len(data))
+        if self._tls_deciding and conn_id in self._tls_deciding:
+            self._tls_decide(conn_id, data, now_ns)
+        elif self._tls and conn_id in self._tls:
+            self._tls_received(conn_id, data, now_ns)
+        else:
+            self._received_plain(conn_id, data, now_ns)
+
+    def _received_plain(self, conn_id: int, data: bytes, now_ns: int) -> None:
         downstream = self._downstream.get(conn_id)
         if downstream is not None:
             if downstream.mode is Mode.HTTP1:
@@ -160,8 +174,16 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
         upstream = self._upstream.get(conn_id)
         if upstream is None or upstream.state is not UpstreamState.CONNECTING:
             return
+        if self._tls_wanted and self._tls_connected(conn_id, now_ns):
+            return  # the flows hear ``connected`` when the handshake is done (mtls.py)
+        self.telemetry.tcp_opened(conn_id, "dst", str(upstream.endpoint), now_ns, self.tls_labels(None, None))
+        self._connected_plain(conn_id, now_ns)
+
+    def _connected_plain(self, conn_id: int, now_ns: int) -> None:
+        upstream = self._upstream.get(conn_id)
+        if upstream is None:
+            return
         self._deadlines.cancel(("connect", conn_id))
-        self.telemetry.tcp_opened(conn_id, "dst", str(upstream.endpoint), now_ns)
         if upstream.tunnel_downstream_id is not None:
             self._tunnel_connected(upstream)
             return
@@ -197,6 +219,10 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
     def closed(self, conn_id: int, now_ns: int) -> None:
         """The driver lost ``conn_id`` (reset, write error): drop it without writing anything more to it."""
         self._now_ns = now_ns
+        self._tls_forget(conn_id)
+        self._closed_plain(conn_id, now_ns)
+
+    def _closed_plain(self, conn_id: int, now_ns: int) -> None:
         downstream = self._downstream.get(conn_id)
         if downstream is not None:
             self._forget_downstream(downstream)
@@ -213,6 +239,14 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
             self._sink_connection_lost(upstream, f"{upstream.endpoint} reset the connection", already_closed=True)
         elif upstream is not None:
             self._upstream_broke(upstream, "connection to endpoint was reset", now_ns, already_closed=True)
+
+    def control(self, update: CertificateUpdate | CertificateExpired, now_ns: int) -> None:
+        """A control-plane event: today our certificate (mtls.py); discovery and policy will join it."""
+        self._now_ns = now_ns
+        if isinstance(update, CertificateUpdate):
+            self._certificate_update(update, now_ns)
+        else:
+            self._certificate_expired(update)
 
     def on_timer(self, now_ns: int) -> None:
         self._now_ns = now_ns
@@ -336,11 +370,14 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
     def _close_downstream(self, downstream: Downstream, *, reset: bool = False) -> None:
         if downstream.conn_id not in self._downstream:
             return
+        if self._tls and not reset:
+            self._tls_close_notify(downstream)
         self._effects.append(Close(conn_id=downstream.conn_id, reset=reset))
         self._forget_downstream(downstream)
 
     def _forget_downstream(self, downstream: Downstream) -> None:
         del self._downstream[downstream.conn_id]
+        self._tls_forget(downstream.conn_id)
         for kind in ("idle", "detect", "ping"):
             self._deadlines.cancel((kind, downstream.conn_id))
         self.telemetry.tcp_closed(downstream.conn_id, self._now_ns)
@@ -348,12 +385,15 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
     def _close_upstream(self, upstream: Upstream, *, reset: bool = False) -> None:
         if upstream.conn_id not in self._upstream:
             return
+        if self._tls and not reset:
+            self._tls_close_notify(upstream)
         self._effects.append(Close(conn_id=upstream.conn_id, reset=reset))
         self._forget_upstream(upstream)
 
     def _forget_upstream(self, upstream: Upstream) -> None:
         if self._upstream.pop(upstream.conn_id, None) is None:
             return
+        self._tls_forget(upstream.conn_id)
         self.telemetry.tcp_closed(upstream.conn_id, self._now_ns)
         for kind in ("connect", "pool-idle", "ping"):
             self._deadlines.cancel((kind, upstream.conn_id))
@@ -366,6 +406,10 @@ class Proxy(H1Flows, TunnelFlows, H2Flows, H2Upstream):
             self._serve_waiters(pool, self._now_ns)  # a waiter may now open a connection of its own
 
     def _send(self, connection: Downstream | Upstream, data: bytes | None) -> None:
+        if data and self._tls:
+            link = self._tls.get(connection.conn_id)
+            if link is not None:
+                data = self._tls_encrypt(link, data)
         if data:
             connection.unsent_bytes += len(data)
             self.telemetry.tcp_written(connection.conn_id, len(data))

@@ -60,5 +60,6 @@ class H2Pool:
 
     address: Address
     preamble: bytes  # written before the HTTP/2 preface: the transport header to a meshed peer, or b""
+    server_identity: str | None = None  # the identity a meshed peer must prove (mTLS), when discovery knows it
     connection_ids: list[int] = field(default_factory=list)
     waiting: deque[int] = field(default_factory=deque)  # exchange ids, bounded by the pool's waiter limit

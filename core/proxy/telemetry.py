@@ -8,9 +8,11 @@ opened or closed); this module keeps two views of them:
   ``response_latency_ms``, ``tcp_open_total``, ``tcp_close_total``, ``tcp_open_connections``,
   ``tcp_read_bytes_total``, ``tcp_write_bytes_total``, ``tcp_connection_duration_ms``.
 
-Rendering (Prometheus text) is the admin adapter's job. Until the identity issue brings mTLS every
-connection is labelled ``tls="no_identity", no_tls_reason="disabled"``, as Linkerd labels a proxy whose
-identity is disabled.
+Rendering (Prometheus text) is the admin adapter's job. TLS labels follow Linkerd: ``tls="true"`` with the
+peer's identity (``client_id`` inbound, ``server_id`` outbound, both held in ``peer_id`` here), or
+``tls="no_identity"`` with a ``no_tls_reason`` (mtls.py lists them; "disabled" when the proxy has no
+identity). An inbound connection's labels are known only after its first bytes (and its handshake): until
+then it is *unsettled*, its bytes are kept aside, and it is counted as opened once it settles.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from tether.core.proxy.stats import LatencyHistogram, ProxyStats
 
 NO_TLS = ("no_identity", "disabled")
+TlsLabel = tuple[str, str, str]  # (tls, no_tls_reason, peer identity)
+NO_TLS_LABEL: TlsLabel = ("no_identity", "disabled", "")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -29,6 +33,7 @@ class HttpLabels:
     target_addr: str
     tls: str = NO_TLS[0]
     no_tls_reason: str = NO_TLS[1]
+    peer_id: str = ""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -38,12 +43,16 @@ class TcpLabels:
     target_addr: str
     tls: str = NO_TLS[0]
     no_tls_reason: str = NO_TLS[1]
+    peer_id: str = ""
 
 
 @dataclass(slots=True)
 class _OpenConnection:
     labels: TcpLabels
     opened_ns: int
+    settled: bool = True
+    read_before: int = 0  # bytes moved while unsettled, counted when it settles
+    written_before: int = 0
 
 
 def classify(status: int) -> str:
@@ -68,8 +77,8 @@ class Telemetry:
 
     # ---------------------------------------------------------------- HTTP
 
-    def http_labels(self, authority: str, target_addr: str) -> HttpLabels:
-        return HttpLabels(self.direction, authority, target_addr)
+    def http_labels(self, authority: str, target_addr: str, tls: TlsLabel = NO_TLS_LABEL) -> HttpLabels:
+        return HttpLabels(self.direction, authority, target_addr, *tls)
 
     def request_started(self, service: str, labels: HttpLabels) -> None:
         self.services.service(service).requests += 1
@@ -104,25 +113,59 @@ class Telemetry:
 
     # ---------------------------------------------------------------- TCP
 
-    def tcp_opened(self, conn_id: int, peer: str, target_addr: str, now_ns: int) -> None:
+    def tcp_opened(
+        self,
+        conn_id: int,
+        peer: str,
+        target_addr: str,
+        now_ns: int,
+        tls: TlsLabel = NO_TLS_LABEL,
+        *,
+        settled: bool = True,
+    ) -> None:
         assert conn_id not in self._open, conn_id
-        labels = TcpLabels(self.direction, peer, target_addr)
-        self._open[conn_id] = _OpenConnection(labels, now_ns)
+        labels = TcpLabels(self.direction, peer, target_addr, *tls)
+        self._open[conn_id] = _OpenConnection(labels, now_ns, settled)
+        if settled:
+            _add(self.tcp_open_total, labels, 1)
+            _add(self.tcp_open_connections, labels, 1)
+
+    def tcp_settled(self, conn_id: int, tls: TlsLabel | None = None) -> None:
+        """An unsettled connection's TLS labels are known (None: as it was opened): count it from now on."""
+        connection = self._open.get(conn_id)
+        if connection is None or connection.settled:
+            return
+        if tls is not None:
+            old = connection.labels
+            connection.labels = TcpLabels(old.direction, old.peer, old.target_addr, *tls)
+        connection.settled = True
+        labels = connection.labels
         _add(self.tcp_open_total, labels, 1)
         _add(self.tcp_open_connections, labels, 1)
+        if connection.read_before:
+            _add(self.tcp_read_bytes_total, labels, connection.read_before)
+        if connection.written_before:
+            _add(self.tcp_write_bytes_total, labels, connection.written_before)
 
     def tcp_read(self, conn_id: int, byte_count: int) -> None:
         connection = self._open.get(conn_id)
         if connection is not None and byte_count:
-            _add(self.tcp_read_bytes_total, connection.labels, byte_count)
+            if connection.settled:
+                _add(self.tcp_read_bytes_total, connection.labels, byte_count)
+            else:
+                connection.read_before += byte_count
 
     def tcp_written(self, conn_id: int, byte_count: int) -> None:
         connection = self._open.get(conn_id)
         if connection is not None and byte_count:
-            _add(self.tcp_write_bytes_total, connection.labels, byte_count)
+            if connection.settled:
+                _add(self.tcp_write_bytes_total, connection.labels, byte_count)
+            else:
+                connection.written_before += byte_count
 
     def tcp_closed(self, conn_id: int, now_ns: int) -> None:
         """Idempotent: closing an id that never opened (a failed connect) or closed already does nothing."""
+        self.tcp_settled(conn_id)
         connection = self._open.pop(conn_id, None)
         if connection is None:
             return

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from tether.core.address import Address, parse_authority
-from tether.core.effects import Connect, LogError, ShutdownWrite
+from tether.core.effects import LogError
 from tether.core.proxy import transport_header
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.detect import Protocol, detect, detect_http
@@ -182,12 +182,14 @@ class TunnelFlows(ProxyParts):
         naming the port the connection is for (transport_header.py).
         """
         downstream.mode = Mode.OPAQUE
+        server_identity: str | None = None
         if endpoint is None:
             endpoint_set = self.resolver.resolve(downstream.target or "")
             if endpoint_set is None or not endpoint_set.endpoints:
                 self._refuse(downstream, "opaque connection: no endpoints")
                 return
             endpoint = self._picker.pick(endpoint_set, self._rng)
+            server_identity = endpoint_set.identity if endpoint_set.meshed_inbound_port is not None else None
             if endpoint_set.meshed_inbound_port is not None:
                 header = transport_header.TransportHeader(endpoint.port).encode()
                 downstream.pending.appendleft(header)
@@ -197,7 +199,9 @@ class TunnelFlows(ProxyParts):
         upstream = Upstream(conn_id, self._new_upstream_parser(), endpoint, tunnel_downstream_id=downstream.conn_id)
         self._upstream[conn_id] = upstream
         downstream.tunnel_upstream_id = conn_id
-        self._effects.append(Connect(conn_id=conn_id, address=endpoint))
+        if not self._connect(conn_id, endpoint, server_identity):
+            self._tunnel_failed(upstream, f"mTLS to {server_identity}: {self._tls_refusal}")
+            return
         self._deadlines.set(("connect", conn_id), now_ns + self.config.connect_timeout_ns)
 
     def _tunnel_from_client(self, downstream: Downstream, data: bytes) -> None:
@@ -213,7 +217,7 @@ class TunnelFlows(ProxyParts):
         if data:
             self._send(upstream, data)
         else:
-            self._effects.append(ShutdownWrite(conn_id=upstream.conn_id))
+            self._shutdown_write(upstream)
             self._end_tunnel_if_done(downstream, upstream)
         self._sync_tunnel_reading(downstream)
 
@@ -226,7 +230,7 @@ class TunnelFlows(ProxyParts):
             self._send(downstream, data)
         else:
             upstream.eof = True
-            self._effects.append(ShutdownWrite(conn_id=downstream.conn_id))
+            self._shutdown_write(downstream)
             self._end_tunnel_if_done(downstream, upstream)
         self._sync_tunnel_reading(downstream)
 
@@ -240,7 +244,7 @@ class TunnelFlows(ProxyParts):
             self._send(upstream, downstream.pending.popleft())
         downstream.pending_bytes = 0
         if downstream.eof:
-            self._effects.append(ShutdownWrite(conn_id=upstream.conn_id))
+            self._shutdown_write(upstream)
         self._sync_tunnel_reading(downstream)
 
     def _tunnel_failed(self, upstream: Upstream, reason: str) -> None:
