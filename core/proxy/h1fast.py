@@ -177,6 +177,13 @@ class H1Connection:
         return self._slow.their_state if self._slow is not None else self._their
 
     @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet turned into events (a pipelined request, say)."""
+        if self._slow is not None:
+            return len(self._slow.trailing_data[0])
+        return len(self._buffer)
+
+    @property
     def trailing_data(self) -> tuple[bytes, bool]:
         if self._slow is not None:
             return self._slow.trailing_data

@@ -47,6 +47,7 @@ from tether.core.proxy.tunnel import TunnelFlows
 from tether.core.timers import Deadlines
 
 NS_PER_MS = 1_000_000
+MERGE_LIMIT = 16 * 1024  # consecutive Sends to one connection merge up to this size; larger ones stay apart
 
 
 class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
@@ -413,7 +414,13 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         if data:
             connection.unsent_bytes += len(data)
             self.telemetry.tcp_written(connection.conn_id, len(data))
-            self._effects.append(Send(conn_id=connection.conn_id, data=data))
+            effects = self._effects
+            last = effects[-1] if effects else None
+            if type(last) is Send and last.conn_id == connection.conn_id and len(last.data) + len(data) <= MERGE_LIMIT:
+                # A response head and its small body leave in one write (one system call, one segment).
+                effects[-1] = Send(conn_id=connection.conn_id, data=last.data + data)
+            else:
+                effects.append(Send(conn_id=connection.conn_id, data=data))
 
     def _set_reading(self, connection: Downstream | Upstream, enabled: bool) -> None:
         if connection.reading != enabled:

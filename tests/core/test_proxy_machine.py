@@ -152,9 +152,18 @@ def test_proxy_waits_for_response_before_next_pipelined_request(make_harness) ->
     h = make_harness()
     client, upstream = open_exchange(h, GET + GET)
     assert h.take(upstream).count(b"GET /x") == 1
-    assert h.reading.get(client) is False
+    assert h.reading.get(client) is not False, "a small pipelined request waits in the parser, reading on"
     h.recv(upstream, OK)
     assert h.take(upstream).count(b"GET /x") == 1, "the pipelined request goes out after the first answer"
+
+
+def test_pipelined_requests_beyond_the_buffer_limit_pause_reading(make_harness) -> None:
+    h = make_harness(max_buffered_bytes=1024)
+    client, upstream = open_exchange(h, GET * 60)
+    assert h.take(upstream).count(b"GET /x") == 1
+    assert h.reading.get(client) is False, "over 1 KiB of pipelined requests: stop reading until answered"
+    h.recv(upstream, OK)
+    assert h.take(upstream).count(b"GET /x") == 1
 
 
 def test_proxy_idle_client_connection_closes(make_harness) -> None:
