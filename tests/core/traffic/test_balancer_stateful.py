@@ -234,6 +234,16 @@ class BalancerMachine(RuleBasedStateMachine):
         self.balancer.finished(handle, outcome, self.now_ns)
         self.model.finish(handle, outcome, self.now_ns)
 
+    @rule(burst=st.lists(st.tuples(OUTCOMES, st.sampled_from([0, MS, 30 * MS, 700 * MS])), min_size=1, max_size=6))
+    def answered_requests(self, burst: list[tuple[Outcome, int]]) -> None:
+        """Requests answered one after another: each acquired, answered after its delay, then the next."""
+        for outcome, delay_ns in burst:
+            open_before = len(self.open)
+            self.acquire()
+            if len(self.open) > open_before:
+                self.now_ns += delay_ns
+                self.finish(len(self.open) - 1, outcome)
+
     @rule(step_ns=TIME_STEPS)
     def advance_time(self, step_ns: int) -> None:
         self.now_ns += step_ns
@@ -280,5 +290,5 @@ class BalancerMachine(RuleBasedStateMachine):
             assert math.isclose(estimate, entry.rtt_ns(self.now_ns), rel_tol=1e-9, abs_tol=1e-6), address
 
 
-BalancerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+BalancerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestBalancerAgainstModel = BalancerMachine.TestCase
