@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
+from h11._headers import Headers
 
 from tether.core.address import Address
+from tether.core.proxy.h1fast import H1Connection
 from tether.sim.kernel import Kernel
 from tether.sim.network import Network, VirtualSocket
 
@@ -34,6 +36,23 @@ def expected_body(request_id: str, request_digest: str, size: int) -> bytes:
     seed = hashlib.sha256(request_id.encode()).digest()
     filler = (seed * (size // len(seed) + 1))[: max(0, size - len(head))]
     return head + filler
+
+
+# The apps parse with core's H1Connection: h11's interface and, for every input, h11's verdict (a
+# differential Hypothesis test in tests/core/test_h1fast.py holds it to that), at a fraction of h11's cost;
+# anything out of the common case is handed to a real h11.Connection. STRICT_H11 = True makes every app
+# connection a plain h11.Connection (tests/sim/test_sim_speed_choices.py checks both give the same trace).
+STRICT_H11 = False
+
+
+def _parser(role: type[h11._util.Sentinel]) -> H1Connection | h11.Connection:
+    return h11.Connection(role) if STRICT_H11 else H1Connection(role)
+
+
+def _own_headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    """Headers the apps write themselves (lower-case names, values they made): h11's validation of every
+    head, at about a fifth of a request's simulator cost, would only check the apps' own code."""
+    return Headers([(name, name, value) for name, value in pairs])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,7 +81,7 @@ class VirtualHttpServer:
 class _H11Peer:
     """Feeds a virtual socket's bytes to an h11 parser; subclasses say what to do with the events."""
 
-    parser: h11.Connection
+    parser: H1Connection | h11.Connection
 
     def on_data(self, sock: VirtualSocket, data: bytes) -> None:
         self.parser.receive_data(data)
@@ -80,7 +99,7 @@ class _ServerConnection(_H11Peer):
     def __init__(self, server: VirtualHttpServer, sock: VirtualSocket) -> None:
         self.server = server
         self.sock = sock
-        self.parser = h11.Connection(h11.SERVER)
+        self.parser = _parser(h11.SERVER)
         self.digest = hashlib.sha256()
         self.request: h11.Request | None = None
 
@@ -131,7 +150,7 @@ class _ServerConnection(_H11Peer):
         if headers.get(b"x-response-chunked") != b"1":
             response_headers.append((b"content-length", str(len(body)).encode()))
         status = 500 if failed else 200
-        out = self.parser.send(h11.Response(status_code=status, headers=response_headers))
+        out = self.parser.send(h11.Response(status_code=status, headers=_own_headers(response_headers)))
         if len(body) > 4096:  # several writes, so the network can interleave and split them
             out += self.parser.send(h11.Data(data=body[: len(body) // 2]))
             self.sock.send(out)
@@ -239,6 +258,7 @@ class WorkloadClient(OpenLoopClient):
         self._idle: list[_ClientConnection] = []
         self._open = 0
         self._queue: deque[RequestRecord] = deque()
+        self.authority_bytes = spec.authority.encode()
         super().__init__(network, host, spec, rng, on_violation)
 
     def _issue(self, *, probe: bool = False) -> None:
@@ -328,7 +348,7 @@ class _ClientConnection(_H11Peer):
     def __init__(self, client: WorkloadClient, first: RequestRecord) -> None:
         self.client = client
         self.sock: VirtualSocket | None = None
-        self.parser = h11.Connection(h11.CLIENT)
+        self.parser = _parser(h11.CLIENT)
         self.current: RequestRecord | None = first
         self.body = bytearray()
         self.response: h11.Response | None = None
@@ -361,18 +381,19 @@ class _ClientConnection(_H11Peer):
     def _send(self, record: RequestRecord) -> None:
         assert self.sock is not None
         headers = [
-            ("host", self.client.spec.authority),
-            ("x-request-id", record.request_id),
-            ("x-response-bytes", str(record.response_bytes)),
+            (b"host", self.client.authority_bytes),
+            (b"x-request-id", record.request_id.encode()),
+            (b"x-response-bytes", b"%d" % record.response_bytes),
         ]
         if record.chunked:
-            headers.append(("x-response-chunked", "1"))
-        method = "POST" if record.body else "GET"
+            headers.append((b"x-response-chunked", b"1"))
+        method = b"POST" if record.body else b"GET"
         if record.body:
             headers.append(
-                ("transfer-encoding", "chunked") if record.chunked else ("content-length", str(len(record.body)))
+                (b"transfer-encoding", b"chunked") if record.chunked else (b"content-length", b"%d" % len(record.body))
             )
-        out = self.parser.send(h11.Request(method=method, target=f"/r/{record.request_id}", headers=headers))
+        target = b"/r/" + record.request_id.encode()
+        out = self.parser.send(h11.Request(method=method, target=target, headers=_own_headers(headers)))
         if record.body:
             half = len(record.body) // 2
             out += self.parser.send(h11.Data(data=record.body[:half]))
@@ -388,6 +409,8 @@ class _ClientConnection(_H11Peer):
 
     def _pump(self) -> None:
         while not self.gone:
+            if self.current is None and self._nothing_arrived():
+                return  # h11 says NEED_DATA here too; asking H1Connection would hand the connection to h11
             try:
                 event = self.parser.next_event()
             except h11.RemoteProtocolError:
@@ -404,6 +427,10 @@ class _ClientConnection(_H11Peer):
             elif isinstance(event, h11.ConnectionClosed):
                 self._fail("connection_closed")
                 return
+
+    def _nothing_arrived(self) -> bool:
+        data, closed = self.parser.trailing_data
+        return not data and not closed
 
     def _response_complete(self) -> None:
         record, response = self.current, self.response
