@@ -24,6 +24,7 @@ from h11._headers import Headers
 
 from tether.core.address import Address
 from tether.core.proxy.h1fast import H1Connection
+from tether.sim.behaviour import Behaviour, Latency, Tally
 from tether.sim.kernel import Kernel
 from tether.sim.network import Network, VirtualSocket
 
@@ -61,17 +62,43 @@ class ServerSpec:
     latency_min_ns: int = 1 * MS
     latency_tail_mean_ns: int = 2 * MS
     failure_rate: float = 0.0  # share of requests answered 500
+    # HTTP servers: another latency model, failure status, and time windows (sim/behaviour.py); when None,
+    # the three fields above as an exponential latency and status 500.
+    behaviour: Behaviour | None = None
+
+    def http_behaviour(self) -> Behaviour:
+        if self.behaviour is not None:
+            return self.behaviour
+        latency = Latency(min_ns=self.latency_min_ns, tail_mean_ns=self.latency_tail_mean_ns)
+        return Behaviour(latency=latency, failure_rate=self.failure_rate)
 
 
 class VirtualHttpServer:
-    """An HTTP/1.1 server on one virtual host; its latency and failures come from its own RNG."""
+    """An HTTP/1.1 server on one virtual host; its latency and failures come from its own RNG.
 
-    def __init__(self, network: Network, host: str, spec: ServerSpec, rng: random.Random) -> None:
+    With a ``caller`` (a chain: this service calls the next through its own outbound proxy), each request
+    that is not failed on purpose makes one call, and its answer's status is the call's (502 when the call
+    ended in an error). ``tally`` counts what the host saw, across restarts.
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        host: str,
+        spec: ServerSpec,
+        rng: random.Random,
+        *,
+        tally: Tally | None = None,
+        caller: CallerClient | None = None,
+    ) -> None:
         self.network = network
         self.kernel = network.kernel
         self.host = host
         self.spec = spec
+        self.behaviour = spec.http_behaviour()
         self.rng = rng
+        self.tally = tally if tally is not None else Tally()
+        self.caller = caller
         network.listen(host, spec.port, self._accept)
 
     def _accept(self, sock: VirtualSocket) -> _ServerConnection:
@@ -129,16 +156,20 @@ class _ServerConnection(_H11Peer):
 
     def _schedule_response(self) -> None:
         server = self.server
-        spec = server.spec
-        delay = (
-            spec.latency_min_ns + int(server.rng.expovariate(1.0 / spec.latency_tail_mean_ns))
-            if spec.latency_tail_mean_ns
-            else spec.latency_min_ns
-        )
-        failed = server.rng.random() < spec.failure_rate
-        server.kernel.after(delay, lambda: self._respond(failed))
+        now_ns = server.kernel.now_ns
+        delay, failure_status = server.behaviour.draw(server.rng, now_ns)
+        server.tally.record(now_ns, failure_status is not None)
+        caller = server.caller
+        if caller is None or failure_status is not None:
+            server.kernel.after(delay, lambda: self._respond(failure_status or 200))
+        else:
+            server.kernel.after(delay, lambda: caller.call(self._call_ended))
 
-    def _respond(self, failed: bool) -> None:
+    def _call_ended(self, record: RequestRecord) -> None:
+        """The next service answered (or the call failed): answer our own request with its status."""
+        self._respond(record.status if record.status is not None else 502)
+
+    def _respond(self, status: int) -> None:
         request = self.request
         if request is None or self.sock.dead or self.parser.our_state is not h11.SEND_RESPONSE:
             return
@@ -149,7 +180,6 @@ class _ServerConnection(_H11Peer):
         response_headers = [(b"x-request-id", request_id.encode())]
         if headers.get(b"x-response-chunked") != b"1":
             response_headers.append((b"content-length", str(len(body)).encode()))
-        status = 500 if failed else 200
         out = self.parser.send(h11.Response(status_code=status, headers=_own_headers(response_headers)))
         if len(body) > 4096:  # several writes, so the network can interleave and split them
             out += self.parser.send(h11.Data(data=body[: len(body) // 2]))
@@ -179,6 +209,7 @@ class WorkloadSpec:
     request_bytes: tuple[int, int] = (0, 0)  # a POST body size drawn from this range; 0 means GET
     response_bytes: tuple[int, int] = (64, 512)
     chunked_ratio: float = 0.25  # share of requests and responses framed with chunked encoding
+    arrivals: str = "poisson"  # or "uniform": exactly rate_per_s, evenly spaced (an open loop at a fixed rate)
     timeout_ns: int = 60_000 * MS  # from the moment a request is given a connection
     queue_timeout_ns: int = 10_000 * MS  # waiting for a connection; past it: "client_queue_timeout"
     idle_timeout_ns: int = 5_000 * MS  # an idle keep-alive connection is closed after this long
@@ -198,6 +229,7 @@ class RequestRecord:
     proxy_error: str | None = None
     connection: _ClientConnection | None = None
     probe: bool = False  # issued in the liveness phase, after every fault healed
+    on_end: Callable[[RequestRecord], None] | None = None  # a chained service's call: who waits for it
 
     @property
     def done(self) -> bool:
@@ -220,6 +252,7 @@ class OpenLoopClient:
         self.records: list[RequestRecord] = []
         self._pending = 0  # records not yet done; kept as a count, the run's stop check reads it per event
         self._probes_due = 0  # probes scheduled but not yet issued: the run must not stop before them
+        self._arrivals = 0
         self.kernel.at(spec.start_ns, self._next_arrival)
 
     @property
@@ -240,6 +273,12 @@ class OpenLoopClient:
         if self.kernel.now_ns >= self.spec.stop_ns or not self.network.hosts[self.host].alive:
             return
         self._issue()
+        self._arrivals += 1
+        if getattr(self.spec, "arrivals", "poisson") == "uniform":
+            # A fixed rate, without drift: arrival k is at start + k / rate exactly (rounded down to a ns).
+            due = self.spec.start_ns + int(self._arrivals * 1e9 / self.spec.rate_per_s)
+            self.kernel.at(max(due, self.kernel.now_ns + 1), self._next_arrival)
+            return
         gap = int(self.rng.expovariate(self.spec.rate_per_s) * 1e9)
         self.kernel.after(max(1, gap), self._next_arrival)
 
@@ -262,6 +301,9 @@ class WorkloadClient(OpenLoopClient):
         super().__init__(network, host, spec, rng, on_violation)
 
     def _issue(self, *, probe: bool = False) -> None:
+        self._dispatch(self._new_record(probe))
+
+    def _new_record(self, probe: bool) -> RequestRecord:
         spec = self.spec
         size = self.rng.randint(*spec.request_bytes)
         record = RequestRecord(
@@ -274,6 +316,10 @@ class WorkloadClient(OpenLoopClient):
         )
         self.records.append(record)
         self._pending += 1
+        return record
+
+    def _dispatch(self, record: RequestRecord) -> None:
+        spec = self.spec
         if self._idle:
             self._idle.pop().start(record)
         elif self._open < spec.max_connections:
@@ -299,6 +345,8 @@ class WorkloadClient(OpenLoopClient):
         self.kernel.log(
             self.host, f"{record.request_id} {'status ' + str(status) if status else 'error ' + str(error)}"
         )
+        if record.on_end is not None:
+            record.on_end(record)
 
     def connection_free(self, connection: _ClientConnection) -> None:
         while self._queue:
@@ -490,3 +538,21 @@ class _ClientConnection(_H11Peer):
         if self.sock is not None and not self.sock.dead:
             self.sock.reset()
         self.client.connection_gone(self)
+
+
+class CallerClient(WorkloadClient):
+    """A chained service's own client: no arrivals of its own, one call per request its server handles,
+    through the service's outbound proxy. Its records are checked like any client's (id, body, ending
+    once); they are not the run's requests, which are the edge clients'."""
+
+    def __init__(
+        self, network: Network, host: str, spec: WorkloadSpec, rng: random.Random, on_violation: Callable[[str], None]
+    ) -> None:
+        assert spec.stop_ns <= spec.start_ns, "a caller makes no requests of its own"
+        super().__init__(network, host, spec, rng, on_violation)
+
+    def call(self, on_end: Callable[[RequestRecord], None]) -> RequestRecord:
+        record = self._new_record(probe=False)
+        record.on_end = on_end
+        self._dispatch(record)
+        return record
