@@ -7,9 +7,10 @@ Definitions (docs/sim.md repeats them):
 - latency is from the moment a client issues a request to its end, whatever the end (a request cut by the
   client's 1 s timeout counts 1 s), so a balancer that parks requests on a slow endpoint shows in the tail;
 - ``endpoint_requests``: requests each HTTP server host received, across restarts;
-- ``retries``: requests the endpoints received beyond those the outbound proxies were sent (each proxy
-  request that reached an endpoint once counts nothing). Until the proxy counts its own retries this is
-  the figure; a request a proxy answered itself without an attempt makes it an undercount;
+- ``proxy_retries``: for each outbound proxy in front of HTTP servers, the requests its endpoints received
+  beyond those the proxy was sent (a request that reached an endpoint once counts nothing); ``retries`` is
+  their sum. Until the proxy counts its own retries this is the figure; a request a proxy answered itself
+  without an attempt (a connect timeout) makes it an undercount;
 - ``timeline``: per virtual second of the fault phase, requests started, succeeded, and their p99.
 """
 
@@ -48,6 +49,7 @@ class RunResult:
     endpoint_requests: dict[str, int] = field(default_factory=dict)
     proxy_requests: dict[str, int] = field(default_factory=dict)  # requests each proxy was sent
     retries: int = 0
+    proxy_retries: dict[str, int] = field(default_factory=dict)  # the same, per outbound proxy
     balancers: list[str] = field(default_factory=list)  # the balancers the outbound proxies were given
     timeline: list[dict[str, float | int | None]] = field(default_factory=list)
 
@@ -76,6 +78,7 @@ class RunResult:
             "endpoint_requests": dict(self.endpoint_requests),
             "proxy_requests": dict(self.proxy_requests),
             "retries": self.retries,
+            "proxy_retries": dict(self.proxy_retries),
             "balancers": self.balancers,
             "virtual_s": self.virtual_s,
             "wall_s": round(self.wall_s, 3),
@@ -103,7 +106,11 @@ def summarise(world: World, wall_s: float, fault_phase_ns: int) -> RunResult:
         if not name.endswith("/inbound") and sim_proxy.proxy.config.balancer not in balancers:
             balancers.append(sim_proxy.proxy.config.balancer)
     endpoint_requests = {host: tally_.requests for host, tally_ in world.tallies.items()}
-    outbound_sent = sum(count for name, count in proxy_requests.items() if not name.endswith("/inbound"))
+    proxy_retries = {
+        name: max(0, sum(endpoint_requests.get(host, 0) for host in hosts) - proxy_requests[name])
+        for name, hosts in world.proxy_endpoint_hosts.items()
+        if any(host in endpoint_requests for host in hosts)
+    }
     return RunResult(
         seed=world.seed,
         trace_hash=world.kernel.trace.hexdigest(),
@@ -122,7 +129,8 @@ def summarise(world: World, wall_s: float, fault_phase_ns: int) -> RunResult:
         successes=tally.successes,
         endpoint_requests=endpoint_requests,
         proxy_requests=proxy_requests,
-        retries=max(0, sum(endpoint_requests.values()) - outbound_sent) if endpoint_requests else 0,
+        retries=sum(proxy_retries.values()),
+        proxy_retries=proxy_retries,
         balancers=balancers,
         timeline=timeline(records, fault_phase_ns),
     )

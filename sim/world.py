@@ -86,6 +86,7 @@ class World:
         self.servers: dict[str, VirtualHttpServer] = {}
         self.tallies: dict[str, Tally] = {}  # what each HTTP server host received, across restarts
         self.callers: dict[str, CallerClient] = {}  # chained services' own clients, by host
+        self.proxy_endpoint_hosts: dict[str, list[str]] = {}  # outbound proxy -> hosts it sends requests to
         self._grpc_specs: dict[str, ServerSpec] = {}
         # By name: the host for an outbound proxy, "HOST/inbound" for the inbound role beside a workload.
         self.proxies: dict[str, SimProxy] = {}
@@ -147,6 +148,8 @@ class World:
 
         self.proxies[host] = SimProxy(self.network, host, port, factory)
         self.proxies[host].route_config = route_config
+        targets = [*endpoints, *(address for addresses in (routes or {}).values() for address in addresses)]
+        self.proxy_endpoint_hosts[host] = list(dict.fromkeys(address.host for address in targets))
 
     def add_inbound_proxy(
         self, host: str, port: int, workload_port: int, config: ProxyConfig, *, service: str = "inbound"
