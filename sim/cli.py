@@ -45,7 +45,7 @@ def sim_command(scenario: str, seed: int | None, as_json: bool, balancer: str | 
     SCENARIO may also name a shipped scenario (for example 'basic'); `tether sim --list` is not needed:
     they live in the package's scenarios/ folder and are listed when a name is not found.
     """
-    path = _resolve(scenario)
+    path = resolve_scenario(scenario)
     try:
         loaded = load_scenario(path)
     except ScenarioError as error:
@@ -70,7 +70,7 @@ def sim_command(scenario: str, seed: int | None, as_json: bool, balancer: str | 
         sys.exit(1)
 
 
-def _resolve(scenario: str) -> Path:
+def resolve_scenario(scenario: str) -> Path:
     path = Path(scenario)
     if path.exists():
         return path

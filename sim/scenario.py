@@ -48,6 +48,10 @@ class Scenario:
             raise ScenarioError(self.source, "balancer", f"{balancer!r} is not a balancer", _BALANCER_FIX)
         return _build(self, seed, keep_trace=keep_trace, balancer=balancer)
 
+    def shortened(self, duration_s: float) -> Scenario:
+        """The same scenario with another ``duration_s`` (clients stop with it unless they say otherwise)."""
+        return scenario_from_mapping({**self.data, "duration_s": duration_s}, self.source)
+
 
 _BALANCER_FIX = f"use one of {', '.join(BALANCERS)}"
 
