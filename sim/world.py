@@ -17,7 +17,7 @@ import inspect
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
@@ -261,6 +261,15 @@ class World:
         if host in self.servers:
             self.servers[host] = self._new_server(host, restarts)
 
+    def _heal_servers(self) -> None:
+        """Server windows are faults too: from healing on, every server behaves as its own settings say."""
+        for host, spec in self._server_specs.items():
+            if spec.behaviour is not None and spec.behaviour.windows:
+                self._server_specs[host] = replace(spec, behaviour=replace(spec.behaviour, windows=()))
+                if host in self.servers:
+                    self.servers[host].behaviour = self._server_specs[host].behaviour
+                self.kernel.log(host, "windows end: healing")
+
     def _violation(self, message: str) -> None:
         self.kernel.log("invariant", message)
         self.violations.append(f"t={self.kernel.now_ns / 1e9:.6f}s {message}")
@@ -279,6 +288,7 @@ class World:
         self._healing = True
         for heal in self._heal_actions:
             heal()
+        self._heal_servers()
         everyone = [*self.clients, *self.callers.values()]
         all_ended = lambda: all(client.pending == 0 for client in everyone)  # noqa: E731
         self.kernel.run_until(duration_ns + GRACE_NS, stop=all_ended)
