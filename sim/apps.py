@@ -253,6 +253,7 @@ class OpenLoopClient:
         self._pending = 0  # records not yet done; kept as a count, the run's stop check reads it per event
         self._probes_due = 0  # probes scheduled but not yet issued: the run must not stop before them
         self._arrivals = 0
+        self._uniform = getattr(spec, "arrivals", "poisson") == "uniform"
         self.kernel.at(spec.start_ns, self._next_arrival)
 
     @property
@@ -274,7 +275,7 @@ class OpenLoopClient:
             return
         self._issue()
         self._arrivals += 1
-        if getattr(self.spec, "arrivals", "poisson") == "uniform":
+        if self._uniform:
             # A fixed rate, without drift: arrival k is at start + k / rate exactly (rounded down to a ns).
             due = self.spec.start_ns + int(self._arrivals * 1e9 / self.spec.rate_per_s)
             self.kernel.at(max(due, self.kernel.now_ns + 1), self._next_arrival)

@@ -78,6 +78,13 @@ def markdown_table(runs: Sequence[Run]) -> str:
         for run in runs:
             counts = run.result.endpoint_requests
             lines.append(_row([f"`{run.balancer}`", *(f"{counts.get(host, 0):,}" for host in endpoints)]))
+    proxies = list(dict.fromkeys(name for run in runs for name in run.result.proxy_retries))
+    if len(proxies) > 1:
+        lines += ["", _row(["requests sent / retried", *proxies]), _row(["---"] + ["---:"] * len(proxies))]
+        for run in runs:
+            sent, retried = run.result.proxy_requests, run.result.proxy_retries
+            cells = [f"{sent.get(name, 0):,} / {retried.get(name, 0):,}" for name in proxies]
+            lines.append(_row([f"`{run.balancer}`", *cells]))
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +133,7 @@ def _plot_percentiles(axis: Any, runs: Sequence[Run]) -> None:
     axis.set_xticklabels([_label(name) for name in PERCENTILE_NAMES])
     axis.set_yscale("log")
     axis.yaxis.set_major_formatter(_plain_numbers())
+    axis.yaxis.set_minor_formatter(_plain_numbers(minor=True))
     axis.set_title("latency (ms, log scale)", fontsize=10)
     axis.legend(fontsize=8)
 
@@ -156,13 +164,19 @@ def _plot_endpoints(axis: Any, runs: Sequence[Run]) -> None:
     axis.set_xticks([slot + width * (len(runs) - 1) / 2 for slot in range(len(endpoints))])
     axis.set_xticklabels(endpoints, rotation=45, fontsize=8)
     axis.set_title("requests each endpoint received", fontsize=10)
-    axis.legend(fontsize=8, loc="lower right")
+    axis.legend(fontsize=8, loc="lower right", framealpha=0.95)
 
 
-def _plain_numbers() -> Any:
+def _plain_numbers(*, minor: bool = False) -> Any:
+    """Tick labels as plain numbers (1000, not 10^3); on minor ticks only 2x and 5x a power of ten."""
     from matplotlib.ticker import FuncFormatter
 
-    return FuncFormatter(lambda value, _position: f"{value:g}")
+    def label(value: float, _position: int) -> str:
+        if minor and f"{value:g}"[0] not in "25":
+            return ""
+        return f"{value:g}"
+
+    return FuncFormatter(label)
 
 
 @click.command("experiments")
