@@ -132,6 +132,9 @@ def _plot_percentiles(axis: Any, runs: Sequence[Run]) -> None:
     axis.set_xticks([slot + centre for slot in range(len(PERCENTILE_NAMES))])
     axis.set_xticklabels([_label(name) for name in PERCENTILE_NAMES])
     axis.set_yscale("log")
+    shown = [value for run in runs for value in run.result.percentiles_ms.values() if value]
+    if shown:
+        axis.set_ylim(bottom=min(shown) / 2)  # every bar visible above the axis
     axis.yaxis.set_major_formatter(_plain_numbers())
     axis.yaxis.set_minor_formatter(_plain_numbers(minor=True))
     axis.set_title("latency (ms, log scale)", fontsize=10)
@@ -168,11 +171,11 @@ def _plot_endpoints(axis: Any, runs: Sequence[Run]) -> None:
 
 
 def _plain_numbers(*, minor: bool = False) -> Any:
-    """Tick labels as plain numbers (1000, not 10^3); on minor ticks only 2x and 5x a power of ten."""
+    """Tick labels as plain numbers (1000, not 10^3); on minor ticks only 2x, 3x and 5x a power of ten."""
     from matplotlib.ticker import FuncFormatter
 
     def label(value: float, _position: int) -> str:
-        if minor and f"{value:g}"[0] not in "25":
+        if minor and f"{value:g}"[0] not in "235":
             return ""
         return f"{value:g}"
 
