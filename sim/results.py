@@ -11,7 +11,8 @@ Definitions (docs/sim.md repeats them):
   beyond those the proxy was sent (a request that reached an endpoint once counts nothing); ``retries`` is
   their sum. Until the proxy counts its own retries this is the figure; a request a proxy answered itself
   without an attempt (a connect timeout) makes it an undercount;
-- ``timeline``: per virtual second of the fault phase, requests started, succeeded, and their p99.
+- ``timeline``: per virtual second of the fault phase, requests started, succeeded, and their p99;
+  ``endpoint_timeline``: per endpoint host, the requests it received in each of those seconds.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class RunResult:
     proxy_retries: dict[str, int] = field(default_factory=dict)  # the same, per outbound proxy
     balancers: list[str] = field(default_factory=list)  # the balancers the outbound proxies were given
     timeline: list[dict[str, float | int | None]] = field(default_factory=list)
+    endpoint_timeline: dict[str, list[int]] = field(default_factory=dict)  # requests received per second
+
+    def endpoint_requests_between(self, host: str, first_s: int, last_s: int) -> int:
+        """Requests ``host`` received in virtual seconds ``first_s`` to ``last_s``, inclusive."""
+        return sum(self.endpoint_timeline.get(host, [])[first_s : last_s + 1])
 
     @property
     def success_rate(self) -> float | None:
@@ -86,6 +92,7 @@ class RunResult:
             "events": self.events,
             "violations": self.violations,
             "timeline": self.timeline,
+            "endpoint_timeline": self.endpoint_timeline,
         }
 
 
@@ -133,7 +140,15 @@ def summarise(world: World, wall_s: float, fault_phase_ns: int) -> RunResult:
         proxy_retries=proxy_retries,
         balancers=balancers,
         timeline=timeline(records, fault_phase_ns),
+        endpoint_timeline={
+            host: [tally_.by_second.get(second, [0, 0])[0] for second in range(_seconds(fault_phase_ns))]
+            for host, tally_ in world.tallies.items()
+        },
     )
+
+
+def _seconds(duration_ns: int) -> int:
+    return max(1, -(-duration_ns // S))
 
 
 class _Outcomes:
@@ -182,7 +197,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 def timeline(records: list[RequestRecord], fault_phase_ns: int) -> list[dict[str, float | int | None]]:
     """Per virtual second of the fault phase: requests started in it, how many succeeded, their p99 (ms)."""
-    seconds = max(1, -(-fault_phase_ns // S))
+    seconds = _seconds(fault_phase_ns)
     started: list[list[RequestRecord]] = [[] for _ in range(seconds)]
     for record in records:
         second = record.started_ns // S

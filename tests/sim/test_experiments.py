@@ -89,7 +89,8 @@ def test_slow_endpoint_least_loaded_sends_the_slow_endpoint_less(slow_endpoint: 
     """Its requests pile up on the slow endpoint, so least-loaded sends it less: fewer lost requests.
     (Its p99 sits near the edge of healthy, about 0.75 % of requests still meet web-11, so it is not pinned.)"""
     least_loaded, round_robin = slow_endpoint["least-loaded"].result, slow_endpoint["round-robin"].result
-    assert least_loaded.endpoint_requests["web-11"] < 0.5 * round_robin.endpoint_requests["web-11"]
+    in_window = {name: run.result.endpoint_requests_between("web-11", 4, 7) for name, run in slow_endpoint.items()}
+    assert in_window["least-loaded"] < 0.5 * in_window["round-robin"]
     assert least_loaded.success_rate is not None and round_robin.success_rate is not None
     assert least_loaded.success_rate > round_robin.success_rate
 
@@ -134,40 +135,39 @@ def _short_failing_endpoint(data: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def failing_endpoint() -> tuple[RunResult, dict[str, dict[int, list[int]]]]:
+def failing_endpoint() -> tuple[RunResult, dict[str, int]]:
     scenario = shrunk("failing-endpoint", _short_failing_endpoint)
     world = scenario.build(scenario.default_seed)
     result = world.run(scenario.duration_ns)
-    return result, {host: tally.by_second for host, tally in world.tallies.items()}
+    return result, {host: tally.failures for host, tally in world.tallies.items()}
 
 
-def _received(by_second: dict[int, list[int]], first: int, last: int) -> int:
-    return sum(row[0] for second, row in by_second.items() if first <= second <= last)
-
-
-def test_failing_endpoint_is_readmitted_once_healed(failing_endpoint: tuple[RunResult, Any]) -> None:
-    result, tallies = failing_endpoint
+def test_failing_endpoint_is_readmitted_once_healed(failing_endpoint: tuple[RunResult, dict[str, int]]) -> None:
+    result, _ = failing_endpoint
     assert result.violations == []
-    healed = {host: _received(by_second, 11, 13) for host, by_second in tallies.items()}
+    healed = {host: result.endpoint_requests_between(host, 11, 13) for host in result.endpoint_timeline}
     assert healed["web-5"] >= 0.5 * sum(healed.values()) / len(healed)
     # Before the failure, nobody failed; after it healed, nobody fails.
     assert in_seconds(result, 0, 2)[0] == in_seconds(result, 0, 2)[1]
     assert in_seconds(result, 10, 13)[0] == in_seconds(result, 10, 13)[1]
 
 
-def test_failing_endpoint_failures_come_from_the_failing_endpoint(failing_endpoint: tuple[RunResult, Any]) -> None:
-    result, tallies = failing_endpoint
-    failed_requests, _ = in_seconds(result, 3, 8)
-    assert result.responses.get(503, 0) == sum(row[1] for row in tallies["web-5"].values()) > 0
-    assert result.responses.get(503, 0) < failed_requests
+def test_failing_endpoint_failures_come_from_the_failing_endpoint(
+    failing_endpoint: tuple[RunResult, dict[str, int]],
+) -> None:
+    result, failures = failing_endpoint
+    requests_meanwhile, _ = in_seconds(result, 3, 8)
+    assert failures == {"web-1": 0, "web-2": 0, "web-3": 0, "web-4": 0, "web-5": failures["web-5"]}
+    assert result.responses.get(503, 0) == failures["web-5"] > 0  # no retries: each failure reaches the client
+    assert result.responses.get(503, 0) < requests_meanwhile
 
 
 @NEEDS_ROUTES
-def test_failing_endpoint_is_ejected_and_success_recovers(failing_endpoint: tuple[RunResult, Any]) -> None:
-    result, tallies = failing_endpoint
+def test_failing_endpoint_is_ejected_and_success_recovers(failing_endpoint: tuple[RunResult, dict[str, int]]) -> None:
+    result, _ = failing_endpoint
     requests, successes = in_seconds(result, 5, 8)  # from 2 s after the failure starts to its end
     assert successes >= 0.99 * requests
-    assert _received(tallies["web-5"], 5, 8) <= 0.05 * requests  # probes only
+    assert result.endpoint_requests_between("web-5", 5, 8) <= 0.05 * requests  # probes only
 
 
 # ---------------------------------------------------------------- (d) canary
