@@ -1,5 +1,7 @@
 """Scenario files: YAML that builds a World. See sim/scenarios/basic.yaml for every field, and
-meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps.
+meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps. The fields
+of traffic experiments (latency models, windows, chained services, routes) are read by scenario_fields.py;
+slow-endpoint.yaml, retry-storm.yaml, failing-endpoint.yaml and canary.yaml use them.
 
 Errors name the file, the field (as a path such as ``clients[0].rate_per_s``) and what to write instead.
 """
