@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
+from h11._headers import Headers
 
 from tether.core.address import Address
+from tether.core.proxy.h1fast import H1Connection
+from tether.sim.behaviour import Behaviour, Latency, Tally
 from tether.sim.kernel import Kernel
 from tether.sim.network import Network, VirtualSocket
 
@@ -36,23 +39,66 @@ def expected_body(request_id: str, request_digest: str, size: int) -> bytes:
     return head + filler
 
 
+# The apps parse with core's H1Connection: h11's interface and, for every input, h11's verdict (a
+# differential Hypothesis test in tests/core/test_h1fast.py holds it to that), at a fraction of h11's cost;
+# anything out of the common case is handed to a real h11.Connection. STRICT_H11 = True makes every app
+# connection a plain h11.Connection (tests/sim/test_sim_speed_choices.py checks both give the same trace).
+STRICT_H11 = False
+
+
+def _parser(role: type[h11._util.Sentinel]) -> H1Connection | h11.Connection:
+    return h11.Connection(role) if STRICT_H11 else H1Connection(role)
+
+
+def _own_headers(pairs: list[tuple[bytes, bytes]]) -> Headers:
+    """Headers the apps write themselves (lower-case names, values they made): h11's validation of every
+    head, at about a fifth of a request's simulator cost, would only check the apps' own code."""
+    return Headers([(name, name, value) for name, value in pairs])
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerSpec:
     port: int = 8080
     latency_min_ns: int = 1 * MS
     latency_tail_mean_ns: int = 2 * MS
     failure_rate: float = 0.0  # share of requests answered 500
+    # HTTP servers: another latency model, failure status, and time windows (sim/behaviour.py); when None,
+    # the three fields above as an exponential latency and status 500.
+    behaviour: Behaviour | None = None
+
+    def http_behaviour(self) -> Behaviour:
+        if self.behaviour is not None:
+            return self.behaviour
+        latency = Latency(min_ns=self.latency_min_ns, tail_mean_ns=self.latency_tail_mean_ns)
+        return Behaviour(latency=latency, failure_rate=self.failure_rate)
 
 
 class VirtualHttpServer:
-    """An HTTP/1.1 server on one virtual host; its latency and failures come from its own RNG."""
+    """An HTTP/1.1 server on one virtual host; its latency and failures come from its own RNG.
 
-    def __init__(self, network: Network, host: str, spec: ServerSpec, rng: random.Random) -> None:
+    With a ``caller`` (a chain: this service calls the next through its own outbound proxy), each request
+    that is not failed on purpose makes one call, and its answer's status is the call's (502 when the call
+    ended in an error). ``tally`` counts what the host saw, across restarts.
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        host: str,
+        spec: ServerSpec,
+        rng: random.Random,
+        *,
+        tally: Tally | None = None,
+        caller: CallerClient | None = None,
+    ) -> None:
         self.network = network
         self.kernel = network.kernel
         self.host = host
         self.spec = spec
+        self.behaviour = spec.http_behaviour()
         self.rng = rng
+        self.tally = tally if tally is not None else Tally()
+        self.caller = caller
         network.listen(host, spec.port, self._accept)
 
     def _accept(self, sock: VirtualSocket) -> _ServerConnection:
@@ -62,7 +108,7 @@ class VirtualHttpServer:
 class _H11Peer:
     """Feeds a virtual socket's bytes to an h11 parser; subclasses say what to do with the events."""
 
-    parser: h11.Connection
+    parser: H1Connection | h11.Connection
 
     def on_data(self, sock: VirtualSocket, data: bytes) -> None:
         self.parser.receive_data(data)
@@ -80,7 +126,7 @@ class _ServerConnection(_H11Peer):
     def __init__(self, server: VirtualHttpServer, sock: VirtualSocket) -> None:
         self.server = server
         self.sock = sock
-        self.parser = h11.Connection(h11.SERVER)
+        self.parser = _parser(h11.SERVER)
         self.digest = hashlib.sha256()
         self.request: h11.Request | None = None
 
@@ -110,16 +156,20 @@ class _ServerConnection(_H11Peer):
 
     def _schedule_response(self) -> None:
         server = self.server
-        spec = server.spec
-        delay = (
-            spec.latency_min_ns + int(server.rng.expovariate(1.0 / spec.latency_tail_mean_ns))
-            if spec.latency_tail_mean_ns
-            else spec.latency_min_ns
-        )
-        failed = server.rng.random() < spec.failure_rate
-        server.kernel.after(delay, lambda: self._respond(failed))
+        now_ns = server.kernel.now_ns
+        delay, failure_status = server.behaviour.draw(server.rng, now_ns)
+        server.tally.record(now_ns, failure_status is not None)
+        caller = server.caller
+        if caller is None or failure_status is not None:
+            server.kernel.after(delay, lambda: self._respond(failure_status or 200))
+        else:
+            server.kernel.after(delay, lambda: caller.call(self._call_ended))
 
-    def _respond(self, failed: bool) -> None:
+    def _call_ended(self, record: RequestRecord) -> None:
+        """The next service answered (or the call failed): answer our own request with its status."""
+        self._respond(record.status if record.status is not None else 502)
+
+    def _respond(self, status: int) -> None:
         request = self.request
         if request is None or self.sock.dead or self.parser.our_state is not h11.SEND_RESPONSE:
             return
@@ -130,8 +180,7 @@ class _ServerConnection(_H11Peer):
         response_headers = [(b"x-request-id", request_id.encode())]
         if headers.get(b"x-response-chunked") != b"1":
             response_headers.append((b"content-length", str(len(body)).encode()))
-        status = 500 if failed else 200
-        out = self.parser.send(h11.Response(status_code=status, headers=response_headers))
+        out = self.parser.send(h11.Response(status_code=status, headers=_own_headers(response_headers)))
         if len(body) > 4096:  # several writes, so the network can interleave and split them
             out += self.parser.send(h11.Data(data=body[: len(body) // 2]))
             self.sock.send(out)
@@ -160,6 +209,7 @@ class WorkloadSpec:
     request_bytes: tuple[int, int] = (0, 0)  # a POST body size drawn from this range; 0 means GET
     response_bytes: tuple[int, int] = (64, 512)
     chunked_ratio: float = 0.25  # share of requests and responses framed with chunked encoding
+    arrivals: str = "poisson"  # or "uniform": exactly rate_per_s, evenly spaced (an open loop at a fixed rate)
     timeout_ns: int = 60_000 * MS  # from the moment a request is given a connection
     queue_timeout_ns: int = 10_000 * MS  # waiting for a connection; past it: "client_queue_timeout"
     idle_timeout_ns: int = 5_000 * MS  # an idle keep-alive connection is closed after this long
@@ -179,6 +229,7 @@ class RequestRecord:
     proxy_error: str | None = None
     connection: _ClientConnection | None = None
     probe: bool = False  # issued in the liveness phase, after every fault healed
+    on_end: Callable[[RequestRecord], None] | None = None  # a chained service's call: who waits for it
 
     @property
     def done(self) -> bool:
@@ -201,6 +252,8 @@ class OpenLoopClient:
         self.records: list[RequestRecord] = []
         self._pending = 0  # records not yet done; kept as a count, the run's stop check reads it per event
         self._probes_due = 0  # probes scheduled but not yet issued: the run must not stop before them
+        self._arrivals = 0
+        self._uniform = getattr(spec, "arrivals", "poisson") == "uniform"
         self.kernel.at(spec.start_ns, self._next_arrival)
 
     @property
@@ -221,6 +274,12 @@ class OpenLoopClient:
         if self.kernel.now_ns >= self.spec.stop_ns or not self.network.hosts[self.host].alive:
             return
         self._issue()
+        self._arrivals += 1
+        if self._uniform:
+            # A fixed rate, without drift: arrival k is at start + k / rate exactly (rounded down to a ns).
+            due = self.spec.start_ns + int(self._arrivals * 1e9 / self.spec.rate_per_s)
+            self.kernel.at(max(due, self.kernel.now_ns + 1), self._next_arrival)
+            return
         gap = int(self.rng.expovariate(self.spec.rate_per_s) * 1e9)
         self.kernel.after(max(1, gap), self._next_arrival)
 
@@ -239,9 +298,13 @@ class WorkloadClient(OpenLoopClient):
         self._idle: list[_ClientConnection] = []
         self._open = 0
         self._queue: deque[RequestRecord] = deque()
+        self.authority_bytes = spec.authority.encode()
         super().__init__(network, host, spec, rng, on_violation)
 
     def _issue(self, *, probe: bool = False) -> None:
+        self._dispatch(self._new_record(probe))
+
+    def _new_record(self, probe: bool) -> RequestRecord:
         spec = self.spec
         size = self.rng.randint(*spec.request_bytes)
         record = RequestRecord(
@@ -254,6 +317,10 @@ class WorkloadClient(OpenLoopClient):
         )
         self.records.append(record)
         self._pending += 1
+        return record
+
+    def _dispatch(self, record: RequestRecord) -> None:
+        spec = self.spec
         if self._idle:
             self._idle.pop().start(record)
         elif self._open < spec.max_connections:
@@ -279,6 +346,8 @@ class WorkloadClient(OpenLoopClient):
         self.kernel.log(
             self.host, f"{record.request_id} {'status ' + str(status) if status else 'error ' + str(error)}"
         )
+        if record.on_end is not None:
+            record.on_end(record)
 
     def connection_free(self, connection: _ClientConnection) -> None:
         while self._queue:
@@ -328,7 +397,7 @@ class _ClientConnection(_H11Peer):
     def __init__(self, client: WorkloadClient, first: RequestRecord) -> None:
         self.client = client
         self.sock: VirtualSocket | None = None
-        self.parser = h11.Connection(h11.CLIENT)
+        self.parser = _parser(h11.CLIENT)
         self.current: RequestRecord | None = first
         self.body = bytearray()
         self.response: h11.Response | None = None
@@ -361,18 +430,19 @@ class _ClientConnection(_H11Peer):
     def _send(self, record: RequestRecord) -> None:
         assert self.sock is not None
         headers = [
-            ("host", self.client.spec.authority),
-            ("x-request-id", record.request_id),
-            ("x-response-bytes", str(record.response_bytes)),
+            (b"host", self.client.authority_bytes),
+            (b"x-request-id", record.request_id.encode()),
+            (b"x-response-bytes", b"%d" % record.response_bytes),
         ]
         if record.chunked:
-            headers.append(("x-response-chunked", "1"))
-        method = "POST" if record.body else "GET"
+            headers.append((b"x-response-chunked", b"1"))
+        method = b"POST" if record.body else b"GET"
         if record.body:
             headers.append(
-                ("transfer-encoding", "chunked") if record.chunked else ("content-length", str(len(record.body)))
+                (b"transfer-encoding", b"chunked") if record.chunked else (b"content-length", b"%d" % len(record.body))
             )
-        out = self.parser.send(h11.Request(method=method, target=f"/r/{record.request_id}", headers=headers))
+        target = b"/r/" + record.request_id.encode()
+        out = self.parser.send(h11.Request(method=method, target=target, headers=_own_headers(headers)))
         if record.body:
             half = len(record.body) // 2
             out += self.parser.send(h11.Data(data=record.body[:half]))
@@ -388,6 +458,8 @@ class _ClientConnection(_H11Peer):
 
     def _pump(self) -> None:
         while not self.gone:
+            if self.current is None and self._nothing_arrived():
+                return  # h11 says NEED_DATA here too; asking H1Connection would hand the connection to h11
             try:
                 event = self.parser.next_event()
             except h11.RemoteProtocolError:
@@ -404,6 +476,10 @@ class _ClientConnection(_H11Peer):
             elif isinstance(event, h11.ConnectionClosed):
                 self._fail("connection_closed")
                 return
+
+    def _nothing_arrived(self) -> bool:
+        data, closed = self.parser.trailing_data
+        return not data and not closed
 
     def _response_complete(self) -> None:
         record, response = self.current, self.response
@@ -463,3 +539,21 @@ class _ClientConnection(_H11Peer):
         if self.sock is not None and not self.sock.dead:
             self.sock.reset()
         self.client.connection_gone(self)
+
+
+class CallerClient(WorkloadClient):
+    """A chained service's own client: no arrivals of its own, one call per request its server handles,
+    through the service's outbound proxy. Its records are checked like any client's (id, body, ending
+    once); they are not the run's requests, which are the edge clients'."""
+
+    def __init__(
+        self, network: Network, host: str, spec: WorkloadSpec, rng: random.Random, on_violation: Callable[[str], None]
+    ) -> None:
+        assert spec.stop_ns <= spec.start_ns, "a caller makes no requests of its own"
+        super().__init__(network, host, spec, rng, on_violation)
+
+    def call(self, on_end: Callable[[RequestRecord], None]) -> RequestRecord:
+        record = self._new_record(probe=False)
+        record.on_end = on_end
+        self._dispatch(record)
+        return record

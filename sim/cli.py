@@ -15,8 +15,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tether.core.config import BALANCERS
+from tether.sim.results import RunResult
 from tether.sim.scenario import ScenarioError, load_scenario
-from tether.sim.world import RunResult
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 
@@ -26,26 +27,32 @@ SCENARIOS = Path(__file__).parent / "scenarios"
 @click.option("--seed", type=int, default=None, help="Seed of the run (default: the scenario's, else 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option(
+    "--balancer",
+    type=click.Choice(BALANCERS),
+    default=None,
+    help="Give every proxy this balancer, whatever the scenario says (compare them on one scenario).",
+)
+@click.option(
     "--trace",
     "trace_path",
     type=click.Path(dir_okay=False, writable=True),
     default=None,
     help="Write the trace (one line per event; legend in docs/sim.md) to this file.",
 )
-def sim_command(scenario: str, seed: int | None, as_json: bool, trace_path: str | None) -> None:
+def sim_command(scenario: str, seed: int | None, as_json: bool, balancer: str | None, trace_path: str | None) -> None:
     """Run SCENARIO.yaml in the deterministic simulator.
 
     SCENARIO may also name a shipped scenario (for example 'basic'); `tether sim --list` is not needed:
     they live in the package's scenarios/ folder and are listed when a name is not found.
     """
-    path = _resolve(scenario)
+    path = resolve_scenario(scenario)
     try:
         loaded = load_scenario(path)
     except ScenarioError as error:
         click.echo(f"tether sim: {error}", err=True)
         sys.exit(2)
     run_seed = loaded.default_seed if seed is None else seed
-    world = loaded.build(run_seed, keep_trace=trace_path is not None)
+    world = loaded.build(run_seed, keep_trace=trace_path is not None, balancer=balancer)
     world.replay_hint = f"tether sim {scenario}"
     if not as_json:
         click.echo(
@@ -63,7 +70,7 @@ def sim_command(scenario: str, seed: int | None, as_json: bool, trace_path: str 
         sys.exit(1)
 
 
-def _resolve(scenario: str) -> Path:
+def resolve_scenario(scenario: str) -> Path:
     path = Path(scenario)
     if path.exists():
         return path
@@ -78,25 +85,27 @@ def _resolve(scenario: str) -> Path:
 
 def _print_summary(result: RunResult) -> None:
     console = Console()
-    table = Table(title=f"seed {result.seed}  trace {result.trace_hash[:16]}", show_header=True)
-    for column in ("requests", "success", "errors", "p50 ms", "p99 ms", "p99.9 ms", "virtual s", "wall s"):
+    balancers = ", ".join(result.balancers) or "-"
+    table = Table(title=f"seed {result.seed}  balancer {balancers}  trace {result.trace_hash[:16]}")
+    for column in ("requests", "success", "errors", "retries", "virtual s", "wall s", "req/wall s"):
         table.add_column(column, justify="right")
-    ok = sum(count for status, count in result.responses.items() if status < 500)
-    # A gRPC call fails with HTTP 200 and a non-zero grpc-status: it is not a success either.
-    ok -= sum(count for code, count in result.grpc_statuses.items() if code != 0)
-    ok += result.tcp_sessions_ok  # an opaque TCP session whose every byte came back succeeded too
-    latency = result.latency_ms
+    rate = result.success_rate
     table.add_row(
         str(result.requests),
-        f"{100 * ok / max(1, result.requests):.2f}%",
+        "-" if rate is None else f"{100 * rate:.2f}%",
         str(sum(result.errors.values())),
-        _ms(latency["p50"]),
-        _ms(latency["p99"]),
-        _ms(latency["p999"]),
+        str(result.retries),
         f"{result.virtual_s:g}",
         f"{result.wall_s:.2f}",
+        f"{result.requests_per_wall_s:,.0f}",
     )
     console.print(table)
+    latency = Table(title="latency (ms), from issue to end")
+    names = ("p50", "p90", "p95", "p99", "p999")
+    for name in names:
+        latency.add_column(name.replace("p999", "p99.9"), justify="right")
+    latency.add_row(*(_ms(result.percentiles_ms[name]) for name in names))
+    console.print(latency)
     detail = Table(show_header=True)
     detail.add_column("outcome")
     detail.add_column("count", justify="right")
@@ -108,6 +117,8 @@ def _print_summary(result: RunResult) -> None:
         detail.add_row(f"error: {kind}", str(count))
     for kind, count in sorted(result.proxy_errors.items()):
         detail.add_row(f"proxy answered: {kind}", str(count))
+    for host, count in result.endpoint_requests.items():
+        detail.add_row(f"endpoint {host} received", str(count))
     console.print(detail)
     verdict = "all invariants held" if not result.violations else f"{len(result.violations)} invariant violations"
     console.print(verdict)

@@ -159,6 +159,7 @@ class GrpcWorkloadSpec:
     # What the client lets the proxy send on one connection before it has read more: HTTP/2's initial
     # 64 KiB (where grpc-go starts) by default, so the client's windows, not the proxy's, are what fill up.
     connection_window: int = 65_535
+    arrivals: str = "poisson"  # or "uniform", as WorkloadSpec
 
 
 class GrpcWorkloadClient(OpenLoopClient):

@@ -288,7 +288,8 @@ class Network:
             self._enqueue(sock, kind, payload)
 
     def _enqueue(self, sock: VirtualSocket, kind: str, payload: bytes) -> None:
-        if sock.held or (sock.peer is not None and self.blocked(sock.host, sock.peer.host)):
+        blocked = self._blocked and sock.peer is not None and (sock.host, sock.peer.host) in self._blocked
+        if sock.held or blocked:
             sock.held.append((kind, payload))
             if sock.held_since_ns is None:
                 sock.held_since_ns = self.kernel.now_ns

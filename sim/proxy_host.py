@@ -13,6 +13,7 @@ from collections.abc import Callable
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, SetReading, ShutdownWrite
 from tether.core.proxy import Proxy
+from tether.core.traffic.route_config import RouteConfig
 from tether.sim.network import Network, VirtualSocket
 
 
@@ -32,6 +33,9 @@ class SimProxy:
         self.port = port
         self.factory = factory
         self.restarts = 0
+        # Routes for this proxy (retries, timeouts, weighted splits), parsed from the scenario. The proxy
+        # reads them once the traffic wiring lands; until then they wait here for it (world.route_keyword).
+        self.route_config: RouteConfig | None = None
         self.proxy = factory(0)
         self._sockets: dict[int, VirtualSocket] = {}
         self._ids: dict[int, int] = {}  # id(socket) -> conn id

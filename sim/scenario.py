@@ -1,5 +1,7 @@
 """Scenario files: YAML that builds a World. See sim/scenarios/basic.yaml for every field, and
-meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps.
+meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps. The fields
+of traffic experiments (latency models, windows, chained services, routes) are read by scenario_fields.py;
+slow-endpoint.yaml, retry-storm.yaml, failing-endpoint.yaml and canary.yaml use them.
 
 Errors name the file, the field (as a path such as ``clients[0].rate_per_s``) and what to write instead.
 """
@@ -7,17 +9,23 @@ Errors name the file, the field (as a path such as ``clients[0].rate_per_s``) an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tether.core.config import MS
+from tether.core.config import BALANCERS, MS, ConfigError, ProxyConfig
 from tether.core.config_file import ConfigFileError, FieldReader, read_proxy_config
 from tether.sim.apps import ServerSpec, WorkloadSpec
 from tether.sim.grpc_apps import GrpcWorkloadSpec
 from tether.sim.network import LinkSpec
+from tether.sim.scenario_fields import (
+    ARRIVALS,
+    http_server_spec,
+    read_calls,
+    read_route_config,
+)
 from tether.sim.tcp_apps import TcpWorkloadSpec
 from tether.sim.world import Fault, World
 
@@ -34,9 +42,20 @@ class Scenario:
     data: Mapping[str, Any]
     duration_ns: int
     default_seed: int
+    balancer: str | None = None  # the scenario's ``balancer:``, for proxies whose config names none
 
-    def build(self, seed: int, *, keep_trace: bool = False) -> World:
-        return _build(self, seed, keep_trace=keep_trace)
+    def build(self, seed: int, *, keep_trace: bool = False, balancer: str | None = None) -> World:
+        """A world for ``seed``; ``balancer`` (as ``tether sim --balancer``) overrides every proxy's."""
+        if balancer is not None and balancer not in BALANCERS:
+            raise ScenarioError(self.source, "balancer", f"{balancer!r} is not a balancer", _BALANCER_FIX)
+        return _build(self, seed, keep_trace=keep_trace, balancer=balancer)
+
+    def shortened(self, duration_s: float) -> Scenario:
+        """The same scenario with another ``duration_s`` (clients stop with it unless they say otherwise)."""
+        return scenario_from_mapping({**self.data, "duration_s": duration_s}, self.source)
+
+
+_BALANCER_FIX = f"use one of {', '.join(BALANCERS)}"
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -70,15 +89,21 @@ def scenario_from_mapping(data: object, source: str) -> Scenario:
         "tcp_clients",
         "grpc_servers",
         "grpc_clients",
+        "balancer",
     )
     duration_ns = int(top.number("duration_s", 30, minimum=0.001) * S)
     seed = int(top.number("seed", 1))
-    scenario = Scenario(source, data, duration_ns, seed)
+    balancer = None
+    if "balancer" in data:
+        balancer = top.text("balancer")
+        if balancer not in BALANCERS:
+            raise top.fail("balancer", f"{balancer!r} is not a balancer", _BALANCER_FIX)
+    scenario = Scenario(source, data, duration_ns, seed, balancer)
     _build(scenario, seed)  # validate everything now, so errors surface before a run starts
     return scenario
 
 
-def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
+def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False, balancer: str | None = None) -> World:
     top = FieldReader(scenario.source, "", scenario.data)
     network = top.child("network")
     network.known("latency_ms", "loss", "mss")
@@ -92,11 +117,12 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False) -> World:
     )
     ports = _Ports()
     for server in top.items("servers"):
-        world.add_server(server.text("host"), _server_spec(server, ports, default_port=8080))
+        spec = http_server_spec(server, _server_spec(server, ports, default_port=8080, http=True))
+        world.add_server(server.text("host"), spec, calls=read_calls(server))
     for server in top.items("grpc_servers"):
         world.add_grpc_server(server.text("host"), _server_spec(server, ports, default_port=50051))
     for proxy in top.items("proxies"):
-        _add_proxy(world, proxy, ports)
+        _add_proxy(world, proxy, ports, balancer=balancer, default_balancer=scenario.balancer)
     for client in top.items("clients"):
         _add_client(world, client, scenario.duration_ns)
     for client in top.items("grpc_clients"):
@@ -144,8 +170,11 @@ class _Ports:
         self._taken.add((host, port))
 
 
-def _server_spec(server: FieldReader, ports: _Ports, *, default_port: int) -> ServerSpec:
-    server.known("host", "port", "latency_ms", "failure_rate")
+HTTP_SERVER_KEYS = ("latency", "failure_status", "windows", "calls")
+
+
+def _server_spec(server: FieldReader, ports: _Ports, *, default_port: int, http: bool = False) -> ServerSpec:
+    server.known("host", "port", "latency_ms", "failure_rate", *(HTTP_SERVER_KEYS if http else ()))
     low, tail = server.latency("latency_ms", (1.0, 2.0))
     port = int(server.number("port", default_port, minimum=1, maximum=65535))
     ports.claim(server, "port", server.text("host"), port)
@@ -157,18 +186,21 @@ def _server_spec(server: FieldReader, ports: _Ports, *, default_port: int) -> Se
     )
 
 
-OUTBOUND_KEYS = ("port", "to", "service", "routes", "meshed", "config")
+OUTBOUND_KEYS = ("port", "to", "service", "routes", "meshed", "config", "route_config")
 
 
-def _add_proxy(world: World, proxy: FieldReader, ports: _Ports) -> None:
+def _add_proxy(
+    world: World, proxy: FieldReader, ports: _Ports, *, balancer: str | None, default_balancer: str | None
+) -> None:
     """An outbound proxy, an inbound one (``inbound: {port, to, config}``), or both on one host.
 
-    An entry with ``inbound`` and none of the outbound keys runs only the inbound role.
+    An entry with ``inbound`` and none of the outbound keys runs only the inbound role. The balancer is
+    ``balancer`` (the command line's) if given, else the proxy config's, else the scenario's.
     """
     proxy.known("host", *OUTBOUND_KEYS, "inbound")
     host = proxy.text("host")
     if "inbound" in proxy.data:
-        _add_inbound(world, host, proxy.child("inbound"), ports)
+        _add_inbound(world, host, proxy.child("inbound"), ports, balancer=balancer)
         if not any(key in proxy.data for key in OUTBOUND_KEYS):
             return
     endpoints = [proxy.address(item, "to") for item in proxy.data.get("to", [])]
@@ -183,21 +215,40 @@ def _add_proxy(world: World, proxy: FieldReader, ports: _Ports) -> None:
             raise meshed_node.fail(name, "names no route", "add it under routes, or remove it from meshed")
     port = int(proxy.number("port", 4140, minimum=1, maximum=65535))
     ports.claim(proxy, "port", host, port)
-    config = read_proxy_config(proxy.child("config"))
+    config = _proxy_config(proxy.child("config"), balancer, default_balancer)
     world.add_proxy(
-        host, port, endpoints, config, routes=routes, service=proxy.text("service", "default"), meshed=meshed
+        host,
+        port,
+        endpoints,
+        config,
+        routes=routes,
+        service=proxy.text("service", "default"),
+        meshed=meshed,
+        route_config=read_route_config(proxy, "route_config"),
     )
 
 
-def _add_inbound(world: World, host: str, inbound: FieldReader, ports: _Ports) -> None:
+def _proxy_config(node: FieldReader, balancer: str | None, default_balancer: str | None) -> ProxyConfig:
+    """``read_proxy_config`` plus ``balancer`` (validated here until the shared reader learns it)."""
+    config = read_proxy_config(node, extra_fields=("balancer",))
+    chosen = balancer or (node.text("balancer") if "balancer" in node.data else None) or default_balancer
+    if chosen is None:
+        return config
+    try:
+        return replace(config, balancer=chosen)
+    except ConfigError as error:
+        raise node.fail("balancer", error.problem, error.fix) from None
+
+
+def _add_inbound(world: World, host: str, inbound: FieldReader, ports: _Ports, *, balancer: str | None) -> None:
     inbound.known("port", "to", "service", "config")
     port = int(inbound.number("port", 4143, minimum=1, maximum=65535))
     ports.claim(inbound, "port", host, port)
     workload_port = int(inbound.number("to", minimum=1, maximum=65535))
     # The inbound role detects protocols unless told otherwise, as `tether proxy`'s does.
     config_node = inbound.child("config")
-    config = read_proxy_config(
-        FieldReader(config_node.source, config_node.path, {"protocol": "detect", **config_node.data})
+    config = _proxy_config(
+        FieldReader(config_node.source, config_node.path, {"protocol": "detect", **config_node.data}), balancer, None
     )
     world.add_inbound_proxy(host, port, workload_port, config, service=inbound.text("service", "inbound"))
 
@@ -213,6 +264,7 @@ _WORKLOAD_KEYS = (
     "request_bytes",
     "response_bytes",
     "timeout_s",
+    "arrivals",
 )
 
 
@@ -231,7 +283,15 @@ def _workload(
         "request_bytes": client.pair("request_bytes", request_bytes),
         "response_bytes": client.pair("response_bytes", response_bytes),
         "timeout_ns": int(client.number("timeout_s", 60, minimum=0.001) * S),
+        "arrivals": _arrivals(client),
     }
+
+
+def _arrivals(client: FieldReader) -> str:
+    arrivals = client.text("arrivals", "poisson")
+    if arrivals not in ARRIVALS:
+        raise client.fail("arrivals", f"{arrivals!r} is not an arrival process", f"use one of {', '.join(ARRIVALS)}")
+    return arrivals
 
 
 def _add_client(world: World, client: FieldReader, duration_ns: int) -> None:

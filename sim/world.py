@@ -13,21 +13,24 @@ takes everything on the host down at once, as a pod's crash would, and its resta
 
 from __future__ import annotations
 
+import inspect
 import platform
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
 from tether.core.proxy import Proxy
-from tether.sim.apps import ServerSpec, VirtualHttpServer, WorkloadClient, WorkloadSpec
+from tether.core.traffic.route_config import RouteConfig
+from tether.sim.apps import CallerClient, ServerSpec, VirtualHttpServer, WorkloadClient, WorkloadSpec
+from tether.sim.behaviour import Tally
 from tether.sim.grpc_apps import GrpcWorkloadClient, GrpcWorkloadSpec, VirtualGrpcServer
 from tether.sim.kernel import Kernel
 from tether.sim.network import LinkSpec, Network
 from tether.sim.proxy_host import SimProxy
+from tether.sim.results import RunResult, summarise
 from tether.sim.tcp_apps import TcpSessionClient, TcpWorkloadSpec, VirtualEchoServer
 
 MS = 1_000_000
@@ -39,6 +42,11 @@ SETTLE_NS = 15 * S
 PROBES = 10
 PROBE_SPACING_NS = 100 * MS
 PROBE_WAIT_NS = 60 * S
+# A client whose timeout is shorter than this has a deadline of its own (an experiment's 1 s): ending by it
+# is an outcome the results count, not a stall. Longer timeouts are there only to catch stalls.
+DEADLINE_NS_MAX = 10 * S
+
+__all__ = ["DEADLINE_NS_MAX", "Fault", "InvariantViolation", "RunResult", "World"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,41 +67,6 @@ class InvariantViolation(AssertionError):
     """A safety or liveness property failed; the message carries the seed and the replay command."""
 
 
-@dataclass(slots=True)
-class RunResult:
-    seed: int
-    trace_hash: str
-    requests: int
-    responses: dict[int, int]
-    errors: dict[str, int]
-    latency_ms: dict[str, float | None]
-    virtual_s: float
-    wall_s: float
-    events: int
-    violations: list[str] = field(default_factory=list)
-    proxy_errors: dict[str, int] = field(default_factory=dict)
-    tcp_sessions_ok: int = 0  # opaque TCP sessions whose every byte came back
-    grpc_statuses: dict[int, int] = field(default_factory=dict)  # gRPC calls by the grpc-status they ended with
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "seed": self.seed,
-            "trace_hash": self.trace_hash,
-            "requests": self.requests,
-            "responses": {str(status): count for status, count in sorted(self.responses.items())},
-            "errors": sum(self.errors.values()),
-            "errors_by_kind": dict(sorted(self.errors.items())),
-            "proxy_errors": dict(sorted(self.proxy_errors.items())),
-            "tcp_sessions_ok": self.tcp_sessions_ok,
-            "grpc_status": {str(code): count for code, count in sorted(self.grpc_statuses.items())},
-            "latency_ms": self.latency_ms,
-            "virtual_s": self.virtual_s,
-            "wall_s": round(self.wall_s, 3),
-            "events": self.events,
-            "violations": self.violations,
-        }
-
-
 class World:
     def __init__(
         self,
@@ -111,6 +84,9 @@ class World:
         self.clients: list[WorkloadClient | TcpSessionClient | GrpcWorkloadClient] = []
         self._tcp_servers: dict[str, tuple[int, bool]] = {}
         self.servers: dict[str, VirtualHttpServer] = {}
+        self.tallies: dict[str, Tally] = {}  # what each HTTP server host received, across restarts
+        self.callers: dict[str, CallerClient] = {}  # chained services' own clients, by host
+        self.proxy_endpoint_hosts: dict[str, list[str]] = {}  # outbound proxy -> hosts it sends requests to
         self._grpc_specs: dict[str, ServerSpec] = {}
         # By name: the host for an outbound proxy, "HOST/inbound" for the inbound role beside a workload.
         self.proxies: dict[str, SimProxy] = {}
@@ -126,10 +102,26 @@ class World:
         if name not in self.network.hosts:
             self.network.add_host(name)
 
-    def add_server(self, host: str, spec: ServerSpec) -> None:
+    def add_server(self, host: str, spec: ServerSpec, *, calls: WorkloadSpec | None = None) -> None:
+        """An HTTP server; with ``calls``, a chained service that calls the next one (through the proxy
+        ``calls.target``) once for each request it handles, and answers with that call's status."""
         self._host(host)
         self._server_specs[host] = spec
-        self.servers[host] = VirtualHttpServer(self.network, host, spec, self.kernel.rng_for("server", host, 0))
+        self.tallies[host] = Tally()
+        if calls is not None:
+            rng = self.kernel.rng_for("caller", host)
+            self.callers[host] = CallerClient(self.network, host, calls, rng, self._violation)
+        self.servers[host] = self._new_server(host, 0)
+
+    def _new_server(self, host: str, restarts: int) -> VirtualHttpServer:
+        return VirtualHttpServer(
+            self.network,
+            host,
+            self._server_specs[host],
+            self.kernel.rng_for("server", host, restarts),
+            tally=self.tallies[host],
+            caller=self.callers.get(host),
+        )
 
     def add_proxy(
         self,
@@ -141,16 +133,23 @@ class World:
         routes: dict[str, Sequence[Address]] | None = None,
         service: str = "default",
         meshed: Mapping[str, int] | None = None,
+        route_config: RouteConfig | None = None,
     ) -> None:
         """An outbound proxy. ``meshed`` maps route hosts whose endpoints run an inbound proxy to its port:
-        HTTP to them rides HTTP/2 to that port, opened with a transport header."""
+        HTTP to them rides HTTP/2 to that port, opened with a transport header. ``route_config`` (retries,
+        timeouts, weighted splits) is handed to the proxy when its constructor takes one (see
+        ``route_keyword``), and kept on the SimProxy either way."""
         self._host(host)
+        extra = {ROUTE_KEYWORD: route_config} if ROUTE_KEYWORD is not None and route_config is not None else {}
 
         def factory(restart: int) -> Proxy:
             resolver = StaticResolver(default=endpoints, by_host=routes, default_name=service, meshed_hosts=meshed)
-            return Proxy(config, resolver, self.kernel.rng_for("proxy", host, restart))
+            return Proxy(config, resolver, self.kernel.rng_for("proxy", host, restart), **extra)
 
         self.proxies[host] = SimProxy(self.network, host, port, factory)
+        self.proxies[host].route_config = route_config
+        targets = [*endpoints, *(address for addresses in (routes or {}).values() for address in addresses)]
+        self.proxy_endpoint_hosts[host] = list(dict.fromkeys(address.host for address in targets))
 
     def add_inbound_proxy(
         self, host: str, port: int, workload_port: int, config: ProxyConfig, *, service: str = "inbound"
@@ -260,10 +259,16 @@ class World:
             port, server_first = self._tcp_servers[host]
             VirtualEchoServer(self.network, host, port, server_first=server_first)
         if host in self.servers:
-            spec = self._server_specs[host]
-            self.servers[host] = VirtualHttpServer(
-                self.network, host, spec, self.kernel.rng_for("server", host, restarts)
-            )
+            self.servers[host] = self._new_server(host, restarts)
+
+    def _heal_servers(self) -> None:
+        """Server windows are faults too: from healing on, every server behaves as its own settings say."""
+        for host, spec in self._server_specs.items():
+            if spec.behaviour is not None and spec.behaviour.windows:
+                self._server_specs[host] = replace(spec, behaviour=replace(spec.behaviour, windows=()))
+                if host in self.servers:
+                    self.servers[host].behaviour = self._server_specs[host].behaviour
+                self.kernel.log(host, "windows end: healing")
 
     def _violation(self, message: str) -> None:
         self.kernel.log("invariant", message)
@@ -273,13 +278,19 @@ class World:
 
     def run(self, duration_ns: int, *, check: bool = False) -> RunResult:
         started = time.perf_counter()
-        self._faulted = bool(self._heal_actions) or self.network.lossy()
+        self._faulted = (
+            bool(self._heal_actions)
+            or self.network.lossy()
+            or any(spec.behaviour is not None and spec.behaviour.windows for spec in self._server_specs.values())
+        )
         self.kernel.run_until(duration_ns)
         self.kernel.log("world", "healing: faults end, no new requests")
         self._healing = True
         for heal in self._heal_actions:
             heal()
-        all_ended = lambda: all(client.pending == 0 for client in self.clients)  # noqa: E731
+        self._heal_servers()
+        everyone = [*self.clients, *self.callers.values()]
+        all_ended = lambda: all(client.pending == 0 for client in everyone)  # noqa: E731
         self.kernel.run_until(duration_ns + GRACE_NS, stop=all_ended)
         self.kernel.run_until(self.kernel.now_ns + SETTLE_NS)
         self.network.clear_loss()  # the liveness phase runs on a healed network, as FoundationDB's unclog
@@ -288,7 +299,7 @@ class World:
             client.probe(PROBES, PROBE_SPACING_NS)
         self.kernel.run_until(self.kernel.now_ns + PROBE_WAIT_NS, stop=all_ended)
         self._check_liveness()
-        result = self._result(time.perf_counter() - started)
+        result = summarise(self, time.perf_counter() - started, duration_ns)
         if check and result.violations:
             raise InvariantViolation(self.failure_message(result))
         return result
@@ -304,7 +315,8 @@ class World:
 
     def _check_liveness(self) -> None:
         faulted = self._faulted
-        for client in self.clients:
+        for client in [*self.clients, *self.callers.values()]:
+            deadline = client.spec.timeout_ns < DEADLINE_NS_MAX
             for record in client.records:
                 if not record.done:
                     self._violation(f"request {record.request_id} got neither a response nor an error")
@@ -313,56 +325,24 @@ class World:
                         f"liveness: probe {record.request_id} failed after every fault healed: "
                         f"{record.error or record.proxy_error}"
                     )
-                elif record.error == "client_timeout" and not faulted:
+                elif record.error == "client_timeout" and not faulted and not deadline:
                     # Without faults every request is answered well within the client's timeout; with
                     # faults a wedged client connection is possible, and the probes check recovery.
                     self._violation(f"request {record.request_id} timed out at the client in a run without faults")
 
-    def _result(self, wall_s: float) -> RunResult:
-        records = [record for client in self.clients for record in client.records if not record.probe]
-        tcp_sessions_ok = 0
-        responses: dict[int, int] = {}
-        grpc_statuses: dict[int, int] = {}
-        errors: dict[str, int] = {}
-        latencies: list[float] = []
-        for record in records:
-            if record.status is None and record.error is None and record.done:
-                tcp_sessions_ok += 1
-            if record.status is not None:
-                responses[record.status] = responses.get(record.status, 0) + 1
-            if record.grpc_status is not None:
-                grpc_statuses[record.grpc_status] = grpc_statuses.get(record.grpc_status, 0) + 1
-            elif record.error is not None:
-                kind = record.error.split(":")[0]
-                errors[kind] = errors.get(kind, 0) + 1
-            if record.ended_ns is not None:
-                latencies.append((record.ended_ns - record.started_ns) / MS)
-        proxy_errors: dict[str, int] = {}
-        for sim_proxy in self.proxies.values():
-            for stats in sim_proxy.proxy.stats.services.values():
-                for kind, count in stats.proxy_errors_by_kind.items():
-                    proxy_errors[kind] = proxy_errors.get(kind, 0) + count
-        return RunResult(
-            seed=self.seed,
-            trace_hash=self.kernel.trace.hexdigest(),
-            requests=len(records),
-            responses=responses,
-            errors=errors,
-            latency_ms=_percentiles(latencies),
-            virtual_s=self.kernel.now_ns / S,
-            wall_s=wall_s,
-            events=self.kernel.events_run,
-            violations=list(self.violations),
-            proxy_errors=proxy_errors,
-            tcp_sessions_ok=tcp_sessions_ok,
-            grpc_statuses=grpc_statuses,
-        )
+
+def route_keyword() -> str | None:
+    """The keyword under which ``Proxy`` takes a RouteConfig, if its constructor has one yet.
+
+    Routes are read by the proxy in the traffic issue's wiring, which lands separately; until then the
+    simulator parses and keeps them (``SimProxy.route_config``) and this returns None, so the same scenario
+    files work before and after.
+    """
+    parameters = inspect.signature(Proxy).parameters
+    for name in ("route_config", "routes"):
+        if name in parameters:
+            return name
+    return None
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None, "p999": None}
-    if len(values) == 1:
-        return {"p50": round(values[0], 3), "p99": round(values[0], 3), "p999": round(values[0], 3)}
-    cuts = statistics.quantiles(values, n=1000, method="inclusive")
-    return {"p50": round(cuts[499], 3), "p99": round(cuts[989], 3), "p999": round(cuts[998], 3)}
+ROUTE_KEYWORD = route_keyword()

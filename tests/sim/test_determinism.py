@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tether.sim.scenario import load_scenario
 
 SCENARIOS = Path(__file__).parents[2] / "sim" / "scenarios"
@@ -36,9 +38,28 @@ def test_basic_scenario_holds_invariants_and_serves() -> None:
     assert set(result.responses) <= {200, 502, 503, 504}
 
 
+# The traffic experiments run an open loop at hundreds of requests per second for up to a minute; here
+# they are shortened (tests/sim/test_experiments.py runs them in depth). The others run up to 15 s.
+EXPERIMENTS = {"slow-endpoint": 4, "retry-storm": 4, "failing-endpoint": 4, "canary": 2}
+
+
 def test_every_shipped_scenario_runs_clean() -> None:
     for path in sorted(SCENARIOS.glob("*.yaml")):
         scenario = load_scenario(path)
+        if path.stem in EXPERIMENTS:
+            scenario = scenario.shortened(EXPERIMENTS[path.stem])
         result = scenario.build(scenario.default_seed).run(min(scenario.duration_ns, int(15e9)))
         assert result.violations == [], (path.name, result.violations[:3])
         assert result.requests > 0, path.name
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_scenario_same_seed_same_trace_hash(name: str) -> None:
+    """Two runs of each experiment (shortened, with each balancer it is compared under): one trace."""
+    scenario = load_scenario(SCENARIOS / f"{name}.yaml").shortened(1.5)
+    balancer = {"slow-endpoint": "round-robin", "failing-endpoint": "least-loaded"}.get(name, "p2c-ewma")
+    first = scenario.build(7, balancer=balancer).run(scenario.duration_ns)
+    second = scenario.build(7, balancer=balancer).run(scenario.duration_ns)
+    assert first.trace_hash == second.trace_hash
+    assert first.as_json()["timeline"] == second.as_json()["timeline"]
+    assert first.endpoint_requests == second.endpoint_requests and first.requests > 0
