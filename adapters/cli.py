@@ -134,6 +134,18 @@ def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Call
 @_ms_option("--idle-timeout-ms", "Close client connections idle this long.  [default: 60000]")
 @_ms_option("--drain-timeout-ms", "On SIGTERM/Ctrl-C, how long requests in flight may take.  [default: 10000]")
 @_ms_option("--detect-timeout-ms", "With detect: tunnel a client silent this long.  [default: 10000]")
+@click.option(
+    "--identity-local-name",
+    metavar="NAME",
+    default=None,
+    help="This proxy's identity (its certificate's name), e.g. web.default.serviceaccount.identity.linkerd."
+    "cluster.local. Turns on mTLS; needs the three below too.",
+)
+@click.option("--identity-svc-addr", metavar="HOST:PORT", default=None, help="The identity service to ask.")
+@click.option("--identity-trust-anchors", metavar="FILE", default=None, help="PEM file of the mesh's trust anchors.")
+@click.option(
+    "--identity-token-file", metavar="FILE", default=None, help="The token proving who we are, read before each call."
+)
 def proxy(
     config_path: str | None,
     listen: str | None,
@@ -142,11 +154,17 @@ def proxy(
     admin: str | None,
     shutdown_endpoint: bool,
     protocol: str | None,
+    identity_local_name: str | None,
+    identity_svc_addr: str | None,
+    identity_trust_anchors: str | None,
+    identity_token_file: str | None,
     **timeouts: int | None,
 ) -> None:
     """Run the proxy: outbound (127.0.0.1:4140) and inbound (0.0.0.0:4143) roles, or --listen/--to.
 
     Settings come from defaults, then --config FILE, then TETHER_PROXY_* variables, then these flags.
+    With an identity (--identity-* or the config file's identity:), the proxy gets a certificate from the
+    identity service, answers /ready only once it has one, and speaks mTLS to meshed peers.
     """
     import anyio
 
@@ -175,6 +193,12 @@ def proxy(
             to_h2c=h2c_endpoints,
             admin=parse_address(admin, "--admin", listening=True) if admin else None,
             shutdown_endpoint=shutdown_endpoint,
+            identity_flags={
+                "local_name": identity_local_name,
+                "svc_addr": identity_svc_addr,
+                "trust_anchors": identity_trust_anchors,
+                "token_file": identity_token_file,
+            },
         )
     except ConfigFileError as error:
         click.echo(f"tether proxy: {error}", err=True)
