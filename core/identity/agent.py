@@ -152,6 +152,14 @@ class _InFlight:
     attempt: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A call waiting for the connection; its deadline is the attempt's, fixed when the client made it."""
+
+    call: CallCertify
+    deadline_ns: int
+
+
 class IdentityAgent:
     """See the module docstring."""
 
@@ -165,7 +173,7 @@ class IdentityAgent:
         self._conn_id: int | None = None  # the current connection, while CONNECTING or OPEN
         self._last_conn_id = first_conn_id - 1
         self._grpc: GrpcUnaryClient | None = None  # while OPEN
-        self._waiting: CallCertify | None = None  # a call for the connection being opened
+        self._waiting: _Waiting | None = None  # a call for the connection being opened
         self._in_flight: _InFlight | None = None
         self._last_failure = ""
         self._connects = 0
@@ -260,8 +268,10 @@ class IdentityAgent:
             authority=self.config.authority, max_calls=1, max_response_bytes=self.config.response_bytes_max
         )
         waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            self._start_call(waiting, now_ns)
+        if waiting is not None and waiting.deadline_ns > now_ns:
+            self._start_call(waiting.call, waiting.deadline_ns, now_ns)
+        elif waiting is not None:
+            self._waiting = waiting  # connected as the attempt ran out: the client's timer ends it, not a call
         self._flush()
         self._pump(now_ns)
 
@@ -275,7 +285,7 @@ class IdentityAgent:
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             reason = f"cannot connect to the identity service at {self._where()}: {reason}"
-            self._call_failed(waiting.attempt, reason, now_ns)
+            self._call_failed(waiting.call.attempt, reason, now_ns)
         self._pump(now_ns)
 
     def received(self, conn_id: int, data: bytes, now_ns: int, wall_time_s: float) -> None:
@@ -324,11 +334,12 @@ class IdentityAgent:
 
     def _call(self, call: CallCertify, now_ns: int) -> None:
         assert self._waiting is None and self._in_flight is None, "the client makes one attempt at a time"
+        deadline_ns = now_ns + call.timeout_ns
         if self._link is Link.OPEN:
-            self._start_call(call, now_ns)
+            self._start_call(call, deadline_ns, now_ns)
             self._flush()
             return
-        self._waiting = call
+        self._waiting = _Waiting(call, deadline_ns)
         if self._link is Link.IDLE:
             self._move(_LinkInput.CALL)
             self._last_conn_id += 1
@@ -336,11 +347,14 @@ class IdentityAgent:
             self._connects += 1
             self._effects.append(Connect(conn_id=self._conn_id, address=self.config.service_address))
 
-    def _start_call(self, call: CallCertify, now_ns: int) -> None:
+    def _start_call(self, call: CallCertify, deadline_ns: int, now_ns: int) -> None:
+        """Send the call; its grpc-timeout is what is left of the attempt (connecting took some of it)."""
         assert self._grpc is not None and self._in_flight is None
+        assert deadline_ns > now_ns, "an attempt past its deadline has ended and its call was dropped"
         request = CertifyRequest(identity=call.identity, token=call.token, certificate_signing_request=call.csr_der)
+        message = encode_certify_request(request)
         try:
-            call_id = self._grpc.start_call(CERTIFY_PATH, encode_certify_request(request), now_ns, call.timeout_ns)
+            call_id = self._grpc.start_call(CERTIFY_PATH, message, now_ns, deadline_ns - now_ns)
         except GrpcUnaryUsageError as error:  # the server allows no stream, or the connection is going away
             self._lose(close=True)
             self._call_failed(call.attempt, f"UNAVAILABLE: {error}", now_ns)
@@ -354,7 +368,7 @@ class IdentityAgent:
             self._grpc.cancel(self._in_flight.call_id)
             self._in_flight = None
             self._lose(close=True)  # no answer in the whole attempt: the connection may be dead (module docstring)
-        if self._waiting is not None and not self._awaits_answer(self._waiting.attempt):
+        if self._waiting is not None and not self._awaits_answer(self._waiting.call.attempt):
             self._waiting = None
             if self._link is Link.CONNECTING:
                 assert self._conn_id is not None
