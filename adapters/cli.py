@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -229,8 +230,15 @@ def proxy(
     help="Requests per second the load generator sends to the web service.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end instead of tables.")
-def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
-    """Run a small mesh on loopback (web -> backend, each behind a Tether proxy) with live metrics.
+@click.option(
+    "--mtls/--no-mtls",
+    default=True,
+    show_default=True,
+    help="Certify every pod with an identity service started for the run and speak mTLS between them.",
+)
+def demo(duration_s: float | None, rate_per_s: float, as_json: bool, mtls: bool) -> None:
+    """Run a small mesh on loopback (load generator -> web -> backend, each pod with its Tether proxies, mTLS
+    between them) with live metrics.
 
     Exits 0 when every request succeeded, 1 when some failed.
     """
@@ -239,7 +247,7 @@ def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
 
     from tether.adapters.demo import run_demo
 
-    code = anyio.run(run_demo, duration_s, rate_per_s, as_json, Console())
+    code = anyio.run(partial(run_demo, duration_s, rate_per_s, as_json, Console(), mtls=mtls))
     sys.exit(code)
 
 
