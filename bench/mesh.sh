@@ -10,7 +10,9 @@
 # certificates); it stays in the process group, so its CPU counts as the proxy's.
 #
 # Environment: the harness's LISTEN_HOST, LISTEN_PORT, UPSTREAM_HOST, UPSTREAM_PORT; TETHER (the command,
-# default `tether`). Ports used besides LISTEN_PORT: LISTEN_PORT+1 (inbound), LISTEN_PORT+2 (identity).
+# default `tether`); MESH_MTLS=0 for the same pair without identities (plaintext HTTP/2 between the proxies,
+# setup "tethermeshplain"), to tell what mTLS costs from what the meshed hop costs. Ports used besides
+# LISTEN_PORT: LISTEN_PORT+1 (inbound), +2 (identity), +3 and +4 (the proxies' admin).
 # The harness stops the whole process group with SIGTERM; the temporary directory goes with it.
 set -euo pipefail
 TETHER=${TETHER:-tether}
@@ -42,7 +44,9 @@ $TETHER identity token --dir "$DIR/mesh" --namespace bench --serviceaccount clie
 $TETHER identity token --dir "$DIR/mesh" --namespace bench --serviceaccount server >"$DIR/server.token"
 SUFFIX=bench.serviceaccount.identity.linkerd.cluster.local
 
+MESH_MTLS=${MESH_MTLS:-1}
 identity() {  # identity SERVICEACCOUNT: the identity: block of a proxy's config file
+  [ "$MESH_MTLS" = 1 ] || return 0
   printf 'identity:\n  local_name: %s.%s\n  svc_addr: 127.0.0.1:%s\n  trust_anchors: %s\n  token_file: %s\n' \
     "$1" "$SUFFIX" "$IDENTITY_PORT" "$DIR/mesh/trust-anchor.crt" "$DIR/$1.token"
 }
@@ -58,15 +62,17 @@ admin: 127.0.0.1:$((LISTEN_PORT + 4))
 outbound:
   listen: $LISTEN_HOST:$LISTEN_PORT
   routes: {"$LISTEN_HOST": ["$UPSTREAM_HOST:$UPSTREAM_PORT"]}
-  meshed: {"$LISTEN_HOST": {port: $INBOUND_PORT, identity: server.$SUFFIX}}
+  meshed: {"$LISTEN_HOST": {port: $INBOUND_PORT$([ "$MESH_MTLS" = 1 ] && echo ", identity: server.$SUFFIX")}}
 $(identity client)
 EOF
 
-$TETHER identity serve --dir "$DIR/mesh" --listen "127.0.0.1:$IDENTITY_PORT" --workers 2 &
-wait_port "$IDENTITY_PORT"
+if [ "$MESH_MTLS" = 1 ]; then
+  $TETHER identity serve --dir "$DIR/mesh" --listen "127.0.0.1:$IDENTITY_PORT" --workers 2 &
+  wait_port "$IDENTITY_PORT"
+fi
 $TETHER proxy --config "$DIR/inbound.yaml" &
 wait_ready $((LISTEN_PORT + 3))
 $TETHER proxy --config "$DIR/outbound.yaml" &
 wait_ready $((LISTEN_PORT + 4))
-echo "mesh.sh: meshed pair ready: $LISTEN_HOST:$LISTEN_PORT =mTLS=> 127.0.0.1:$INBOUND_PORT -> $UPSTREAM_HOST:$UPSTREAM_PORT" >&2
+echo "mesh.sh: meshed pair ready (mTLS: $MESH_MTLS): $LISTEN_HOST:$LISTEN_PORT => 127.0.0.1:$INBOUND_PORT -> $UPSTREAM_HOST:$UPSTREAM_PORT" >&2
 wait

@@ -26,7 +26,8 @@ Environment (defaults in brackets):
   OUT       results folder            [bench/results/<timestamp>]  (not committed)
   SETUPS    setups to run             ["direct nginx haproxy envoy mitmproxy custom tetheropaque tethermesh"]
             (custom = tether; tetheropaque = tether with --protocol opaque, h1 and rate tests only;
-             tethermesh = outbound tether -> mTLS -> inbound tether -> backend, bench/mesh.sh, h1 and rate)
+             tethermesh = outbound tether -> mTLS -> inbound tether -> backend, bench/mesh.sh, h1 and rate;
+             tethermeshplain = the same pair without mTLS; not in the default list)
   PYTHON    python used for the fallback `-m tether.adapters.cli`  [python3]
   TETHER_ARGS  extra options for `tether proxy`  []
   SETUP     1 = install missing peers, 0 = never  [1]
@@ -122,6 +123,8 @@ PROXY_CMD_tetheropaque="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to 
 # The meshed path: an outbound proxy on LISTEN_PORT, mTLS to an inbound proxy in front of the backend, both
 # certified by a `tether identity serve` that bench/mesh.sh starts (setup word "tethermesh"; h1 and rate).
 PROXY_CMD_tethermesh="env TETHER=$(printf %q "$TETHER") bash $(printf %q "$HERE/mesh.sh")"
+# The same pair without identities (plaintext HTTP/2 between the proxies): what mTLS adds, by difference.
+PROXY_CMD_tethermeshplain="env MESH_MTLS=0 TETHER=$(printf %q "$TETHER") bash $(printf %q "$HERE/mesh.sh")"
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -129,6 +132,6 @@ echo "bench/run.sh: harness $HARNESS, peers $VENV, results $OUT" >&2
 echo "bench/run.sh: PROXY_CMD=$PROXY_CMD" >&2
 
 # HTTP/2 clients reach the backend's h2c port (--to-h2c), so the h2c test runs for tether too.
-export OUT VENV SETUPS PROXY_NAME=tether PROXY_CMD PROXY_CMD_tetheropaque PROXY_CMD_tethermesh PROXY_H2C=${PROXY_H2C:-1}
+export OUT VENV SETUPS PROXY_NAME=tether PROXY_CMD PROXY_CMD_tetheropaque PROXY_CMD_tethermesh PROXY_CMD_tethermeshplain PROXY_H2C=${PROXY_H2C:-1}
 cd "$HARNESS"
 exec bash ./run.sh
