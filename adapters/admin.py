@@ -1,7 +1,8 @@
 """The proxy's admin server (Linkerd's port 4191): metrics, readiness, liveness, log level, shutdown.
 
 GET  /metrics           Prometheus text: Linkerd's metric names and labels (adapters/prometheus.py)
-GET  /ready             200 once the proxy serves (later: once it holds its first certificate)
+GET  /ready             200 once the proxy serves and, with an identity, holds a valid certificate;
+                        503 with the reason before (no certificate yet and why, an expired one, draining)
 GET  /live              200 while the process runs
 GET  /proxy-log-level   the current log level
 PUT  /proxy-log-level   body "debug" | "info" | "warning" | "error": set it
@@ -11,7 +12,7 @@ POST /shutdown          only with --shutdown-endpoint: drain and exit, as SIGTER
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import h11
 
@@ -27,20 +28,26 @@ class AdminServer:
         self,
         telemetry: Callable[[], Telemetry],
         *,
-        ready: Callable[[], bool],
+        ready: Callable[[], str | None],
         shutdown: Callable[[], None] | None = None,
+        extra_metrics: Callable[[], Iterable[str]] = tuple,
     ) -> None:
+        """``ready`` returns None when ready, else why not (the 503's body); ``extra_metrics`` adds exposition
+        lines (the identity metrics)."""
         self._telemetry = telemetry
         self._ready = ready
         self._shutdown = shutdown
+        self._extra_metrics = extra_metrics
 
     async def __call__(self, request: h11.Request, body: bytes) -> tuple[int, bytes, str]:
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         method = request.method.decode("ascii", "replace")
         if path == "/metrics" and method == "GET":
-            return 200, prometheus.render(self._telemetry()).encode(), prometheus.CONTENT_TYPE
+            text = prometheus.render(self._telemetry(), extra=self._extra_metrics())
+            return 200, text.encode(), prometheus.CONTENT_TYPE
         if path == "/ready" and method == "GET":
-            return (200, b"ready\n", TEXT) if self._ready() else (503, b"not ready\n", TEXT)
+            reason = self._ready()
+            return (200, b"ready\n", TEXT) if reason is None else (503, f"not ready: {reason}\n".encode(), TEXT)
         if path == "/live" and method == "GET":
             return 200, b"live\n", TEXT
         if path == "/proxy-log-level":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -134,6 +135,18 @@ def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Call
 @_ms_option("--idle-timeout-ms", "Close client connections idle this long.  [default: 60000]")
 @_ms_option("--drain-timeout-ms", "On SIGTERM/Ctrl-C, how long requests in flight may take.  [default: 10000]")
 @_ms_option("--detect-timeout-ms", "With detect: tunnel a client silent this long.  [default: 10000]")
+@click.option(
+    "--identity-local-name",
+    metavar="NAME",
+    default=None,
+    help="This proxy's identity (its certificate's name), e.g. web.default.serviceaccount.identity.linkerd."
+    "cluster.local. Turns on mTLS; needs the three below too.",
+)
+@click.option("--identity-svc-addr", metavar="HOST:PORT", default=None, help="The identity service to ask.")
+@click.option("--identity-trust-anchors", metavar="FILE", default=None, help="PEM file of the mesh's trust anchors.")
+@click.option(
+    "--identity-token-file", metavar="FILE", default=None, help="The token proving who we are, read before each call."
+)
 def proxy(
     config_path: str | None,
     listen: str | None,
@@ -142,11 +155,17 @@ def proxy(
     admin: str | None,
     shutdown_endpoint: bool,
     protocol: str | None,
+    identity_local_name: str | None,
+    identity_svc_addr: str | None,
+    identity_trust_anchors: str | None,
+    identity_token_file: str | None,
     **timeouts: int | None,
 ) -> None:
     """Run the proxy: outbound (127.0.0.1:4140) and inbound (0.0.0.0:4143) roles, or --listen/--to.
 
     Settings come from defaults, then --config FILE, then TETHER_PROXY_* variables, then these flags.
+    With an identity (--identity-* or the config file's identity:), the proxy gets a certificate from the
+    identity service, answers /ready only once it has one, and speaks mTLS to meshed peers.
     """
     import anyio
 
@@ -175,6 +194,12 @@ def proxy(
             to_h2c=h2c_endpoints,
             admin=parse_address(admin, "--admin", listening=True) if admin else None,
             shutdown_endpoint=shutdown_endpoint,
+            identity_flags={
+                "local_name": identity_local_name,
+                "svc_addr": identity_svc_addr,
+                "trust_anchors": identity_trust_anchors,
+                "token_file": identity_token_file,
+            },
         )
     except ConfigFileError as error:
         click.echo(f"tether proxy: {error}", err=True)
@@ -205,8 +230,15 @@ def proxy(
     help="Requests per second the load generator sends to the web service.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary at the end instead of tables.")
-def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
-    """Run a small mesh on loopback (web -> backend, each behind a Tether proxy) with live metrics.
+@click.option(
+    "--mtls/--no-mtls",
+    default=True,
+    show_default=True,
+    help="Certify every pod with an identity service started for the run and speak mTLS between them.",
+)
+def demo(duration_s: float | None, rate_per_s: float, as_json: bool, mtls: bool) -> None:
+    """Run a small mesh on loopback (load generator -> web -> backend, each pod with its Tether proxies, mTLS
+    between them) with live metrics.
 
     Exits 0 when every request succeeded, 1 when some failed.
     """
@@ -215,7 +247,7 @@ def demo(duration_s: float | None, rate_per_s: float, as_json: bool) -> None:
 
     from tether.adapters.demo import run_demo
 
-    code = anyio.run(run_demo, duration_s, rate_per_s, as_json, Console())
+    code = anyio.run(partial(run_demo, duration_s, rate_per_s, as_json, Console(), mtls=mtls))
     sys.exit(code)
 
 

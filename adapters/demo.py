@@ -1,11 +1,12 @@
-"""``tether demo``: a tiny mesh on loopback with live golden metrics, no cluster needed.
+"""``tether demo``: a tiny mesh on loopback with live golden metrics and mTLS, no cluster needed.
 
-    load generator -> [tether proxy: web] -> web API -> [tether proxy: backend] -> backend
+    load generator -> [outbound] =mTLS=> [inbound: web] -> web API -> [outbound] =mTLS=> [inbound: backend] -> backend
 
-Each service runs behind its own Tether proxy (in this process, on its own ports); the table shows what
-each proxy measured, as ``linkerd viz stat`` does: success rate, requests per second and latency
-percentiles over the last ``WINDOW_S`` seconds. Later issues add services, mTLS and policy here: a
-service is one ``DemoService`` entry.
+Each pod runs its own Tether proxies (in this process, on their own ports; demo_mesh.py builds them); the
+table shows what each service's inbound proxy measured, as ``linkerd viz stat`` does: success rate, requests
+per second and latency percentiles over the last ``WINDOW_S`` seconds, and which share of its requests came
+over mTLS, from which identities. Every pod gets its certificate from a real identity service started for
+the run (``--no-mtls``: none, and the meshed hops are plaintext). A service is one ``DemoService`` entry.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -26,13 +29,9 @@ from rich.live import Live
 from rich.table import Table
 
 from tether.adapters.demo_apps import BackendApp, WebApp
-from tether.adapters.driver import ProxyDriver
-from tether.adapters.http_server import Handler, serve_http
-from tether.adapters.proxy_config import RoleConfig
-from tether.adapters.serve import build_role_proxy
+from tether.adapters.demo_mesh import MESH, IdentityPlane, Pod, identity_plane, start_pod, wait_certified
 from tether.core.address import Address
-from tether.core.config import ProxyConfig
-from tether.core.proxy import Proxy, ServiceStats
+from tether.core.proxy import ServiceStats
 
 WINDOW_S = 10
 MAX_IN_FLIGHT = 64  # the load generator skips a tick rather than queue without bound
@@ -41,12 +40,26 @@ MAX_IN_FLIGHT = 64  # the load generator skips a tick rather than queue without 
 @dataclass(slots=True)
 class DemoService:
     name: str
-    proxy: Proxy
-    proxy_address: Address
+    pod: Pod
     history: deque[tuple[float, ServiceStats]] = field(default_factory=lambda: deque(maxlen=WINDOW_S + 1))
 
     def stats(self) -> ServiceStats:
-        return self.proxy.stats.service(self.name)
+        """What the inbound proxy counted for its workload: meshed requests name the endpoint their transport
+        header named, the application's own address."""
+        assert self.pod.inbound is not None
+        return self.pod.inbound.stats.service(str(self.pod.app_address))
+
+    def tls(self) -> tuple[float | None, list[str]]:
+        """The share of requests its inbound proxy took over mTLS, and the client identities it saw."""
+        assert self.pod.inbound is not None
+        total = over_mtls = 0
+        clients: set[str] = set()
+        for labels, count in self.pod.inbound.telemetry.request_total.items():
+            total += count
+            if labels.tls == "true":
+                over_mtls += count
+                clients.add(labels.peer_id)
+        return (over_mtls / total if total else None), sorted(clients)
 
 
 @dataclass(slots=True)
@@ -58,48 +71,63 @@ class LoadCounts:
     last_error: str = ""
 
 
-async def _listen() -> tuple[anyio.abc.SocketListener, Address]:
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    host, port = listener.extra(anyio.abc.SocketAttribute.local_address)[:2]
-    return listener, Address(str(host), int(port))
+async def run_demo(
+    duration_s: float | None, rate_per_s: float, as_json: bool, console: Console, *, mtls: bool = True
+) -> int:
+    """Run the demo mesh (with its identity service unless ``mtls`` is False); the exit code."""
+    with identity_plane() if mtls else contextlib.nullcontext() as plane:
+        return await _run_mesh(plane, duration_s, rate_per_s, as_json, console)
 
 
-async def _start_service(
-    task_group: anyio.abc.TaskGroup, name: str, handler: Handler, stop: anyio.Event
-) -> DemoService:
-    app_listener, app_address = await _listen()
-    task_group.start_soon(serve_http, app_listener, handler)
-    # In front of its service, as an inbound sidecar; the listener below picks the port.
-    role = RoleConfig(name, "inbound", Address("127.0.0.1", 0), ProxyConfig(), endpoints=(app_address,))
-    proxy = build_role_proxy(role)
-    proxy_listener, proxy_address = await _listen()
-    task_group.start_soon(lambda: ProxyDriver(proxy, name=name).serve(proxy_listener, stop=stop))
-    return DemoService(name, proxy, proxy_address)
-
-
-async def run_demo(duration_s: float | None, rate_per_s: float, as_json: bool, console: Console) -> int:
+async def _run_mesh(
+    plane: IdentityPlane | None, duration_s: float | None, rate_per_s: float, as_json: bool, console: Console
+) -> int:
     rng = random.Random(random.SystemRandom().getrandbits(64))
     counts = LoadCounts()
     stop_load, stop_proxies = anyio.Event(), anyio.Event()
     started = time.monotonic()
+    web_apps: list[WebApp] = []
+
+    def web_app(pod: Pod) -> WebApp:
+        web_apps.append(WebApp(f"http://{pod.outbound_address}"))
+        return web_apps[-1]
+
     async with anyio.create_task_group() as task_group:
-        backend = await _start_service(task_group, "backend", BackendApp(rng), stop_proxies)
-        web_app = WebApp(f"http://{backend.proxy_address}")
-        web = await _start_service(task_group, "web", web_app, stop_proxies)
-        services = [web, backend]
+        pod = partial(start_pod, task_group, identity=plane, stop=stop_proxies)
+        backend = await pod("backend", app=lambda _pod: BackendApp(rng), calls=None)
+        web = await pod("web", app=web_app, calls=backend.as_peer())
+        loadgen = await pod("loadgen", app=None, calls=web.as_peer())
+        services = [DemoService("web", web), DemoService("backend", backend)]
+        problem = await wait_certified([loadgen, web, backend]) if plane is not None else None
+        if problem is not None:
+            console.print(f"tether demo: the pods got no certificate: {problem}", style="red")
+            task_group.cancel_scope.cancel()
+            return 1
         if not as_json:
-            console.print(f"web API behind proxy {web.proxy_address}; backend behind proxy {backend.proxy_address}")
-            console.print(f"load: {rate_per_s:g} req/s to web; Ctrl-C to stop", style="dim")
+            _describe(console, services, loadgen, plane, rate_per_s)
         task_group.start_soon(_stop_on_signal, stop_load)
         async with anyio.create_task_group() as load_group:
-            load_group.start_soon(_generate_load, web.proxy_address, rate_per_s, counts, stop_load)
+            assert loadgen.outbound_address is not None
+            load_group.start_soon(_generate_load, loadgen.outbound_address, rate_per_s, counts, stop_load)
             await _show(services, counts, duration_s, as_json, console, stop_load)
             stop_load.set()  # the generator stops sending and waits for the requests in flight
         elapsed = time.monotonic() - started
         stop_proxies.set()
-        await web_app.aclose()
+        for app in web_apps:
+            await app.aclose()
         task_group.cancel_scope.cancel()
-    return _report(services, counts, elapsed, as_json, console)
+    return _report(services, counts, elapsed, as_json, console, plane)
+
+
+def _describe(
+    console: Console, services: list[DemoService], loadgen: Pod, plane: IdentityPlane | None, rate_per_s: float
+) -> None:
+    for service in services:
+        console.print(f"{service.name}: inbound proxy {service.pod.inbound_address}, identity {service.pod.identity}")
+    if plane is not None:
+        console.print(f"mTLS on: certificates from the identity service at {plane.address} (--no-mtls: off)")
+        console.print(f"identities: <serviceaccount>.<namespace>{MESH.identity_suffix}", style="dim")
+    console.print(f"load: {rate_per_s:g} req/s to web via {loadgen.outbound_address}; Ctrl-C to stop", style="dim")
 
 
 async def _stop_on_signal(stop: anyio.Event) -> None:
@@ -110,6 +138,7 @@ async def _stop_on_signal(stop: anyio.Event) -> None:
 
 
 async def _generate_load(target: Address, rate_per_s: float, counts: LoadCounts, stop: anyio.Event) -> None:
+    """Requests for web at ``rate_per_s``, through the load generator's outbound proxy (``target``)."""
     limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT)
     async with (
         httpx.AsyncClient(base_url=f"http://{target}", timeout=10.0, limits=limits) as client,
@@ -204,11 +233,25 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+def tls_column(service: DemoService) -> str:
+    """The share of requests over mTLS and the client identities, short: "100% loadgen.demo"."""
+    share, clients = service.tls()
+    if share is None:
+        return "-"
+    if not clients:
+        return "off"
+    names = ", ".join(client.removesuffix(MESH.identity_suffix) for client in clients)
+    return f"{100 * share:.0f}% {names}"
+
+
 def _table(services: list[DemoService], counts: LoadCounts, *, window: bool, elapsed: float = 0.0) -> Table:
     title = f"last {WINDOW_S} s" if window else f"whole run, {elapsed:.1f} s"
-    table = Table(title=f"tether demo: {title}  (load sent {counts.sent}, failed {counts.failed})")
-    for column in ("SERVICE", "MESHED", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99"):
-        table.add_column(column, justify="left" if column == "SERVICE" else "right")
+    table = Table(
+        title=f"tether demo: {title}  (load sent {counts.sent}, failed {counts.failed})",
+        caption="P50-P99: latency percentiles; MTLS: the share of requests over mTLS, and from which identities",
+    )
+    for column in ("SERVICE", "MESHED", "SUCCESS", "RPS", "P50", "P95", "P99", "MTLS"):
+        table.add_column(column, justify="left" if column in ("SERVICE", "MTLS") else "right", no_wrap=True)
     for service in services:
         stats, seconds = _window(service) if window else (service.stats(), max(elapsed, 1e-9))
         row = service_row(stats, seconds)
@@ -219,6 +262,7 @@ def _table(services: list[DemoService], counts: LoadCounts, *, window: bool, ela
             success,
             f"{row['rps']:.1f}",
             *(_ms(row[key]) for key in ("p50_ms", "p95_ms", "p99_ms")),
+            tls_column(service),
         )
     return table
 
@@ -227,10 +271,28 @@ def _ms(value: float | int | None) -> str:
     return "-" if value is None else f"{value:.0f}ms" if value >= 10 else f"{value:.1f}ms"
 
 
-def _report(services: list[DemoService], counts: LoadCounts, elapsed: float, as_json: bool, console: Console) -> int:
+def _service_document(service: DemoService, elapsed: float) -> dict[str, Any]:
+    share, clients = service.tls()
+    return {
+        **service_row(service.stats(), elapsed),
+        "identity": service.pod.identity,
+        "mtls_share": None if share is None else round(share, 4),
+        "client_ids": clients,
+    }
+
+
+def _report(
+    services: list[DemoService],
+    counts: LoadCounts,
+    elapsed: float,
+    as_json: bool,
+    console: Console,
+    plane: IdentityPlane | None,
+) -> int:
     if as_json:
         document = {
             "duration_s": round(elapsed, 3),
+            "mtls": plane is not None,
             "load": {
                 "sent": counts.sent,
                 "succeeded": counts.succeeded,
@@ -238,7 +300,7 @@ def _report(services: list[DemoService], counts: LoadCounts, elapsed: float, as_
                 "skipped": counts.skipped,
                 "last_error": counts.last_error,
             },
-            "services": {service.name: service_row(service.stats(), elapsed) for service in services},
+            "services": {service.name: _service_document(service, elapsed) for service in services},
         }
         console.print_json(json.dumps(document))
     else:

@@ -31,6 +31,7 @@ from tether.adapters.sockets import original_destination
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, SetReading, ShutdownWrite
 from tether.core.proxy import Proxy
+from tether.core.proxy.mtls import CertificateExpired, CertificateUpdate
 
 log = logging.getLogger("tether.proxy")
 
@@ -165,6 +166,10 @@ class ProxyDriver:
             return
         self._links[conn_id] = link
         self._feed(conn_id, self.proxy.connected, conn_id, self._clock_ns())
+
+    def control(self, update: CertificateUpdate | CertificateExpired) -> None:
+        """A control-plane input for the machine (today: certificates from the identity agent)."""
+        self._feed(None, self.proxy.control, update, self._clock_ns())
 
     def _feed(self, conn_id: int | None, method: Callable[..., None], *args: object) -> None:
         """Give the machine one input. A bug it raises costs that connection, never the process."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -104,27 +105,13 @@ def init(
     existing = [str(path) for path in _init_paths(files) if path.exists()]
     if existing:
         _fail("init", f"{', '.join(existing)} already exist(s); choose an empty --out directory (nothing was written)")
-    now_s = time.time()
-    anchor_key, issuer_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    anchor = build_trust_anchor(
-        anchor_key, mesh, wall_time_s=now_s, serial=_serial(), validity_s=anchor_validity_days * DAY_S
-    )
-    issuer = build_issuer(
-        issuer_key,
+    anchor, issuer = write_mesh(
+        files,
         mesh,
-        anchor=anchor,
-        anchor_key=anchor_key,
-        wall_time_s=now_s,
-        serial=_serial(),
-        validity_s=issuer_validity_days * DAY_S,
+        wall_time_s=time.time(),
+        anchor_validity_s=anchor_validity_days * DAY_S,
+        issuer_validity_s=issuer_validity_days * DAY_S,
     )
-    files.directory.mkdir(parents=True, exist_ok=True)
-    pem = serialization.Encoding.PEM
-    _write(files.trust_anchor, anchor.public_bytes(pem), CERTIFICATE_FILE_MODE)
-    _write(files.trust_anchor_key, _key_pem(anchor_key), KEY_FILE_MODE)
-    _write(files.issuer_certificate, issuer.public_bytes(pem), CERTIFICATE_FILE_MODE)
-    _write(files.issuer_key, _key_pem(issuer_key), KEY_FILE_MODE)
-    _write(files.token_key, TokenKey(secrets.token_bytes(32)).to_text().encode(), KEY_FILE_MODE)
     report = {
         "dir": str(files.directory),
         "trust_domain": trust_domain,
@@ -148,6 +135,41 @@ def init(
     )
     click.echo(f"  issuer        {report['issuer']['subject']}, valid until {report['issuer']['not_after']}")
     click.echo(f"next: tether identity serve --dir {files.directory}   (keep {files.trust_anchor_key.name} offline)")
+
+
+def write_mesh(
+    files: MeshFiles,
+    mesh: Mesh,
+    *,
+    wall_time_s: float,
+    anchor_validity_s: int = TRUST_ANCHOR_VALIDITY_S_DEFAULT,
+    issuer_validity_s: int = ISSUER_VALIDITY_S_DEFAULT,
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """Write a new mesh's five files (what ``init`` does; ``tether demo`` uses it in a temporary directory).
+
+    Keys and serial numbers come from the OS's entropy; no file is overwritten (FileExistsError).
+    Returns the trust anchor and the issuer certificates."""
+    anchor_key, issuer_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    anchor = build_trust_anchor(
+        anchor_key, mesh, wall_time_s=wall_time_s, serial=_serial(), validity_s=anchor_validity_s
+    )
+    issuer = build_issuer(
+        issuer_key,
+        mesh,
+        anchor=anchor,
+        anchor_key=anchor_key,
+        wall_time_s=wall_time_s,
+        serial=_serial(),
+        validity_s=issuer_validity_s,
+    )
+    files.directory.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    _write(files.trust_anchor, anchor.public_bytes(pem), CERTIFICATE_FILE_MODE)
+    _write(files.trust_anchor_key, _key_pem(anchor_key), KEY_FILE_MODE)
+    _write(files.issuer_certificate, issuer.public_bytes(pem), CERTIFICATE_FILE_MODE)
+    _write(files.issuer_key, _key_pem(issuer_key), KEY_FILE_MODE)
+    _write(files.token_key, TokenKey(secrets.token_bytes(32)).to_text().encode(), KEY_FILE_MODE)
+    return anchor, issuer
 
 
 def _init_paths(files: MeshFiles) -> list[Path]:

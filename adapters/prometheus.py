@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from tether.core.identity.client import IdentityMetrics
 from tether.core.proxy.stats import LATENCY_BUCKETS_MS, LatencyHistogram
 from tether.core.proxy.telemetry import HttpLabels, TcpLabels, Telemetry
 
@@ -154,3 +155,17 @@ def _histogram(lines: list[str], name: str, help_text: str, samples: Iterable[tu
         lines.append(f"{name}_bucket{_format(labels + [('le', '+Inf')])} {histogram.count}")
         lines.append(f"{name}_sum{_format(labels)} {histogram.sum_ms:.3f}")
         lines.append(f"{name}_count{_format(labels)} {histogram.count}")
+
+
+def identity_lines(metrics: IdentityMetrics) -> list[str]:
+    """Linkerd's two identity metrics: the certificate's expiry (absent before the first) and the count of
+    certificates accepted."""
+    lines: list[str] = []
+    values = dict(metrics.samples())
+    expiration = values.get("identity_cert_expiration_timestamp_seconds")
+    _header(lines, "identity_cert_expiration_timestamp_seconds", "When the current certificate expires.", "gauge")
+    if expiration is not None:
+        lines.append(f"identity_cert_expiration_timestamp_seconds {expiration:.0f}")
+    _header(lines, "identity_cert_refresh_count", "Certificates received from the identity service.", "counter")
+    lines.append(f"identity_cert_refresh_count {metrics.refresh_count}")
+    return lines

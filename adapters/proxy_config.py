@@ -10,11 +10,14 @@ where the value came from (the file and field, or the variable) and what to writ
       listen: 127.0.0.1:4140
       routes: {web: [10.0.0.5:8080]}   # authority host -> endpoints; others are dialled as host:port
       meshed: {web: 4143}              # routes whose endpoints are meshed proxies: opaque TCP goes to this
-                                       # inbound port with a transport header (transport.l5d.io/v1)
+                                       # inbound port with a transport header (transport.l5d.io/v1);
+                                       # {web: {port: 4143, identity: NAME}} also opens mTLS to them,
+                                       # expecting their certificate to name NAME
       limits: {...}                    # this role only
     inbound:                           # traffic for the local workload; default 0.0.0.0:4143
       listen: 0.0.0.0:4143
       to: 127.0.0.1:8080               # the workload; the inbound role runs only when this is set
+    identity: {local_name, svc_addr, trust_anchors, token_file}   # adapters/identity_settings.py
 
 Both roles detect protocols by default (``protocol: detect``), as Linkerd's proxy does. The older form
 ``--listen A --to B`` runs one HTTP/1.1 role and ignores the two above.
@@ -30,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from tether.adapters.identity_settings import EXAMPLE_NAME, IdentitySettings, read_identity
+from tether.adapters.identity_settings import VARIABLES as IDENTITY_VARIABLES
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
 from tether.core.config_file import (
@@ -39,6 +44,7 @@ from tether.core.config_file import (
     FieldReader,
     read_proxy_config,
 )
+from tether.core.identity.names import IdentityNameError, check_dns_name
 
 ENV_PREFIX = "TETHER_PROXY_"
 DEFAULT_ADMIN = Address("127.0.0.1", 4191)
@@ -58,6 +64,7 @@ class RoleConfig:
     routes: Mapping[str, tuple[Address, ...]] = field(default_factory=dict)
     dial_authority: bool = False
     meshed: Mapping[str, int] = field(default_factory=dict)  # route host -> its peers' inbound port
+    identities: Mapping[str, str] = field(default_factory=dict)  # meshed route host -> its peers' identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +72,7 @@ class ProcessConfig:
     admin: Address
     roles: tuple[RoleConfig, ...]
     shutdown_endpoint: bool = False
+    identity: IdentitySettings | None = None
 
 
 def load(
@@ -77,25 +85,37 @@ def load(
     to_h2c: tuple[Address, ...] = (),
     admin: Address | None = None,
     shutdown_endpoint: bool = False,
+    identity_flags: Mapping[str, str | None] | None = None,
 ) -> ProcessConfig:
     """Merge the sources; raises ConfigFileError naming the source, the field and the fix."""
     data: dict[str, Any] = _read_file(config_path) if config_path else {}
     source = config_path or "defaults"
     env = dict(os.environ if environ is None else environ)
-    data = _apply_environment(data, env)
+    identity = read_identity(data.get("identity"), source, env, identity_flags or {})
+    data = _apply_environment(data, {key: value for key, value in env.items() if key not in IDENTITY_VARIABLES})
     if flag_limits:
         data["limits"] = {**data.get("limits", {}), **flag_limits}
     top = FieldReader(source, "", data)
-    top.known("admin", "shutdown_endpoint", "limits", "outbound", "inbound")
+    top.known("admin", "shutdown_endpoint", "limits", "outbound", "inbound", "identity")
     admin_address = admin or (top.address(data["admin"], "admin", listening=True) if "admin" in data else DEFAULT_ADMIN)
     shutdown = shutdown_endpoint or bool(data.get("shutdown_endpoint", False))
     shared = dict(top.child("limits").data)
     if listen is not None:
         limits = read_proxy_config(FieldReader(source, "limits.", shared))
         role = RoleConfig("proxy", "outbound", listen, limits, endpoints=to, h2c_endpoints=to_h2c)
-        return ProcessConfig(admin_address, (role,), shutdown)
+        return ProcessConfig(admin_address, (role,), shutdown, identity)
     roles = [_role(top, "outbound", shared), _role(top, "inbound", shared)]
-    return ProcessConfig(admin_address, tuple(role for role in roles if role is not None), shutdown)
+    for role in roles:
+        if role is not None and role.identities and identity is None:
+            host = sorted(role.identities)[0]
+            raise ConfigFileError(
+                source,
+                f"{role.name}.meshed.{host}.identity",
+                "asks for mTLS, which needs a certificate of this proxy's own",
+                "give the proxy an identity (identity.local_name, svc_addr, trust_anchors, token_file), or remove "
+                "the peers' identity",
+            )
+    return ProcessConfig(admin_address, tuple(role for role in roles if role is not None), shutdown, identity)
 
 
 def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig | None:
@@ -118,13 +138,37 @@ def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig 
         for host in routes_node.data
     }
     meshed_node = node.child("meshed")
-    meshed = {str(host): int(meshed_node.number(str(host), minimum=1, maximum=65535)) for host in meshed_node.data}
+    meshed: dict[str, int] = {}
+    identities: dict[str, str] = {}
+    for host in map(str, meshed_node.data):
+        meshed[host], peer_identity = _meshed_peer(meshed_node, host)
+        if peer_identity is not None:
+            identities[host] = peer_identity
     for host in meshed:
         if host not in routes:
             raise meshed_node.fail(
                 host, "names no route", f"add it under outbound.routes, or remove it from {name}.meshed"
             )
-    return RoleConfig(name, "outbound", listen, config, routes=routes, dial_authority=True, meshed=meshed)
+    return RoleConfig(
+        name, "outbound", listen, config, routes=routes, dial_authority=True, meshed=meshed, identities=identities
+    )
+
+
+def _meshed_peer(node: FieldReader, host: str) -> tuple[int, str | None]:
+    """``web: 4143`` or ``web: {port: 4143, identity: NAME}``: the peers' inbound port and their identity."""
+    if not isinstance(node.data.get(host), Mapping):
+        return int(node.number(host, minimum=1, maximum=65535)), None
+    peer = node.child(host)
+    peer.known("port", "identity")
+    port = int(peer.number("port", 4143, minimum=1, maximum=65535))
+    if "identity" not in peer.data:
+        return port, None
+    name = peer.text("identity")
+    try:
+        check_dns_name(name, "identity")
+    except IdentityNameError as error:
+        raise peer.fail("identity", str(error), f"give the peers' identity, for example {EXAMPLE_NAME}") from None
+    return port, name
 
 
 def _as_list(node: FieldReader, key: str) -> list[object]:
@@ -199,4 +243,6 @@ def describe(process: ProcessConfig, bound: list[Address]) -> list[str]:
             routed = ", ".join(sorted(role.routes))
             target = f"routes for {routed}; others dialled by authority" if routed else "dialled by authority"
         lines.append(f"{role.name} ({role.config.protocol}) listening on {listen} -> {target}")
+    if process.identity is not None:
+        lines.append(process.identity.describe())
     return lines

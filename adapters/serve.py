@@ -2,6 +2,10 @@
 
 A first signal stops accepting and drains requests in flight (bounded by the drain timeout, which the
 machine owns); a second one exits at once.
+
+With identity settings, the process also runs one ``IdentityAgent`` (adapters/identity_agent.py): every
+certificate it gets reaches every role's proxy, ``/ready`` answers 503 until the first one, and ``/metrics``
+carries ``identity_cert_expiration_timestamp_seconds`` and ``identity_cert_refresh_count``.
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ import random
 import signal
 import sys
 from functools import partial
+from pathlib import Path
 
 import anyio
 
 from tether.adapters.admin import AdminServer
 from tether.adapters.driver import ProxyDriver
 from tether.adapters.http_server import serve_http
-from tether.adapters.prometheus import merge
+from tether.adapters.identity_agent import ControlUpdate, IdentityAgentDriver
+from tether.adapters.identity_settings import IdentitySettings
+from tether.adapters.prometheus import identity_lines, merge
 from tether.adapters.proxy_config import ProcessConfig, RoleConfig, describe
 from tether.core.address import Address
 from tether.core.discovery import StaticResolver
+from tether.core.identity.agent import IdentityAgent, IdentityAgentConfig
+from tether.core.identity.client import IdentityClientConfig
 from tether.core.proxy import Proxy
 
 log = logging.getLogger("tether.proxy")
@@ -49,19 +58,41 @@ def build_role_proxy(role: RoleConfig) -> Proxy:
         dial_authority=role.dial_authority,
         meshed_hosts=role.meshed,
         default_h2c=role.h2c_endpoints,
+        identities=role.identities,
     )
     return Proxy(role.config, resolver, _seeded_rng(), direction=role.direction)
+
+
+def build_identity_agent(settings: IdentitySettings) -> IdentityAgent:
+    """The process's identity agent: its name, the trust anchors, the identity service; a seeded RNG."""
+    client = IdentityClientConfig(identity=settings.local_name, trust_anchors_pem=settings.trust_anchors_pem)
+    return IdentityAgent(IdentityAgentConfig(client=client, service_address=settings.svc_addr), _seeded_rng())
+
+
+def readiness(agent: IdentityAgent | None, stop: anyio.Event) -> str | None:
+    """None when ready; else why not, for /ready's 503."""
+    if stop.is_set():
+        return "draining"
+    if agent is None or agent.ready:
+        return None
+    if agent.expired:
+        return f"the certificate of {agent.identity} expired and was not renewed ({agent.last_failure or 'no answer'})"
+    waiting = f"no certificate yet for {agent.identity} from the identity service at {agent.config.service_address}"
+    return f"{waiting}; last failure: {agent.last_failure}" if agent.last_failure else waiting
 
 
 async def run_proxy(process: ProcessConfig) -> None:
     stop = anyio.Event()
     proxies = [build_role_proxy(role) for role in process.roles]
+    drivers = [ProxyDriver(proxy, name=role.name) for proxy, role in zip(proxies, process.roles, strict=True)]
     listeners = [await _listen(role.listen) for role in process.roles]
     admin_listener, admin_bound = await _listen(process.admin)
+    agent = build_identity_agent(process.identity) if process.identity is not None else None
     admin_server = AdminServer(
         lambda: merge([proxy.telemetry for proxy in proxies]),
-        ready=lambda: not stop.is_set(),
+        ready=lambda: readiness(agent, stop),
         shutdown=stop.set if process.shutdown_endpoint else None,
+        extra_metrics=lambda: identity_lines(agent.metrics()) if agent is not None else (),
     )
     for line in describe(process, [bound for _listener, bound in listeners]):
         print(f"tether {line}", flush=True)
@@ -69,11 +100,23 @@ async def run_proxy(process: ProcessConfig) -> None:
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(_stop_on_signal, stop, task_group.cancel_scope)
         task_group.start_soon(serve_http, admin_listener, admin_server)
+        if agent is not None and process.identity is not None:
+            task_group.start_soon(identity_driver(agent, process.identity.token_file, drivers).run)
         async with anyio.create_task_group() as roles:
-            for proxy, role, (listener, _bound) in zip(proxies, process.roles, listeners, strict=True):
-                roles.start_soon(partial(ProxyDriver(proxy, name=role.name).serve, listener, stop=stop))
+            for driver, (listener, _bound) in zip(drivers, listeners, strict=True):
+                roles.start_soon(partial(driver.serve, listener, stop=stop))
         task_group.cancel_scope.cancel()
     print("tether proxy stopped", flush=True)
+
+
+def identity_driver(agent: IdentityAgent, token_file: Path, drivers: list[ProxyDriver]) -> IdentityAgentDriver:
+    """The agent on sockets, handing every certificate (or its expiry) to each of ``drivers``' proxies."""
+
+    def apply(update: ControlUpdate) -> None:
+        for driver in drivers:
+            driver.control(update)
+
+    return IdentityAgentDriver(agent, token_file=token_file, apply=apply)
 
 
 async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope) -> None:

@@ -24,8 +24,10 @@ Environment (defaults in brackets):
   HARNESS   harness folder            [bench/../../shared/bench]
   VENV      peers venv                [bench/.venv-peers]  (not committed)
   OUT       results folder            [bench/results/<timestamp>]  (not committed)
-  SETUPS    setups to run             ["direct nginx haproxy envoy mitmproxy custom tetheropaque"]
-            (custom = tether; tetheropaque = tether with --protocol opaque, h1 and rate tests only)
+  SETUPS    setups to run             ["direct nginx haproxy envoy mitmproxy custom tetheropaque tethermesh"]
+            (custom = tether; tetheropaque = tether with --protocol opaque, h1 and rate tests only;
+             tethermesh = outbound tether -> mTLS -> inbound tether -> backend, bench/mesh.sh, h1 and rate;
+             tethermeshplain = the same pair without mTLS; not in the default list)
   PYTHON    python used for the fallback `-m tether.adapters.cli`  [python3]
   TETHER_ARGS  extra options for `tether proxy`  []
   SETUP     1 = install missing peers, 0 = never  [1]
@@ -56,7 +58,7 @@ done
 HARNESS=${HARNESS:-$HERE/../../shared/bench}
 VENV=${VENV:-$HERE/.venv-peers}
 OUT=${OUT:-$HERE/results/$(date +%Y%m%d-%H%M%S)}
-SETUPS=${SETUPS:-direct nginx haproxy envoy mitmproxy custom tetheropaque}
+SETUPS=${SETUPS:-direct nginx haproxy envoy mitmproxy custom tetheropaque tethermesh}
 PYTHON=${PYTHON:-python3}
 TETHER_ARGS=${TETHER_ARGS:-}
 
@@ -118,6 +120,11 @@ PROXY_CMD="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to \$UPSTREAM_HO
 # The same proxy with every connection an opaque TCP tunnel (Linkerd's opaque ports): the setup word
 # "tetheropaque" in SETUPS runs it through the h1 and rate tests.
 PROXY_CMD_tetheropaque="$TETHER proxy --listen \$LISTEN_HOST:\$LISTEN_PORT --to \$UPSTREAM_HOST:\$UPSTREAM_PORT --protocol opaque --admin 127.0.0.1:0"
+# The meshed path: an outbound proxy on LISTEN_PORT, mTLS to an inbound proxy in front of the backend, both
+# certified by a `tether identity serve` that bench/mesh.sh starts (setup word "tethermesh"; h1 and rate).
+PROXY_CMD_tethermesh="env TETHER=$(printf %q "$TETHER") bash $(printf %q "$HERE/mesh.sh")"
+# The same pair without identities (plaintext HTTP/2 between the proxies): what mTLS adds, by difference.
+PROXY_CMD_tethermeshplain="env MESH_MTLS=0 TETHER=$(printf %q "$TETHER") bash $(printf %q "$HERE/mesh.sh")"
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -125,6 +132,6 @@ echo "bench/run.sh: harness $HARNESS, peers $VENV, results $OUT" >&2
 echo "bench/run.sh: PROXY_CMD=$PROXY_CMD" >&2
 
 # HTTP/2 clients reach the backend's h2c port (--to-h2c), so the h2c test runs for tether too.
-export OUT VENV SETUPS PROXY_NAME=tether PROXY_CMD PROXY_CMD_tetheropaque PROXY_H2C=${PROXY_H2C:-1}
+export OUT VENV SETUPS PROXY_NAME=tether PROXY_CMD PROXY_CMD_tetheropaque PROXY_CMD_tethermesh PROXY_CMD_tethermeshplain PROXY_H2C=${PROXY_H2C:-1}
 cd "$HARNESS"
 exec bash ./run.sh

@@ -14,6 +14,7 @@ grpc-message (the gRPC over HTTP/2 spec), plus ``l5d-proxy-error``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 
@@ -155,7 +156,12 @@ def h1_response(status: int, headers: list[tuple[bytes, bytes]], *, close: bool)
     out = [(name, value) for name, value in headers if name != ORIG_PROTO and name != b"te"]
     if close:
         out.append((b"connection", b"close"))
-    return h11.Response(status_code=status, headers=out)
+    # HTTP/2 carries no reason phrase. An empty one is valid HTTP/1.1, but http-parser based clients (h2load,
+    # older Node) then never report the status and count the response as failed: write the standard phrase.
+    return h11.Response(status_code=status, headers=out, reason=_REASONS.get(status, b""))
+
+
+_REASONS = {int(status): status.phrase.encode("ascii") for status in HTTPStatus}
 
 
 def has_content_length(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -59,6 +59,25 @@ def test_demo_runs_with_full_success() -> None:
         assert service["rps"] > 0
         assert service["success_rate"] == 1.0
         assert service["p99_ms"] is not None
+    # mTLS is on by default: every request of each meshed hop came over mTLS, from the pod that calls it.
+    suffix = ".demo.serviceaccount.identity.linkerd.cluster.local"
+    assert report["mtls"] is True
+    for name, client in (("web", "loadgen"), ("backend", "web")):
+        service = report["services"][name]
+        assert service["identity"] == name + suffix
+        assert (service["mtls_share"], service["client_ids"]) == (1.0, [client + suffix])
+
+
+@pytest.mark.realsocket
+def test_demo_without_mtls_runs_plaintext_meshed_hops() -> None:
+    command = [*TETHER, "demo", "--duration", "2", "--rate", "20", "--json", "--no-mtls"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["mtls"] is False and report["load"]["failed"] == 0
+    for service in report["services"].values():
+        assert service["success_rate"] == 1.0
+        assert (service["identity"], service["mtls_share"], service["client_ids"]) == (None, 0.0, [])
 
 
 def test_sim_json_has_the_documented_fields() -> None:
