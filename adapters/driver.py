@@ -123,9 +123,9 @@ class ProxyDriver:
             if self._timer is not None:
                 self._timer.cancel()
 
-    def control(self, update: object) -> None:
-        """A control-plane input for the machine (certificates from the identity agent, say)."""
-        self._feed(None, self.proxy.control, update, self._clock_ns())  # type: ignore[arg-type]
+    def control(self, update: CertificateUpdate | CertificateExpired) -> None:
+        """A control-plane input for the machine (today: certificates from the identity agent)."""
+        self._feed(None, self.proxy.control, update, self._clock_ns())
 
     # ---------------------------------------------------------------- inputs
 
@@ -166,10 +166,6 @@ class ProxyDriver:
             return
         self._links[conn_id] = link
         self._feed(conn_id, self.proxy.connected, conn_id, self._clock_ns())
-
-    def control(self, update: CertificateUpdate | CertificateExpired) -> None:
-        """A control-plane input for the machine (today: certificates from the identity agent)."""
-        self._feed(None, self.proxy.control, update, self._clock_ns())
 
     def _feed(self, conn_id: int | None, method: Callable[..., None], *args: object) -> None:
         """Give the machine one input. A bug it raises costs that connection, never the process."""
