@@ -14,12 +14,17 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import h11
 
 from tether.core.address import Address
 from tether.core.proxy.errors import ProxyError
 from tether.core.proxy.telemetry import HttpLabels
+
+if TYPE_CHECKING:
+    from tether.core.proxy.balancing import Backend
+    from tether.core.traffic.balancer import Handle
 
 
 class ExchangeState(enum.Enum):
@@ -80,6 +85,11 @@ class Exchange:
     deferred_error: ProxyError | None = None
     discarded_bytes: int = 0
     labels: HttpLabels = HttpLabels("outbound", "", "")  # metric labels, set when the endpoint is known
+    # Endpoint choice (balancing.py): the backend asked, the handle held until the response head, or the
+    # request waiting in the backend's failfast queue.
+    backend: Backend | None = None
+    handle: Handle | None = None
+    awaiting_endpoint: bool = False
 
     def advance(self, step: Step) -> ExchangeState:
         try:

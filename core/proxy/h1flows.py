@@ -32,12 +32,15 @@ from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.effects import Connect, LogError
 from tether.core.proxy import http1
+from tether.core.proxy.balancing import HTTP, Backend, Leaseholder, error_outcome, http_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import StreamExchange
+from tether.core.traffic.balancer import Handle
+from tether.core.traffic.breaker import Outcome
 
 NS_PER_MS = 1_000_000
 
@@ -57,6 +60,9 @@ class H1Flows(ProxyParts):
         def _source_request_ended(self, exchange: StreamExchange, now_ns: int) -> None: ...
         def _abandon_stream(self, exchange: StreamExchange, code: int) -> None: ...
         def _sync_h1_source_reading(self, downstream: Downstream) -> None: ...
+        def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
+        def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
+        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
 
     # ---------------------------------------------------------------- client side
 
@@ -94,8 +100,9 @@ class H1Flows(ProxyParts):
         exchange = Exchange(self._new_id(), downstream.conn_id, forwarded, service, now_ns)
         self._exchanges[exchange.exchange_id] = exchange
         downstream.exchange_id = exchange.exchange_id
+        refusal = None
         if endpoint_set is not None and endpoint_set.endpoints:
-            exchange.endpoint = self._picker.pick(endpoint_set, self._rng)
+            refusal = self._h1_choose(exchange, endpoint_set)
         target_addr = str(exchange.endpoint) if exchange.endpoint is not None else ""
         exchange.labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
         self.telemetry.request_started(service, exchange.labels)
@@ -108,7 +115,32 @@ class H1Flows(ProxyParts):
             error = ProxyError(ProxyErrorKind.NO_ENDPOINTS, f"no endpoints for {authority or 'this request'}")
             self._fail_after_request(exchange, error, now_ns)
             return
-        self._dispatch(exchange, now_ns)
+        if refusal is not None:
+            self._fail_after_request(exchange, refusal, now_ns)
+        elif exchange.endpoint is not None:
+            self._dispatch(exchange, now_ns)
+        # else: it waits in the backend's failfast queue (``_h1_endpoint_ready`` or ``_h1_endpoint_refused``)
+
+    def _h1_choose(self, exchange: Exchange, endpoint_set: EndpointSet) -> ProxyError | None:
+        """Choose the exchange's endpoint (balancing.py); returns the error to answer with if refused."""
+        if self._picker is not None:
+            exchange.endpoint = self._picker.pick(endpoint_set, self._rng)
+            return None
+        backend = self._backend(endpoint_set.name, endpoint_set.endpoints, HTTP)
+        refusal = self._take_lease(exchange, exchange.exchange_id, backend)
+        if exchange.handle is not None:
+            exchange.endpoint = exchange.handle.endpoint
+        return refusal
+
+    def _h1_endpoint_ready(self, exchange: Exchange, handle: Handle) -> None:
+        """A request that waited in the failfast queue has an endpoint."""
+        exchange.endpoint = handle.endpoint
+        if exchange.live and exchange.state is ExchangeState.QUEUED and exchange.upstream_id is None:
+            self._dispatch(exchange, self._now_ns)
+
+    def _h1_endpoint_refused(self, exchange: Exchange, error: ProxyError) -> None:
+        if exchange.live:
+            self._fail_after_request(exchange, error, self._now_ns)
 
     def _request_started(self, downstream: Downstream, request: h11.Request, now_ns: int) -> None:
         """A request head: HTTP/1.1 all the way (exchange.py), or over HTTP/2 to a meshed peer (streams.py)."""
@@ -350,6 +382,8 @@ class H1Flows(ProxyParts):
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.advance(Step.RESPONSE_HEAD)
         exchange.response_status = response.status_code
+        if exchange.handle is not None:
+            self._drop_lease(exchange, exchange.exchange_id, http_outcome(response.status_code))
         latency_ms = (now_ns - exchange.started_ns) / NS_PER_MS
         self.telemetry.response_started(exchange.service, exchange.labels, response.status_code, latency_ms)
         downstream = self._downstream.get(exchange.downstream_id)
@@ -413,6 +447,7 @@ class H1Flows(ProxyParts):
     def _fail(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None:
         """Answer ``exchange`` with a proxy error response (its head has not gone out yet)."""
         assert not exchange.response_started, exchange.exchange_id
+        self._drop_lease(exchange, exchange.exchange_id, error_outcome(error))
         exchange.advance(Step.FAILED)
         self._detach_upstream(exchange)
         latency_ms = (now_ns - exchange.started_ns) / NS_PER_MS
@@ -478,6 +513,7 @@ class H1Flows(ProxyParts):
     def _abandon(self, exchange: Exchange, now_ns: int) -> None:
         """The exchange ends without a response reaching its client (the client left, or the endpoint died
         after the head went out)."""
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.CANCELLED)
         exchange.advance(Step.FAILED)
         self._exchanges.pop(exchange.exchange_id, None)
         self.telemetry.aborted(exchange.service)

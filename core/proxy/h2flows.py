@@ -30,16 +30,22 @@ import h2.events
 import h11
 from h2.errors import ErrorCodes
 
+from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.effects import LogError
 from tether.core.proxy import h2translate as tr
+from tether.core.proxy.balancing import H2C, HTTP, Backend, Leaseholder, error_outcome, grpc_outcome, http_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.streams import StreamExchange
+from tether.core.proxy.telemetry import HttpLabels
+from tether.core.traffic.balancer import Handle
+from tether.core.traffic.breaker import Outcome
 
 NS_PER_MS = 1_000_000
+NO_LABELS = HttpLabels("outbound", "", "")  # until the endpoint is chosen
 
 
 class H2Flows(ProxyParts):
@@ -54,6 +60,9 @@ class H2Flows(ProxyParts):
         def _sink_connection(self, exchange: StreamExchange) -> Upstream | None: ...
         def _sink_queued(self, exchange: StreamExchange) -> int: ...
         def _flush_h2(self, connection: Downstream | Upstream) -> None: ...
+        def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
+        def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
+        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
 
     def _h2_limits(self) -> H2Limits:
         config = self.config
@@ -164,27 +173,51 @@ class H2Flows(ProxyParts):
         endpoint_set: EndpointSet | None,
         now_ns: int,
     ) -> StreamExchange:
-        endpoint = downstream.fixed_endpoint
-        if endpoint is None and endpoint_set is not None and stream_id is not None and endpoint_set.h2c_endpoints:
-            endpoint = self._picker.pick(EndpointSet(endpoint_set.name, endpoint_set.h2c_endpoints), self._rng)
-        elif endpoint is None and endpoint_set is not None and endpoint_set.endpoints:
-            endpoint = self._picker.pick(endpoint_set, self._rng)
+        fixed = downstream.fixed_endpoint
         service = endpoint_set.name if endpoint_set is not None else (authority or "unknown")
-        if downstream.fixed_endpoint is not None:
-            service = str(endpoint)
-        meshed = endpoint_set is not None and endpoint_set.meshed_inbound_port is not None
-        tls = self.tls_labels(downstream, endpoint_set.identity if meshed and endpoint_set is not None else None)
-        labels = self.telemetry.http_labels(authority, str(endpoint) if endpoint is not None else "", tls)
+        if fixed is not None:
+            service = str(fixed)
         exchange = StreamExchange(
-            self._new_id(), downstream.conn_id, stream_id, head, service, now_ns, labels, head.is_grpc, endpoint
+            self._new_id(), downstream.conn_id, stream_id, head, service, now_ns, NO_LABELS, head.is_grpc, fixed
         )
+        exchange.endpoint_set = endpoint_set
         self._streams[exchange.exchange_id] = exchange
         if stream_id is None:
             downstream.exchange_id = exchange.exchange_id
         else:
             downstream.streams[stream_id] = exchange.exchange_id
-        self.telemetry.request_started(service, labels)
+        if fixed is None and endpoint_set is not None:
+            self._stream_choose(exchange, endpoint_set, h2c=stream_id is not None and bool(endpoint_set.h2c_endpoints))
+        endpoint = exchange.endpoint
+        meshed = endpoint_set is not None and endpoint_set.meshed_inbound_port is not None
+        tls = self.tls_labels(downstream, endpoint_set.identity if meshed and endpoint_set is not None else None)
+        exchange.labels = self.telemetry.http_labels(authority, str(endpoint) if endpoint is not None else "", tls)
+        self.telemetry.request_started(service, exchange.labels)
         return exchange
+
+    def _stream_choose(self, exchange: StreamExchange, endpoint_set: EndpointSet, *, h2c: bool) -> None:
+        """Choose the stream's endpoint (balancing.py): HTTP/2 clients' streams go to the set's h2c
+        endpoints when it names them. A refusal waits in ``exchange.refusal`` for ``_dispatch_stream``."""
+        endpoints = endpoint_set.h2c_endpoints if h2c else endpoint_set.endpoints
+        if not endpoints:
+            return
+        if self._picker is not None:
+            chosen = EndpointSet(endpoint_set.name, endpoints) if h2c else endpoint_set
+            exchange.endpoint = self._picker.pick(chosen, self._rng)
+            return
+        backend = self._backend(endpoint_set.name, endpoints, H2C if h2c else HTTP)
+        exchange.refusal = self._take_lease(exchange, exchange.exchange_id, backend)
+        if exchange.handle is not None:
+            exchange.endpoint = exchange.handle.endpoint
+
+    def _stream_endpoint_ready(self, exchange: StreamExchange, handle: Handle) -> None:
+        """A stream that waited in the failfast queue has an endpoint."""
+        exchange.endpoint = handle.endpoint
+        if not exchange.done:
+            self._dispatch_stream(exchange, exchange.endpoint_set)
+
+    def _stream_endpoint_refused(self, exchange: StreamExchange, error: ProxyError) -> None:
+        self._stream_fail(exchange, error)
 
     def _h2_downstream_lost(self, downstream: Downstream, reason: str, *, reset: bool) -> None:
         """The client connection ended or broke: every stream on it is abandoned."""
@@ -256,6 +289,8 @@ class H2Flows(ProxyParts):
             return
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.response_status = status
+        if exchange.handle is not None and not exchange.grpc:
+            self._drop_lease(exchange, exchange.exchange_id, http_outcome(status))
         latency_ms = (self._now_ns - exchange.started_ns) / NS_PER_MS
         self.telemetry.response_started(exchange.service, exchange.labels, status, latency_ms, count=not exchange.grpc)
         downstream = self._downstream.get(exchange.source_id)
@@ -320,7 +355,11 @@ class H2Flows(ProxyParts):
         within the windows it advertised (``_exchange_progress`` finishes it).
         """
         if exchange.grpc:
-            self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, tr.grpc_status(trailers))
+            grpc_status = tr.grpc_status(trailers)
+            self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, grpc_status)
+            if exchange.handle is not None:
+                outcome = grpc_outcome(exchange.response_status or 0, grpc_status)
+                self._drop_lease(exchange, exchange.exchange_id, outcome)
         exchange.response_ended = True
         if self._source_queued(exchange) == 0:
             self._finish_stream(exchange)
@@ -342,9 +381,10 @@ class H2Flows(ProxyParts):
         if exchange.done:
             return
         assert not exchange.response_started, exchange.exchange_id
+        self._drop_lease(exchange, exchange.exchange_id, error_outcome(error))
         self._deadlines.cancel(("response", exchange.exchange_id))
         latency_ms = (self._now_ns - exchange.started_ns) / NS_PER_MS
-        grpc_code = tr.GRPC_STATUS_FOR.get(error.kind, tr.GRPC_UNAVAILABLE) if exchange.grpc else None
+        grpc_code = tr.grpc_code_for(error) if exchange.grpc else None
         status = 200 if exchange.grpc and exchange.source_stream is not None else error.status
         self.telemetry.response_started(exchange.service, exchange.labels, status, latency_ms, count=False)
         self.telemetry.response_finished(exchange.labels, status, grpc_code)
@@ -388,6 +428,7 @@ class H2Flows(ProxyParts):
         if exchange.done:
             return
         self._effects.append(LogError(conn_id=exchange.source_id, message=f"{reason}; resetting the client's stream"))
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.FAILURE)  # the endpoint broke mid-response
         self._reset_source(exchange, code)
         self._abandon_stream(exchange, code)
 
@@ -426,6 +467,7 @@ class H2Flows(ProxyParts):
         return source.h2.queued_bytes(exchange.source_stream)
 
     def _forget_stream(self, exchange: StreamExchange) -> None:
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.CANCELLED)  # whatever is still held
         exchange.done = True
         self._credit_all(exchange)
         self._streams.pop(exchange.exchange_id, None)

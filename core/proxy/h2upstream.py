@@ -32,12 +32,14 @@ from tether.core.discovery import EndpointSet
 from tether.core.effects import Connect
 from tether.core.proxy import h2translate as tr
 from tether.core.proxy import http1, transport_header
+from tether.core.proxy.balancing import Leaseholder
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import H2Pool, StreamExchange
+from tether.core.traffic.breaker import Outcome
 
 NS_PER_MS = 1_000_000
 
@@ -67,11 +69,17 @@ class H2Upstream(ProxyParts):
         def _exchange_progress(self, exchange: StreamExchange) -> None: ...
         def _credit_all(self, exchange: StreamExchange) -> None: ...
         def _sync_h1_source_reading(self, downstream: Downstream) -> None: ...
+        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
 
     # ---------------------------------------------------------------- where a stream goes
 
     def _dispatch_stream(self, exchange: StreamExchange, endpoint_set: EndpointSet | None) -> None:
         endpoint = exchange.endpoint
+        if endpoint is None and exchange.refusal is not None:
+            self._stream_fail(exchange, exchange.refusal)
+            return
+        if endpoint is None and exchange.awaiting_endpoint:
+            return  # in the backend's failfast queue: _stream_endpoint_ready dispatches it
         if endpoint is None:
             reason = f"no endpoints for {exchange.labels.authority or 'this request'}"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.NO_ENDPOINTS, reason))
@@ -317,6 +325,7 @@ class H2Upstream(ProxyParts):
             exchange.sink_id = None
             return
         exchange.sink_id = None  # the stream is gone on that side; nothing to reset back
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.FAILURE)  # no-op once the verdict is in
         if not exchange.response_started and exchange.source_stream is None:
             reason = f"{exchange.endpoint} reset the stream (HTTP/2 error code {code})"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))

@@ -27,10 +27,11 @@ import random
 import h11
 
 from tether.core.address import Address
-from tether.core.balance import Picker, RoundRobin
+from tether.core.balance import Picker
 from tether.core.config import ProxyConfig
 from tether.core.discovery import Resolver
 from tether.core.effects import Close, Effect, Send, SetReading
+from tether.core.proxy.balancing import Balancing
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState
@@ -45,12 +46,14 @@ from tether.core.proxy.streams import H2Pool, StreamExchange
 from tether.core.proxy.telemetry import NO_TLS_LABEL, Telemetry
 from tether.core.proxy.tunnel import TunnelFlows
 from tether.core.timers import Deadlines
+from tether.core.traffic.breaker import Outcome
+from tether.core.traffic.route_config import RouteConfig
 
 NS_PER_MS = 1_000_000
 MERGE_LIMIT = 16 * 1024  # consecutive Sends to one connection merge up to this size; larger ones stay apart
 
 
-class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
+class Proxy(MeshTls, Balancing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
     """All connections of one proxy; see the module docstring."""
 
     def __init__(
@@ -61,12 +64,14 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         *,
         picker: Picker | None = None,
         direction: str = "outbound",
+        routes: RouteConfig | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver
         self.telemetry = Telemetry(direction=direction)
         self._rng = rng
-        self._picker: Picker = picker if picker is not None else RoundRobin()
+        # An explicit picker replaces the balancers (balancing.py): stateless choice, no failfast, no breaker.
+        self._picker: Picker | None = picker
         self._effects: list[Effect] = []
         self._last_id = 0
         self._downstream: dict[int, Downstream] = {}
@@ -80,6 +85,8 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         self._draining = False
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
         self._init_mtls()
+        self._init_balancing(config.balancer, config.breaker_consecutive_failures, direction == "inbound")
+        self.routes = routes
 
     @property
     def stats(self) -> ProxyStats:
@@ -267,6 +274,8 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
                 self._detect_timed_out(ident, now_ns)
             elif kind == "ping":
                 self._ping_due(ident, now_ns)
+            elif kind == "backend":
+                self._backend_timer(ident, now_ns)
 
     def shutdown(self, now_ns: int) -> None:
         """Stop taking requests: close idle client connections now, busy ones after their response."""
@@ -378,6 +387,10 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
 
     def _forget_downstream(self, downstream: Downstream) -> None:
         del self._downstream[downstream.conn_id]
+        if downstream.backend is not None:  # an opaque tunnel's endpoint, held for the connection's life
+            upstream = self._upstream.get(downstream.tunnel_upstream_id or -1)
+            connecting = upstream is not None and upstream.state is UpstreamState.CONNECTING
+            self._drop_lease(downstream, downstream.conn_id, Outcome.CANCELLED if connecting else Outcome.SUCCESS)
         self._tls_forget(downstream.conn_id)
         for kind in ("idle", "detect", "ping"):
             self._deadlines.cancel((kind, downstream.conn_id))

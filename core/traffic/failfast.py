@@ -190,6 +190,12 @@ class FailfastQueue:
     def state(self) -> QueueState:
         return self._state
 
+    @property
+    def idle(self) -> bool:
+        """SERVING with nobody waiting: ``submit`` would go straight to the balancer (a cheap check for the
+        proxy's hot path, which then calls ``acquire`` itself)."""
+        return self._state is QueueState.SERVING and not self._waiting
+
     def waiting(self) -> list[int]:
         """The waiting request ids, oldest first."""
         return list(self._waiting)
