@@ -6,6 +6,7 @@ connection; the pair of ids is all it knows of them. Its life is a small table (
 
     QUEUED --bound--> SENDING --request_done--> AWAITING --response_head--> RESPONDING --response_done--> DONE
     SENDING --response_head--> RESPONDING          (an endpoint may answer before the upload ends)
+    QUEUED | SENDING | AWAITING --retry--> BACKOFF --redispatch--> QUEUED   (a route's retry, h1traffic.py)
     any live state --failed--> FAILED
 """
 
@@ -24,6 +25,7 @@ from tether.core.proxy.telemetry import HttpLabels
 
 if TYPE_CHECKING:
     from tether.core.proxy.balancing import Backend
+    from tether.core.proxy.routing import RouteState
     from tether.core.traffic.balancer import Handle
 
 
@@ -32,6 +34,7 @@ class ExchangeState(enum.Enum):
     SENDING = "sending"  # the request head went upstream; body bytes still arriving
     AWAITING = "awaiting"  # the whole request went upstream; the response timeout runs
     RESPONDING = "responding"  # the response head went to the client; body streaming
+    BACKOFF = "backoff"  # an attempt failed and is retried after the backoff (no upstream connection)
     DONE = "done"
     FAILED = "failed"
 
@@ -41,6 +44,8 @@ class Step(enum.Enum):
     REQUEST_DONE = "request_done"
     RESPONSE_HEAD = "response_head"
     RESPONSE_DONE = "response_done"
+    RETRY = "retry"
+    REDISPATCH = "redispatch"
     FAILED = "failed"
 
 
@@ -52,12 +57,17 @@ TRANSITIONS: dict[tuple[ExchangeState, Step], ExchangeState] = {
     (_S.AWAITING, Step.RESPONSE_HEAD): _S.RESPONDING,
     (_S.RESPONDING, Step.REQUEST_DONE): _S.RESPONDING,
     (_S.RESPONDING, Step.RESPONSE_DONE): _S.DONE,
+    (_S.QUEUED, Step.RETRY): _S.BACKOFF,
+    (_S.SENDING, Step.RETRY): _S.BACKOFF,
+    (_S.AWAITING, Step.RETRY): _S.BACKOFF,
+    (_S.BACKOFF, Step.REDISPATCH): _S.QUEUED,
+    (_S.BACKOFF, Step.FAILED): _S.FAILED,
     (_S.QUEUED, Step.FAILED): _S.FAILED,
     (_S.SENDING, Step.FAILED): _S.FAILED,
     (_S.AWAITING, Step.FAILED): _S.FAILED,
     (_S.RESPONDING, Step.FAILED): _S.FAILED,
 }
-LIVE_STATES = frozenset({_S.QUEUED, _S.SENDING, _S.AWAITING, _S.RESPONDING})
+LIVE_STATES = frozenset({_S.QUEUED, _S.SENDING, _S.AWAITING, _S.RESPONDING, _S.BACKOFF})
 
 
 class ExchangeStateError(AssertionError):
@@ -90,6 +100,7 @@ class Exchange:
     backend: Backend | None = None
     handle: Handle | None = None
     awaiting_endpoint: bool = False
+    route: RouteState | None = None  # set when a route rule matched (routing.py, h1traffic.py)
 
     def advance(self, step: Step) -> ExchangeState:
         try:

@@ -34,21 +34,20 @@ from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.effects import LogError
 from tether.core.proxy import h2translate as tr
-from tether.core.proxy.balancing import H2C, HTTP, Backend, Leaseholder, error_outcome, grpc_outcome, http_outcome
+from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome, grpc_outcome, http_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
-from tether.core.proxy.parts import ProxyParts
+from tether.core.proxy.h2traffic import H2Traffic
 from tether.core.proxy.streams import StreamExchange
 from tether.core.proxy.telemetry import HttpLabels
-from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
 
 NS_PER_MS = 1_000_000
 NO_LABELS = HttpLabels("outbound", "", "")  # until the endpoint is chosen
 
 
-class H2Flows(ProxyParts):
+class H2Flows(H2Traffic):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _next_request(self, downstream: Downstream, now_ns: int) -> None: ...
@@ -186,38 +185,19 @@ class H2Flows(ProxyParts):
             downstream.exchange_id = exchange.exchange_id
         else:
             downstream.streams[stream_id] = exchange.exchange_id
-        if fixed is None and endpoint_set is not None:
-            self._stream_choose(exchange, endpoint_set, h2c=stream_id is not None and bool(endpoint_set.h2c_endpoints))
+        chosen = endpoint_set if fixed is None else None
+        h2c = chosen is not None and stream_id is not None and bool(chosen.h2c_endpoints)
+        if self._traffic_on:  # routes (outbound) or a rate limit (inbound): h2traffic.py
+            chosen = self._stream_traffic_start(downstream, exchange, authority, chosen)
+            h2c = h2c and exchange.route is None
+        if chosen is not None:
+            self._stream_choose(exchange, chosen, h2c=h2c)
         endpoint = exchange.endpoint
         meshed = endpoint_set is not None and endpoint_set.meshed_inbound_port is not None
         tls = self.tls_labels(downstream, endpoint_set.identity if meshed and endpoint_set is not None else None)
         exchange.labels = self.telemetry.http_labels(authority, str(endpoint) if endpoint is not None else "", tls)
         self.telemetry.request_started(service, exchange.labels)
         return exchange
-
-    def _stream_choose(self, exchange: StreamExchange, endpoint_set: EndpointSet, *, h2c: bool) -> None:
-        """Choose the stream's endpoint (balancing.py): HTTP/2 clients' streams go to the set's h2c
-        endpoints when it names them. A refusal waits in ``exchange.refusal`` for ``_dispatch_stream``."""
-        endpoints = endpoint_set.h2c_endpoints if h2c else endpoint_set.endpoints
-        if not endpoints:
-            return
-        if self._picker is not None:
-            chosen = EndpointSet(endpoint_set.name, endpoints) if h2c else endpoint_set
-            exchange.endpoint = self._picker.pick(chosen, self._rng)
-            return
-        backend = self._backend(endpoint_set.name, endpoints, H2C if h2c else HTTP)
-        exchange.refusal = self._take_lease(exchange, exchange.exchange_id, backend)
-        if exchange.handle is not None:
-            exchange.endpoint = exchange.handle.endpoint
-
-    def _stream_endpoint_ready(self, exchange: StreamExchange, handle: Handle) -> None:
-        """A stream that waited in the failfast queue has an endpoint."""
-        exchange.endpoint = handle.endpoint
-        if not exchange.done:
-            self._dispatch_stream(exchange, exchange.endpoint_set)
-
-    def _stream_endpoint_refused(self, exchange: StreamExchange, error: ProxyError) -> None:
-        self._stream_fail(exchange, error)
 
     def _h2_downstream_lost(self, downstream: Downstream, reason: str, *, reset: bool) -> None:
         """The client connection ended or broke: every stream on it is abandoned."""
@@ -287,6 +267,11 @@ class H2Flows(ProxyParts):
     ) -> None:
         if exchange.done:
             return
+        if exchange.route is not None:
+            routed = self._stream_routed_head(exchange, status, headers, ended=ended)
+            if routed is None:
+                return  # discarded: the request is retried (h2traffic.py)
+            headers = routed
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.response_status = status
         if exchange.handle is not None and not exchange.grpc:
@@ -324,6 +309,8 @@ class H2Flows(ProxyParts):
         downstream = self._downstream.get(exchange.source_id)
         if downstream is None or exchange.done or not data:
             return
+        if exchange.route is not None:
+            self._stream_activity(exchange)
         if exchange.source_stream is not None:
             assert downstream.h2 is not None
             downstream.h2.send_data(exchange.source_stream, data)
@@ -381,6 +368,8 @@ class H2Flows(ProxyParts):
         if exchange.done:
             return
         assert not exchange.response_started, exchange.exchange_id
+        if exchange.route is not None and self._stream_failed_attempt(exchange, error):
+            return  # retried (h2traffic.py)
         self._drop_lease(exchange, exchange.exchange_id, error_outcome(error))
         self._deadlines.cancel(("response", exchange.exchange_id))
         latency_ms = (self._now_ns - exchange.started_ns) / NS_PER_MS
@@ -468,6 +457,8 @@ class H2Flows(ProxyParts):
 
     def _forget_stream(self, exchange: StreamExchange) -> None:
         self._drop_lease(exchange, exchange.exchange_id, Outcome.CANCELLED)  # whatever is still held
+        if exchange.route is not None:
+            self._stream_exchange_over(exchange)
         exchange.done = True
         self._credit_all(exchange)
         self._streams.pop(exchange.exchange_id, None)

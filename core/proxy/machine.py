@@ -41,6 +41,7 @@ from tether.core.proxy.h2flows import H2Flows
 from tether.core.proxy.h2upstream import H2Upstream
 from tether.core.proxy.mtls import LOOPBACK, CertificateExpired, CertificateUpdate, MeshTls
 from tether.core.proxy.pool import EndpointPool
+from tether.core.proxy.routing import RoutesUpdated, Routing
 from tether.core.proxy.stats import ProxyStats
 from tether.core.proxy.streams import H2Pool, StreamExchange
 from tether.core.proxy.telemetry import NO_TLS_LABEL, Telemetry
@@ -53,7 +54,7 @@ NS_PER_MS = 1_000_000
 MERGE_LIMIT = 16 * 1024  # consecutive Sends to one connection merge up to this size; larger ones stay apart
 
 
-class Proxy(MeshTls, Balancing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
+class Proxy(MeshTls, Balancing, Routing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
     """All connections of one proxy; see the module docstring."""
 
     def __init__(
@@ -86,7 +87,8 @@ class Proxy(MeshTls, Balancing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
         self._init_mtls()
         self._init_balancing(config.balancer, config.breaker_consecutive_failures, direction == "inbound")
-        self.routes = routes
+        self._mirror_tickets: dict[int, list[int]] = {}
+        self._init_routing(routes, 0)
 
     @property
     def stats(self) -> ProxyStats:
@@ -248,11 +250,13 @@ class Proxy(MeshTls, Balancing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         elif upstream is not None:
             self._upstream_broke(upstream, "connection to endpoint was reset", now_ns, already_closed=True)
 
-    def control(self, update: CertificateUpdate | CertificateExpired, now_ns: int) -> None:
-        """A control-plane event: today our certificate (mtls.py); discovery and policy will join it."""
+    def control(self, update: CertificateUpdate | CertificateExpired | RoutesUpdated, now_ns: int) -> None:
+        """A control-plane event: our certificate (mtls.py), or the routes (routing.py); discovery will join."""
         self._now_ns = now_ns
         if isinstance(update, CertificateUpdate):
             self._certificate_update(update, now_ns)
+        elif isinstance(update, RoutesUpdated):
+            self._set_routes(update.routes, now_ns)
         else:
             self._certificate_expired(update)
 
@@ -276,6 +280,8 @@ class Proxy(MeshTls, Balancing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
                 self._ping_due(ident, now_ns)
             elif kind == "backend":
                 self._backend_timer(ident, now_ns)
+            elif kind == "route":
+                self._route_timer(ident)
 
     def shutdown(self, now_ns: int) -> None:
         """Stop taking requests: close idle client connections now, busy ones after their response."""
@@ -362,6 +368,15 @@ class Proxy(MeshTls, Balancing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         timeout_ms = self.config.response_timeout_ns // NS_PER_MS
         reason = f"{exchange.endpoint} did not answer within {timeout_ms} ms"
         self._fail(exchange, ProxyError(ProxyErrorKind.RESPONSE_TIMEOUT, reason), now_ns)
+
+    def _route_timer(self, request_id: int) -> None:
+        exchange = self._exchanges.get(request_id)
+        if exchange is not None:
+            self._h1_route_timer(exchange)
+            return
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._stream_route_timer(stream)
 
     def _drain_expired(self, now_ns: int) -> None:
         for downstream in list(self._downstream.values()):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from tether.core.discovery import EndpointSet
     from tether.core.proxy.balancing import Backend
     from tether.core.proxy.errors import ProxyError
+    from tether.core.proxy.routing import RouteState
     from tether.core.traffic.balancer import Handle
 
 
@@ -61,7 +62,8 @@ class StreamExchange:
     backend: Backend | None = None
     handle: Handle | None = None
     awaiting_endpoint: bool = False
-    refusal: ProxyError | None = None  # the failfast queue refused it at once: answered by _dispatch_stream
+    refusal: ProxyError | None = None  # refused before dispatch (failfast, a route): answered by _dispatch_stream
+    route: RouteState | None = None  # set when a route rule matched (routing.py, h2traffic.py)
 
     @property
     def response_started(self) -> bool:

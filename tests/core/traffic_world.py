@@ -34,6 +34,9 @@ class Behaviour:
     silent: bool = False  # requests are read and never answered
     body: bytes = b"ok"
     headers: tuple[tuple[str, str], ...] = ()
+    failures_left: int = 0  # the next this-many requests get failure_status, then ``status``
+    failure_status: int = 503
+    silent_left: int = 0  # the next this-many requests are never answered
 
 
 class MutableResolver:
@@ -175,20 +178,30 @@ class World:
                 self.bodies_seen[address][-1] += bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 behaviour = self.behaviour.setdefault(address, Behaviour())
+                if behaviour.silent_left:
+                    behaviour.silent_left -= 1
+                    return
+                status = behaviour.status
+                if behaviour.failures_left:
+                    behaviour.failures_left -= 1
+                    status = behaviour.failure_status
                 if not behaviour.silent:
-                    self.at(self.now_ns + behaviour.latency_ns, lambda c=conn_id, b=behaviour: self._respond(c, b))
+                    self.at(
+                        self.now_ns + behaviour.latency_ns,
+                        lambda c=conn_id, b=behaviour, s=status: self._respond(c, b, s),
+                    )
                 return
             else:
                 return
 
-    def _respond(self, conn_id: int, behaviour: Behaviour) -> None:
+    def _respond(self, conn_id: int, behaviour: Behaviour, status: int) -> None:
         if conn_id not in self._upstream or conn_id in self._closed:
             return
         _address, parser = self._upstream[conn_id]
         if parser.our_state is not h11.SEND_RESPONSE:
             return
         headers = [("content-length", str(len(behaviour.body))), *behaviour.headers]
-        data = parser.send(h11.Response(status_code=behaviour.status, headers=headers))
+        data = parser.send(h11.Response(status_code=status, headers=headers))
         data += parser.send(h11.Data(data=behaviour.body)) + parser.send(h11.EndOfMessage())
         parser.start_next_cycle()
         self.proxy.received(conn_id, data, self.now_ns)
