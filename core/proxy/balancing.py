@@ -182,14 +182,9 @@ class Balancing(ProxyParts):
 
     def _admit(self, request_id: int, backend: Backend) -> Handle | Rejected | None:
         """An endpoint for ``request_id``: a Handle now, None (it waits in the queue), or Rejected."""
-        queue = backend.queue
-        if queue.idle:  # the common case, without the queue's bookkeeping
-            handle = backend.balancer.acquire(self._now_ns)
-            if handle is not None:
-                return handle
         mine: QueueOutput | None = None
         others: list[QueueOutput] = []
-        for output in queue.submit(request_id, self._now_ns):
+        for output in backend.queue.submit(request_id, self._now_ns):
             if output.request_id == request_id:
                 mine = output
             else:
@@ -203,6 +198,11 @@ class Balancing(ProxyParts):
         """Ask ``backend`` for an endpoint for ``holder``: sets its handle (and returns None), leaves it
         waiting (``awaiting_endpoint``, None), or returns the error to answer it with."""
         holder.backend = backend
+        if backend.queue.idle:  # the common case, without the queue's bookkeeping
+            handle = backend.balancer.acquire(self._now_ns)
+            if handle is not None:
+                holder.handle = handle
+                return None
         admitted = self._admit(request_id, backend)
         if admitted is None:
             holder.awaiting_endpoint = True

@@ -32,7 +32,7 @@ from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.effects import Connect, LogError
 from tether.core.proxy import http1
-from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome, http_outcome
+from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
@@ -380,7 +380,8 @@ class H1Flows(H1Traffic):
         exchange.advance(Step.RESPONSE_HEAD)
         exchange.response_status = response.status_code
         if exchange.handle is not None:
-            self._drop_lease(exchange, exchange.exchange_id, http_outcome(response.status_code))
+            verdict = Outcome.FAILURE if response.status_code >= 500 else Outcome.SUCCESS  # balancing.http_outcome
+            self._drop_lease(exchange, exchange.exchange_id, verdict)
         latency_ms = (now_ns - exchange.started_ns) / NS_PER_MS
         self.telemetry.response_started(exchange.service, exchange.labels, response.status_code, latency_ms)
         downstream = self._downstream.get(exchange.downstream_id)

@@ -244,10 +244,22 @@ class Balancer:
         return self._start(entry, now_ns, may_probe=True)
 
     def acquire(self, now_ns: int) -> Handle | None:
-        """``pick`` and ``started`` in one step; None if no endpoint is ready."""
+        """``pick`` and ``started`` in one step; None if no endpoint is ready.
+
+        The proxy calls this once per request: the common case (a READY endpoint) is written out here rather
+        than through ``_pick_entry`` and ``_start``, which it matches.
+        """
         self._advance(now_ns)
-        entry, probe = self._pick_entry(now_ns)
-        return None if entry is None else self._start(entry, now_ns, may_probe=probe)
+        ready, probes = self._eligible()
+        if probes:
+            return self._start(probes[0], now_ns, may_probe=True)
+        if not ready:
+            return None
+        entry = ready[0] if len(ready) == 1 else self._choose(ready, now_ns)
+        entry.pending += 1
+        self._last_handle_id += 1
+        self._open_handles.add(self._last_handle_id)
+        return Handle(entry.address, self._last_handle_id, now_ns, False)
 
     def _pick_entry(self, now_ns: int) -> tuple[_Endpoint | None, bool]:
         """The endpoint to choose, and whether it is a probe (a PROBING endpoint goes first)."""
@@ -366,10 +378,11 @@ class Balancer:
         if self._now_ns is not None and now_ns < self._now_ns:
             raise BalancerUsageError(f"time went backwards: {now_ns} after {self._now_ns}")
         self._now_ns = now_ns
-        if self._breaker is not None:
-            deadline_ns = self._breaker.next_deadline_ns()
+        breaker = self._breaker
+        if breaker is not None and breaker.has_deadlines:
+            deadline_ns = breaker.next_deadline_ns()
             if deadline_ns is not None and deadline_ns <= now_ns:
-                self._breaker.on_timer(now_ns)
+                breaker.on_timer(now_ns)
 
     def _new_endpoint(self, address: Address, weight: int, total_weight: int, now_ns: int) -> _Endpoint:
         ewma = PeakEwma(initial_ns=self.config.default_rtt_ns, decay_ns=self.config.decay_ns, now_ns=now_ns)
@@ -387,9 +400,10 @@ class Balancer:
 
     def _eligible(self) -> tuple[list[_Endpoint], list[_Endpoint]]:
         breaker = self._breaker
-        key = (self._version, breaker.version if breaker is not None else 0)
-        if key != self._cache_key:
-            self._cache_key = key
+        breaker_version = breaker.version if breaker is not None else 0
+        # Compared field by field: building a key tuple on every pick costs more than the comparison.
+        if self._cache_key is None or self._cache_key[0] != self._version or self._cache_key[1] != breaker_version:
+            self._cache_key = (self._version, breaker_version)
             live = [entry for entry in self._endpoints.values() if entry.available and not entry.draining]
             if breaker is None:
                 self._ready, self._probes = live, []
