@@ -30,8 +30,9 @@ proxy itself for reasons that say nothing about the endpoint, is CANCELLED (no v
 Timers: a backend's queue deadline (the oldest waiting request's failfast timeout, or an ejected
 endpoint's backoff) is armed in the proxy's deadline heap as ``("backend", key)`` whenever it changes.
 
-Limits: at most ``MAX_BACKENDS`` backends; past that the least recently used idle one (nothing in flight,
-nothing waiting) is forgotten and starts afresh if named again. Each balancer keeps at most 10,000
+Limits: at most ``MAX_BACKENDS`` backends; past that the oldest idle one (nothing in flight, nothing
+waiting) is forgotten and starts afresh if named again (oldest by creation: keeping a recency order would
+cost every request a dictionary move). Each balancer keeps at most 10,000
 endpoints and each queue ``failfast_queue_capacity`` waiting requests.
 
 Passing ``picker=`` to ``Proxy`` bypasses all of this (the older seam, round robin without state): no
@@ -43,7 +44,7 @@ This class holds only methods; the state lives in the ``Proxy`` that inherits it
 from __future__ import annotations
 
 import random
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from tether.core.address import Address
@@ -113,7 +114,7 @@ def refusal_error(rejected: Rejected) -> ProxyError:
 
 
 class Balancing(ProxyParts):
-    _backends: OrderedDict[tuple[str, str], Backend]
+    _backends: dict[tuple[str, str], Backend]
     _balancer_configs: dict[str, BalancerConfig]
     _queue_config: QueueConfig
 
@@ -140,7 +141,7 @@ class Balancing(ProxyParts):
         self._queue_config = QueueConfig(
             capacity=self.config.failfast_queue_capacity, failfast_timeout_ns=self.config.failfast_timeout_ns
         )
-        self._backends = OrderedDict()
+        self._backends = {}
 
     # ---------------------------------------------------------------- backends
 
@@ -150,8 +151,6 @@ class Balancing(ProxyParts):
         backend = self._backends.get(key)
         if backend is None:
             backend = self._new_backend(key)
-        else:
-            self._backends.move_to_end(key)
         if backend.endpoints is not endpoints and backend.endpoints != endpoints:
             backend.endpoints = endpoints
             # Weights: an endpoint listed twice takes twice the share (the static resolver has no weights).

@@ -23,6 +23,7 @@ live in one ``Deadlines`` heap; the driver calls ``on_timer`` when ``next_deadli
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import h11
 
@@ -48,7 +49,9 @@ from tether.core.proxy.telemetry import NO_TLS_LABEL, Telemetry
 from tether.core.proxy.tunnel import TunnelFlows
 from tether.core.timers import Deadlines
 from tether.core.traffic.breaker import Outcome
-from tether.core.traffic.route_config import RouteConfig
+
+if TYPE_CHECKING:  # route_config.py pulls in the YAML parser, which the running proxy never needs
+    from tether.core.traffic.route_config import RouteConfig
 
 NS_PER_MS = 1_000_000
 MERGE_LIMIT = 16 * 1024  # consecutive Sends to one connection merge up to this size; larger ones stay apart

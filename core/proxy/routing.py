@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tether.core.address import parse_authority
 from tether.core.discovery import EndpointSet
@@ -53,7 +54,6 @@ from tether.core.traffic.retry import (
     should_retry,
     spend_budget,
 )
-from tether.core.traffic.route_config import RouteConfig
 from tether.core.traffic.routes import (
     UNMATCHED_NOT_FOUND,
     BackendRef,
@@ -64,6 +64,9 @@ from tether.core.traffic.routes import (
     choose_backend,
 )
 from tether.core.traffic.timeouts import NO_TIMEOUTS, ProxyAnswer, RequestTimers, TimeoutKind, timeout_answer
+
+if TYPE_CHECKING:  # route_config.py pulls in the YAML parser, which the running proxy never needs
+    from tether.core.traffic.route_config import RouteConfig
 
 MAX_ROUTE_TABLES = 1024
 ANSWER_KINDS = {

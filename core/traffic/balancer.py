@@ -250,7 +250,15 @@ class Balancer:
         than through ``_pick_entry`` and ``_start``, which it matches.
         """
         self._advance(now_ns)
-        ready, probes = self._eligible()
+        breaker = self._breaker
+        cache_key = self._cache_key
+        if (
+            cache_key is None
+            or cache_key[0] != self._version
+            or cache_key[1] != (breaker.version if breaker is not None else 0)
+        ):
+            self._eligible()
+        ready, probes = self._ready, self._probes
         if probes:
             return self._start(probes[0], now_ns, may_probe=True)
         if not ready:
