@@ -21,7 +21,7 @@ import click
 
 from tether.adapters.identity_cli import identity
 from tether.core.address import Address, AddressError
-from tether.core.config import PROTOCOLS
+from tether.core.config import BALANCERS, PROTOCOLS
 from tether.core.config_file import ConfigFileError
 
 EXIT_FAILED = 1
@@ -102,7 +102,7 @@ def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Call
     "to",
     default=None,
     metavar="HOST:PORT[,HOST:PORT...]",
-    help="With --listen: endpoints for every request (round robin for now).",
+    help="With --listen: endpoints for every request (balanced by --balancer).",
 )
 @click.option(
     "--to-h2c",
@@ -127,6 +127,20 @@ def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Call
     help="http1: HTTP/1.1, or HTTP/2 if the client opens with its preface; detect: HTTP/2 or HTTP/1.1 if "
     "the client speaks it, else an opaque TCP tunnel; opaque: every connection is a TCP tunnel.  "
     "[default: http1 with --listen, else detect]",
+)
+@click.option(
+    "--routes",
+    "routes_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML with HTTPRoute, GRPCRoute, ServiceProfile and HTTPLocalRateLimitPolicy documents: weighted "
+    "backends, retries, timeouts, faults, mirrors, rate limits (docs/traffic.md).",
+)
+@click.option(
+    "--balancer",
+    type=click.Choice(BALANCERS),
+    default=None,
+    help="How requests choose among a service's endpoints.  [default: p2c-ewma]",
 )
 @_ms_option("--connect-timeout-ms", "Upstream connect timeout (504).  [default: 1000]")
 @_ms_option(
@@ -159,6 +173,8 @@ def proxy(
     identity_svc_addr: str | None,
     identity_trust_anchors: str | None,
     identity_token_file: str | None,
+    routes_path: str | None,
+    balancer: str | None,
     **timeouts: int | None,
 ) -> None:
     """Run the proxy: outbound (127.0.0.1:4140) and inbound (0.0.0.0:4143) roles, or --listen/--to.
@@ -181,6 +197,8 @@ def proxy(
     if to_h2c is not None and listen is None:
         raise click.UsageError("--to-h2c goes with --listen and --to")
     flag_limits: dict[str, Any] = {key: value for key, value in timeouts.items() if value is not None}
+    if balancer is not None:
+        flag_limits["balancer"] = balancer
     if protocol is not None:
         flag_limits["protocol"] = protocol
     elif listen is not None:
@@ -200,6 +218,7 @@ def proxy(
                 "trust_anchors": identity_trust_anchors,
                 "token_file": identity_token_file,
             },
+            routes_path=routes_path,
         )
     except ConfigFileError as error:
         click.echo(f"tether proxy: {error}", err=True)

@@ -4,6 +4,7 @@ Later sources win: defaults < ``--config FILE`` < environment < command-line fla
 where the value came from (the file and field, or the variable) and what to write instead.
 
     admin: 127.0.0.1:4191            # Linkerd's admin port
+    routes: routes.yaml              # HTTPRoute/GRPCRoute/ServiceProfile/rate limits (docs/traffic.md)
     shutdown_endpoint: false
     limits: {connect_timeout_ms: 1000, protocol: detect, ...}   # every role; keys in docs/configuration.md
     outbound:                          # the application's outgoing traffic; default 127.0.0.1:4140
@@ -45,12 +46,14 @@ from tether.core.config_file import (
     read_proxy_config,
 )
 from tether.core.identity.names import IdentityNameError, check_dns_name
+from tether.core.traffic.route_config import RouteConfig, load_route_yaml
 
 ENV_PREFIX = "TETHER_PROXY_"
 DEFAULT_ADMIN = Address("127.0.0.1", 4191)
 DEFAULT_OUTBOUND = Address("127.0.0.1", 4140)
 DEFAULT_INBOUND = Address("0.0.0.0", 4143)
-LIMIT_KEYS = (*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "opaque_ports")
+LIMIT_KEYS = (*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "balancer", "opaque_ports")
+TEXT_LIMITS = ("protocol", "balancer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,10 @@ class ProcessConfig:
     roles: tuple[RoleConfig, ...]
     shutdown_endpoint: bool = False
     identity: IdentitySettings | None = None
+    # HTTPRoute / GRPCRoute / ServiceProfile / HTTPLocalRateLimitPolicy documents (docs/traffic.md): the
+    # outbound role routes by them, the inbound role applies the rate limit.
+    routes: RouteConfig | None = None
+    routes_source: str | None = None
 
 
 def load(
@@ -86,6 +93,7 @@ def load(
     admin: Address | None = None,
     shutdown_endpoint: bool = False,
     identity_flags: Mapping[str, str | None] | None = None,
+    routes_path: str | None = None,
 ) -> ProcessConfig:
     """Merge the sources; raises ConfigFileError naming the source, the field and the fix."""
     data: dict[str, Any] = _read_file(config_path) if config_path else {}
@@ -96,14 +104,15 @@ def load(
     if flag_limits:
         data["limits"] = {**data.get("limits", {}), **flag_limits}
     top = FieldReader(source, "", data)
-    top.known("admin", "shutdown_endpoint", "limits", "outbound", "inbound", "identity")
+    top.known("admin", "shutdown_endpoint", "limits", "outbound", "inbound", "identity", "routes")
+    routes, routes_source = _routes(top, config_path, routes_path or env.get(f"{ENV_PREFIX}ROUTES"))
     admin_address = admin or (top.address(data["admin"], "admin", listening=True) if "admin" in data else DEFAULT_ADMIN)
     shutdown = shutdown_endpoint or bool(data.get("shutdown_endpoint", False))
     shared = dict(top.child("limits").data)
     if listen is not None:
         limits = read_proxy_config(FieldReader(source, "limits.", shared))
         role = RoleConfig("proxy", "outbound", listen, limits, endpoints=to, h2c_endpoints=to_h2c)
-        return ProcessConfig(admin_address, (role,), shutdown, identity)
+        return ProcessConfig(admin_address, (role,), shutdown, identity, routes, routes_source)
     roles = [_role(top, "outbound", shared), _role(top, "inbound", shared)]
     for role in roles:
         if role is not None and role.identities and identity is None:
@@ -115,7 +124,27 @@ def load(
                 "give the proxy an identity (identity.local_name, svc_addr, trust_anchors, token_file), or remove "
                 "the peers' identity",
             )
-    return ProcessConfig(admin_address, tuple(role for role in roles if role is not None), shutdown, identity)
+    return ProcessConfig(
+        admin_address, tuple(role for role in roles if role is not None), shutdown, identity, routes, routes_source
+    )
+
+
+def _routes(top: FieldReader, config_path: str | None, flag_path: str | None) -> tuple[RouteConfig | None, str | None]:
+    """The routes file: ``--routes`` or ``TETHER_PROXY_ROUTES`` (relative to the working directory), else
+    ``routes:`` in the config file (relative to the config file's folder)."""
+    path = flag_path
+    if path is None and "routes" in top.data:
+        path = top.text("routes")
+        if config_path is not None and not Path(path).is_absolute():
+            path = str(Path(config_path).parent / path)
+    if path is None:
+        return None, None
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        problem = error.strerror or str(error)
+        raise ConfigFileError(path, "(file)", problem, "check the path given to --routes or routes:") from None
+    return load_route_yaml(text, path), path
 
 
 def _role(top: FieldReader, name: str, shared: Mapping[str, Any]) -> RoleConfig | None:
@@ -210,15 +239,18 @@ def _apply_environment(data: dict[str, Any], env: Mapping[str, str]) -> dict[str
         key = variable[len(ENV_PREFIX) :].lower()
         if key == "admin":
             merged["admin"] = value
+        elif key == "routes":
+            continue  # read by load(): a path relative to the working directory, not to the config file
         elif key in ("outbound_listen", "inbound_listen", "inbound_to"):
             role, _, field_name = key.partition("_")
             merged[role][field_name] = value
         elif key == "opaque_ports":
             merged["limits"][key] = [int(_number(variable, part)) for part in value.split(",") if part.strip()]
         elif key in LIMIT_KEYS:
-            merged["limits"][key] = value if key == "protocol" else _number(variable, value)
+            merged["limits"][key] = value if key in TEXT_LIMITS else _number(variable, value)
         else:
-            known = ", ".join(ENV_PREFIX + k.upper() for k in ("admin", "outbound_listen", "inbound_to", *LIMIT_KEYS))
+            names = ("admin", "routes", "outbound_listen", "inbound_to", *LIMIT_KEYS)
+            known = ", ".join(ENV_PREFIX + k.upper() for k in names)
             raise ConfigFileError("environment", variable, "is not a setting", f"use one of {known}")
     for key in ("limits", "outbound", "inbound"):
         if not merged[key]:

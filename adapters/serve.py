@@ -31,6 +31,7 @@ from tether.core.discovery import StaticResolver
 from tether.core.identity.agent import IdentityAgent, IdentityAgentConfig
 from tether.core.identity.client import IdentityClientConfig
 from tether.core.proxy import Proxy
+from tether.core.traffic.route_config import RouteConfig
 
 log = logging.getLogger("tether.proxy")
 
@@ -49,8 +50,9 @@ async def _listen(address: Address) -> tuple[anyio.abc.SocketListener, Address]:
     return listener, Address(str(bound[0]), int(bound[1]))
 
 
-def build_role_proxy(role: RoleConfig) -> Proxy:
-    """The machine for one role: its limits, a static resolver from its endpoints and routes, a seeded RNG."""
+def build_role_proxy(role: RoleConfig, routes: RouteConfig | None = None) -> Proxy:
+    """The machine for one role: its limits, a static resolver from its endpoints and routes, a seeded RNG,
+    and the route configuration (outbound: routing; inbound: the local rate limit)."""
     resolver = StaticResolver(
         default=role.endpoints or None,
         by_host=role.routes,
@@ -60,7 +62,7 @@ def build_role_proxy(role: RoleConfig) -> Proxy:
         default_h2c=role.h2c_endpoints,
         identities=role.identities,
     )
-    return Proxy(role.config, resolver, _seeded_rng(), direction=role.direction)
+    return Proxy(role.config, resolver, _seeded_rng(), direction=role.direction, routes=routes)
 
 
 def build_identity_agent(settings: IdentitySettings) -> IdentityAgent:
@@ -83,7 +85,7 @@ def readiness(agent: IdentityAgent | None, stop: anyio.Event) -> str | None:
 
 async def run_proxy(process: ProcessConfig) -> None:
     stop = anyio.Event()
-    proxies = [build_role_proxy(role) for role in process.roles]
+    proxies = [build_role_proxy(role, process.routes) for role in process.roles]
     drivers = [ProxyDriver(proxy, name=role.name) for proxy, role in zip(proxies, process.roles, strict=True)]
     listeners = [await _listen(role.listen) for role in process.roles]
     admin_listener, admin_bound = await _listen(process.admin)
@@ -96,6 +98,11 @@ async def run_proxy(process: ProcessConfig) -> None:
     )
     for line in describe(process, [bound for _listener, bound in listeners]):
         print(f"tether {line}", flush=True)
+    if process.routes_source is not None:
+        routes = process.routes
+        assert routes is not None
+        counts = f"{len(routes.routes)} routes, {len(routes.profiles)} profiles, {len(routes.rate_limits)} rate limits"
+        print(f"tether proxy routes from {process.routes_source}: {counts}", flush=True)
     print(f"tether proxy admin on {admin_bound}", flush=True)
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(_stop_on_signal, stop, task_group.cancel_scope)

@@ -83,8 +83,19 @@ class ProxyConfig:
     # (a peer that vanished without a FIN). Linkerd's proxy pings every 10 s.
     h2_keepalive_interval_ns: int = 10 * S
     h2_keepalive_timeout_ns: int = 3 * S
-    # How requests choose among a service's endpoints; see BALANCERS.
+    # How requests choose among a service's endpoints; see BALANCERS. Opaque TCP connections balance on
+    # their open connection count (P2C over pending) when this is "p2c-ewma".
     balancer: str = "p2c-ewma"
+    # Circuit breaking (failure accrual, core/traffic/breaker.py): an endpoint that fails this many requests
+    # in a row is ejected for 1 s (doubling per ejection in a row up to 60 s, plus up to 50 % jitter) and
+    # then probed by one request. Linkerd's consecutive-failures defaults; 0 turns it off. Inbound proxies
+    # never eject their one workload.
+    breaker_consecutive_failures: int = 7
+    # While no endpoint of a service is ready, its requests wait in a queue of this many (Linkerd's 100);
+    # one that waits failfast_timeout (Linkerd's 3 s) puts the service in failfast: every waiting and new
+    # request gets 503 with l5d-proxy-error until an endpoint is ready again.
+    failfast_queue_capacity: int = 100
+    failfast_timeout_ns: int = 3 * S
 
     def __post_init__(self) -> None:
         for port in self.opaque_ports:
@@ -119,6 +130,8 @@ class ProxyConfig:
         _at_least(self, "h2_max_control_frames_per_second", 10, "10")
         _at_least(self, "h2_keepalive_interval_ns", 100 * MS, "100 ms")
         _at_least(self, "h2_keepalive_timeout_ns", 1 * MS, "1 ms")
+        _at_least(self, "failfast_timeout_ns", 1 * MS, "1 ms")
+        _at_most(self, "breaker_consecutive_failures", 1000, "1000")
 
 
 def _at_least(config: ProxyConfig, name: str, minimum: int, shown: str) -> None:

@@ -23,6 +23,7 @@ PROXY_CONFIG_MS_FIELDS = {
     "detect_timeout_ms": "detect_timeout_ns",
     "h2_keepalive_interval_ms": "h2_keepalive_interval_ns",
     "h2_keepalive_timeout_ms": "h2_keepalive_timeout_ns",
+    "failfast_timeout_ms": "failfast_timeout_ns",
 }
 PROXY_CONFIG_PLAIN_FIELDS = (
     "max_header_bytes",
@@ -34,6 +35,8 @@ PROXY_CONFIG_PLAIN_FIELDS = (
     "h2_stream_window",
     "h2_connection_window",
     "h2_max_control_frames_per_second",
+    "breaker_consecutive_failures",
+    "failfast_queue_capacity",
 )
 
 
@@ -126,10 +129,13 @@ class FieldReader:
 
 def read_proxy_config(options: FieldReader, *, extra_fields: tuple[str, ...] = ()) -> ProxyConfig:
     """A ProxyConfig from a mapping of ``*_ms`` durations, plain limits and ``protocol``."""
-    options.known(*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "opaque_ports", *extra_fields)
+    options.known(
+        *PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "balancer", "opaque_ports", *extra_fields
+    )
     values: dict[str, Any] = {}
-    if "protocol" in options.data:
-        values["protocol"] = options.text("protocol")
+    for key in ("protocol", "balancer"):
+        if key in options.data:
+            values[key] = options.text(key)
     if "opaque_ports" in options.data:
         ports = options.data["opaque_ports"]
         if not isinstance(ports, list):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tether.core.address import Address
 from tether.core.proxy.h1fast import H1Connection
 from tether.core.proxy.h2session import H2Session
+
+if TYPE_CHECKING:
+    from tether.core.proxy.balancing import Backend
+    from tether.core.traffic.balancer import Handle
 
 
 class Mode(enum.Enum):
@@ -45,6 +50,10 @@ class Downstream:
     streams: dict[int, int] = field(default_factory=dict)
     fixed_endpoint: Address | None = None
     ping_due: bool = False  # a keepalive PING is out and unanswered
+    # An opaque tunnel's endpoint choice (balancing.py): held for the connection's life, or waiting.
+    backend: Backend | None = None
+    handle: Handle | None = None
+    awaiting_endpoint: bool = False
 
 
 class UpstreamState(enum.Enum):

@@ -23,22 +23,52 @@ class ProxyErrorKind(enum.Enum):
     INVALID_RESPONSE = (502, "invalid_response")
     CONNECT_TIMEOUT = (504, "connect_timeout")
     RESPONSE_TIMEOUT = (504, "response_timeout")
+    # Traffic management (core/traffic/): the balancer's failfast queue, routes, route timeouts, faults and
+    # local rate limits. A fault's status is the configured one (``ProxyError.status_override``).
+    FAILFAST = (503, "failfast")
+    LOAD_SHED = (503, "load_shed")
+    NO_ROUTE = (404, "no_route")
+    NO_BACKEND = (500, "no_backend")
+    REQUEST_TIMEOUT = (504, "request_timeout")
+    IDLE_TIMEOUT = (504, "idle_timeout")
+    FAULT_INJECTED = (503, "fault_injected")
+    RATE_LIMITED = (429, "rate_limited")
 
     def __init__(self, status: int, label: str) -> None:
         self.status = status
         self.label = label
 
 
+# Failures of one attempt at an endpoint: they count against the endpoint (circuit breaking) and a route's
+# retry policy may retry them. The rest (a malformed request, a full pool, a route's own answers) say
+# nothing about the endpoint.
+ATTEMPT_FAILURES = frozenset(
+    {
+        ProxyErrorKind.CONNECT_FAILED,
+        ProxyErrorKind.UPSTREAM_CLOSED,
+        ProxyErrorKind.INVALID_RESPONSE,
+        ProxyErrorKind.CONNECT_TIMEOUT,
+        ProxyErrorKind.RESPONSE_TIMEOUT,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyError:
-    """One failure: its kind and a readable reason, sent as the ``l5d-proxy-error`` header value."""
+    """One failure: its kind and a readable reason, sent as the ``l5d-proxy-error`` header value.
+
+    ``status_override`` and ``grpc_override`` replace the kind's HTTP status and gRPC code where the
+    configuration chose them (an injected fault's status).
+    """
 
     kind: ProxyErrorKind
     reason: str
+    status_override: int | None = None
+    grpc_override: int | None = None
 
     @property
     def status(self) -> int:
-        return self.kind.status
+        return self.status_override if self.status_override is not None else self.kind.status
 
 
 def error_response_headers(error: ProxyError, *, close: bool) -> list[tuple[bytes, bytes]]:

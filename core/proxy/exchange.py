@@ -6,6 +6,7 @@ connection; the pair of ids is all it knows of them. Its life is a small table (
 
     QUEUED --bound--> SENDING --request_done--> AWAITING --response_head--> RESPONDING --response_done--> DONE
     SENDING --response_head--> RESPONDING          (an endpoint may answer before the upload ends)
+    QUEUED | SENDING | AWAITING --retry--> BACKOFF --redispatch--> QUEUED   (a route's retry, h1traffic.py)
     any live state --failed--> FAILED
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import h11
 
@@ -21,12 +23,18 @@ from tether.core.address import Address
 from tether.core.proxy.errors import ProxyError
 from tether.core.proxy.telemetry import HttpLabels
 
+if TYPE_CHECKING:
+    from tether.core.proxy.balancing import Backend
+    from tether.core.proxy.routing import RouteState
+    from tether.core.traffic.balancer import Handle
+
 
 class ExchangeState(enum.Enum):
     QUEUED = "queued"  # waiting for an upstream connection (opening, or a pool slot)
     SENDING = "sending"  # the request head went upstream; body bytes still arriving
     AWAITING = "awaiting"  # the whole request went upstream; the response timeout runs
     RESPONDING = "responding"  # the response head went to the client; body streaming
+    BACKOFF = "backoff"  # an attempt failed and is retried after the backoff (no upstream connection)
     DONE = "done"
     FAILED = "failed"
 
@@ -36,6 +44,8 @@ class Step(enum.Enum):
     REQUEST_DONE = "request_done"
     RESPONSE_HEAD = "response_head"
     RESPONSE_DONE = "response_done"
+    RETRY = "retry"
+    REDISPATCH = "redispatch"
     FAILED = "failed"
 
 
@@ -47,12 +57,17 @@ TRANSITIONS: dict[tuple[ExchangeState, Step], ExchangeState] = {
     (_S.AWAITING, Step.RESPONSE_HEAD): _S.RESPONDING,
     (_S.RESPONDING, Step.REQUEST_DONE): _S.RESPONDING,
     (_S.RESPONDING, Step.RESPONSE_DONE): _S.DONE,
+    (_S.QUEUED, Step.RETRY): _S.BACKOFF,
+    (_S.SENDING, Step.RETRY): _S.BACKOFF,
+    (_S.AWAITING, Step.RETRY): _S.BACKOFF,
+    (_S.BACKOFF, Step.REDISPATCH): _S.QUEUED,
+    (_S.BACKOFF, Step.FAILED): _S.FAILED,
     (_S.QUEUED, Step.FAILED): _S.FAILED,
     (_S.SENDING, Step.FAILED): _S.FAILED,
     (_S.AWAITING, Step.FAILED): _S.FAILED,
     (_S.RESPONDING, Step.FAILED): _S.FAILED,
 }
-LIVE_STATES = frozenset({_S.QUEUED, _S.SENDING, _S.AWAITING, _S.RESPONDING})
+LIVE_STATES = frozenset({_S.QUEUED, _S.SENDING, _S.AWAITING, _S.RESPONDING, _S.BACKOFF})
 
 
 class ExchangeStateError(AssertionError):
@@ -80,6 +95,12 @@ class Exchange:
     deferred_error: ProxyError | None = None
     discarded_bytes: int = 0
     labels: HttpLabels = HttpLabels("outbound", "", "")  # metric labels, set when the endpoint is known
+    # Endpoint choice (balancing.py): the backend asked, the handle held until the response head, or the
+    # request waiting in the backend's failfast queue.
+    backend: Backend | None = None
+    handle: Handle | None = None
+    awaiting_endpoint: bool = False
+    route: RouteState | None = None  # set when a route rule matched (routing.py, h1traffic.py)
 
     def advance(self, step: Step) -> ExchangeState:
         try:

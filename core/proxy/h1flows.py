@@ -32,17 +32,19 @@ from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.effects import Connect, LogError
 from tether.core.proxy import http1
+from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
-from tether.core.proxy.parts import ProxyParts
+from tether.core.proxy.h1traffic import H1Traffic
 from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import StreamExchange
+from tether.core.traffic.breaker import Outcome
 
 NS_PER_MS = 1_000_000
 
 
-class H1Flows(ProxyParts):
+class H1Flows(H1Traffic):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _exchange(self, exchange_id: int | None) -> Exchange | None: ...
@@ -57,6 +59,9 @@ class H1Flows(ProxyParts):
         def _source_request_ended(self, exchange: StreamExchange, now_ns: int) -> None: ...
         def _abandon_stream(self, exchange: StreamExchange, code: int) -> None: ...
         def _sync_h1_source_reading(self, downstream: Downstream) -> None: ...
+        def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
+        def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
+        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
 
     # ---------------------------------------------------------------- client side
 
@@ -94,8 +99,15 @@ class H1Flows(ProxyParts):
         exchange = Exchange(self._new_id(), downstream.conn_id, forwarded, service, now_ns)
         self._exchanges[exchange.exchange_id] = exchange
         downstream.exchange_id = exchange.exchange_id
+        refusal = None
         if endpoint_set is not None and endpoint_set.endpoints:
-            exchange.endpoint = self._picker.pick(endpoint_set, self._rng)
+            chosen_set = endpoint_set
+            if self._traffic_on:  # routes (outbound) or a rate limit (inbound): h1traffic.py
+                refusal = self._h1_traffic_start(downstream, exchange, request, authority, endpoint_set)
+                route = exchange.route
+                chosen_set = route.backend_set if route is not None and route.backend_set is not None else chosen_set
+            if refusal is None and (exchange.route is None or exchange.route.waiting is None):
+                refusal = self._h1_choose(exchange, chosen_set)
         target_addr = str(exchange.endpoint) if exchange.endpoint is not None else ""
         exchange.labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
         self.telemetry.request_started(service, exchange.labels)
@@ -108,7 +120,13 @@ class H1Flows(ProxyParts):
             error = ProxyError(ProxyErrorKind.NO_ENDPOINTS, f"no endpoints for {authority or 'this request'}")
             self._fail_after_request(exchange, error, now_ns)
             return
-        self._dispatch(exchange, now_ns)
+        if refusal is not None:
+            self._fail_after_request(exchange, refusal, now_ns)
+        elif exchange.endpoint is not None:
+            self._dispatch(exchange, now_ns)
+        elif exchange.route is not None:
+            self._route_rearm(exchange.exchange_id, exchange.route)  # an injected delay, or waiting
+        # else: it waits in the backend's failfast queue (``_h1_endpoint_ready`` or ``_h1_endpoint_refused``)
 
     def _request_started(self, downstream: Downstream, request: h11.Request, now_ns: int) -> None:
         """A request head: HTTP/1.1 all the way (exchange.py), or over HTTP/2 to a meshed peer (streams.py)."""
@@ -139,6 +157,8 @@ class H1Flows(ProxyParts):
             if exchange.discarded_bytes > self.config.max_buffered_bytes:
                 self._fail(exchange, exchange.deferred_error, self._now_ns)  # and close: too much to skip
             return
+        if exchange.route is not None:
+            self._h1_request_bytes(exchange, data)  # replay buffer, mirrors, idle timeout
         upstream = self._upstream.get(exchange.upstream_id) if exchange.upstream_id is not None else None
         if upstream is not None and upstream.state is UpstreamState.BUSY:
             self._send(upstream, upstream.h11.send(h11.Data(data=data)))
@@ -155,6 +175,8 @@ class H1Flows(ProxyParts):
         if exchange is None or not exchange.live:
             return
         exchange.request_received = True
+        if exchange.route is not None:
+            self._h1_request_ended(exchange)
         if exchange.deferred_error is not None:
             self._fail(exchange, exchange.deferred_error, now_ns)
             return
@@ -233,6 +255,8 @@ class H1Flows(ProxyParts):
         """Write the request head and whatever body is waiting to a ready upstream connection."""
         assert upstream.state is not UpstreamState.BUSY, upstream.conn_id
         exchange.advance(Step.BOUND)
+        if exchange.route is not None:
+            self._h1_attempt_started(exchange)
         exchange.upstream_id = upstream.conn_id
         upstream.exchange_id = exchange.exchange_id
         upstream.state = UpstreamState.BUSY
@@ -347,9 +371,17 @@ class H1Flows(ProxyParts):
         if exchange.request.method == b"CONNECT" and 200 <= response.status_code < 300:
             self._switch_to_tunnel(exchange, upstream, http1.downstream_response(response, close=False))
             return
+        if exchange.route is not None:
+            routed = self._h1_routed_response(exchange, upstream, response)
+            if routed is None:
+                return  # discarded: the request is retried
+            response = routed
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.advance(Step.RESPONSE_HEAD)
         exchange.response_status = response.status_code
+        if exchange.handle is not None:
+            verdict = Outcome.FAILURE if response.status_code >= 500 else Outcome.SUCCESS  # balancing.http_outcome
+            self._drop_lease(exchange, exchange.exchange_id, verdict)
         latency_ms = (now_ns - exchange.started_ns) / NS_PER_MS
         self.telemetry.response_started(exchange.service, exchange.labels, response.status_code, latency_ms)
         downstream = self._downstream.get(exchange.downstream_id)
@@ -359,12 +391,16 @@ class H1Flows(ProxyParts):
         self._send(downstream, downstream.h11.send(http1.downstream_response(response, close=close)))
 
     def _response_body(self, exchange: Exchange, data: bytes) -> None:
+        if exchange.route is not None:
+            self._h1_activity(exchange, exchange.route)
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None and data:
             self._send(downstream, downstream.h11.send(h11.Data(data=data)))
 
     def _response_done(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None:
         exchange.advance(Step.RESPONSE_DONE)
+        if exchange.route is not None or self._mirror_tickets:
+            self._h1_exchange_over(exchange)
         # Bytes after the response (a second, unrequested response) would be read as the answer to the
         # next request on this connection: such a connection is never reused.
         leftover, _closed = upstream.h11.trailing_data
@@ -413,6 +449,9 @@ class H1Flows(ProxyParts):
     def _fail(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None:
         """Answer ``exchange`` with a proxy error response (its head has not gone out yet)."""
         assert not exchange.response_started, exchange.exchange_id
+        if exchange.route is not None and self._h1_failed_attempt(exchange, error):
+            return  # retried (h1traffic.py)
+        self._drop_lease(exchange, exchange.exchange_id, error_outcome(error))
         exchange.advance(Step.FAILED)
         self._detach_upstream(exchange)
         latency_ms = (now_ns - exchange.started_ns) / NS_PER_MS
@@ -422,6 +461,8 @@ class H1Flows(ProxyParts):
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is None:
             self._exchanges.pop(exchange.exchange_id, None)
+            if self._mirror_tickets:
+                self._release_mirror(exchange.exchange_id)
             return
         # Keep the connection only if the request has fully arrived; otherwise the rest of an upload
         # would have to be read and thrown away first.
@@ -478,6 +519,9 @@ class H1Flows(ProxyParts):
     def _abandon(self, exchange: Exchange, now_ns: int) -> None:
         """The exchange ends without a response reaching its client (the client left, or the endpoint died
         after the head went out)."""
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.CANCELLED)
+        if exchange.route is not None or self._mirror_tickets:
+            self._h1_exchange_over(exchange)
         exchange.advance(Step.FAILED)
         self._exchanges.pop(exchange.exchange_id, None)
         self.telemetry.aborted(exchange.service)
@@ -514,7 +558,7 @@ class H1Flows(ProxyParts):
             wanted = downstream.h11.buffered_bytes < limit
         elif not exchange.live:
             wanted = False  # answered early (an error): the rest of this request is not wanted
-        elif exchange.state is ExchangeState.QUEUED:
+        elif exchange.state is ExchangeState.QUEUED or exchange.state is ExchangeState.BACKOFF:
             wanted = exchange.pending_body_bytes < limit
         else:
             upstream = self._upstream.get(exchange.upstream_id) if exchange.upstream_id is not None else None

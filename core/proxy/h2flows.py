@@ -30,19 +30,24 @@ import h2.events
 import h11
 from h2.errors import ErrorCodes
 
+from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.effects import LogError
 from tether.core.proxy import h2translate as tr
+from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome, grpc_outcome, http_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
-from tether.core.proxy.parts import ProxyParts
+from tether.core.proxy.h2traffic import H2Traffic
 from tether.core.proxy.streams import StreamExchange
+from tether.core.proxy.telemetry import HttpLabels
+from tether.core.traffic.breaker import Outcome
 
 NS_PER_MS = 1_000_000
+NO_LABELS = HttpLabels("outbound", "", "")  # until the endpoint is chosen
 
 
-class H2Flows(ProxyParts):
+class H2Flows(H2Traffic):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _next_request(self, downstream: Downstream, now_ns: int) -> None: ...
@@ -54,6 +59,9 @@ class H2Flows(ProxyParts):
         def _sink_connection(self, exchange: StreamExchange) -> Upstream | None: ...
         def _sink_queued(self, exchange: StreamExchange) -> int: ...
         def _flush_h2(self, connection: Downstream | Upstream) -> None: ...
+        def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
+        def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
+        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
 
     def _h2_limits(self) -> H2Limits:
         config = self.config
@@ -164,26 +172,31 @@ class H2Flows(ProxyParts):
         endpoint_set: EndpointSet | None,
         now_ns: int,
     ) -> StreamExchange:
-        endpoint = downstream.fixed_endpoint
-        if endpoint is None and endpoint_set is not None and stream_id is not None and endpoint_set.h2c_endpoints:
-            endpoint = self._picker.pick(EndpointSet(endpoint_set.name, endpoint_set.h2c_endpoints), self._rng)
-        elif endpoint is None and endpoint_set is not None and endpoint_set.endpoints:
-            endpoint = self._picker.pick(endpoint_set, self._rng)
+        fixed = downstream.fixed_endpoint
         service = endpoint_set.name if endpoint_set is not None else (authority or "unknown")
-        if downstream.fixed_endpoint is not None:
-            service = str(endpoint)
-        meshed = endpoint_set is not None and endpoint_set.meshed_inbound_port is not None
-        tls = self.tls_labels(downstream, endpoint_set.identity if meshed and endpoint_set is not None else None)
-        labels = self.telemetry.http_labels(authority, str(endpoint) if endpoint is not None else "", tls)
+        if fixed is not None:
+            service = str(fixed)
         exchange = StreamExchange(
-            self._new_id(), downstream.conn_id, stream_id, head, service, now_ns, labels, head.is_grpc, endpoint
+            self._new_id(), downstream.conn_id, stream_id, head, service, now_ns, NO_LABELS, head.is_grpc, fixed
         )
+        exchange.endpoint_set = endpoint_set
         self._streams[exchange.exchange_id] = exchange
         if stream_id is None:
             downstream.exchange_id = exchange.exchange_id
         else:
             downstream.streams[stream_id] = exchange.exchange_id
-        self.telemetry.request_started(service, labels)
+        chosen = endpoint_set if fixed is None else None
+        h2c = chosen is not None and stream_id is not None and bool(chosen.h2c_endpoints)
+        if self._traffic_on:  # routes (outbound) or a rate limit (inbound): h2traffic.py
+            chosen = self._stream_traffic_start(downstream, exchange, authority, chosen)
+            h2c = h2c and exchange.route is None
+        if chosen is not None:
+            self._stream_choose(exchange, chosen, h2c=h2c)
+        endpoint = exchange.endpoint
+        meshed = endpoint_set is not None and endpoint_set.meshed_inbound_port is not None
+        tls = self.tls_labels(downstream, endpoint_set.identity if meshed and endpoint_set is not None else None)
+        exchange.labels = self.telemetry.http_labels(authority, str(endpoint) if endpoint is not None else "", tls)
+        self.telemetry.request_started(service, exchange.labels)
         return exchange
 
     def _h2_downstream_lost(self, downstream: Downstream, reason: str, *, reset: bool) -> None:
@@ -254,8 +267,15 @@ class H2Flows(ProxyParts):
     ) -> None:
         if exchange.done:
             return
+        if exchange.route is not None:
+            routed = self._stream_routed_head(exchange, status, headers, ended=ended)
+            if routed is None:
+                return  # discarded: the request is retried (h2traffic.py)
+            headers = routed
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.response_status = status
+        if exchange.handle is not None and not exchange.grpc:
+            self._drop_lease(exchange, exchange.exchange_id, http_outcome(status))
         latency_ms = (self._now_ns - exchange.started_ns) / NS_PER_MS
         self.telemetry.response_started(exchange.service, exchange.labels, status, latency_ms, count=not exchange.grpc)
         downstream = self._downstream.get(exchange.source_id)
@@ -289,6 +309,8 @@ class H2Flows(ProxyParts):
         downstream = self._downstream.get(exchange.source_id)
         if downstream is None or exchange.done or not data:
             return
+        if exchange.route is not None:
+            self._stream_activity(exchange)
         if exchange.source_stream is not None:
             assert downstream.h2 is not None
             downstream.h2.send_data(exchange.source_stream, data)
@@ -320,7 +342,11 @@ class H2Flows(ProxyParts):
         within the windows it advertised (``_exchange_progress`` finishes it).
         """
         if exchange.grpc:
-            self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, tr.grpc_status(trailers))
+            grpc_status = tr.grpc_status(trailers)
+            self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, grpc_status)
+            if exchange.handle is not None:
+                outcome = grpc_outcome(exchange.response_status or 0, grpc_status)
+                self._drop_lease(exchange, exchange.exchange_id, outcome)
         exchange.response_ended = True
         if self._source_queued(exchange) == 0:
             self._finish_stream(exchange)
@@ -342,9 +368,12 @@ class H2Flows(ProxyParts):
         if exchange.done:
             return
         assert not exchange.response_started, exchange.exchange_id
+        if exchange.route is not None and self._stream_failed_attempt(exchange, error):
+            return  # retried (h2traffic.py)
+        self._drop_lease(exchange, exchange.exchange_id, error_outcome(error))
         self._deadlines.cancel(("response", exchange.exchange_id))
         latency_ms = (self._now_ns - exchange.started_ns) / NS_PER_MS
-        grpc_code = tr.GRPC_STATUS_FOR.get(error.kind, tr.GRPC_UNAVAILABLE) if exchange.grpc else None
+        grpc_code = tr.grpc_code_for(error) if exchange.grpc else None
         status = 200 if exchange.grpc and exchange.source_stream is not None else error.status
         self.telemetry.response_started(exchange.service, exchange.labels, status, latency_ms, count=False)
         self.telemetry.response_finished(exchange.labels, status, grpc_code)
@@ -388,6 +417,7 @@ class H2Flows(ProxyParts):
         if exchange.done:
             return
         self._effects.append(LogError(conn_id=exchange.source_id, message=f"{reason}; resetting the client's stream"))
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.FAILURE)  # the endpoint broke mid-response
         self._reset_source(exchange, code)
         self._abandon_stream(exchange, code)
 
@@ -426,6 +456,9 @@ class H2Flows(ProxyParts):
         return source.h2.queued_bytes(exchange.source_stream)
 
     def _forget_stream(self, exchange: StreamExchange) -> None:
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.CANCELLED)  # whatever is still held
+        if exchange.route is not None:
+            self._stream_exchange_over(exchange)
         exchange.done = True
         self._credit_all(exchange)
         self._streams.pop(exchange.exchange_id, None)

@@ -31,8 +31,10 @@ CONNECTION_SPECIFIC = frozenset(
 # gRPC status codes (grpc/doc/statuscodes.md).
 GRPC_OK = 0
 GRPC_CANCELLED = 1
+GRPC_UNKNOWN = 2
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_UNIMPLEMENTED = 12
 GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 
@@ -47,7 +49,21 @@ GRPC_STATUS_FOR = {
     ProxyErrorKind.INVALID_RESPONSE: GRPC_INTERNAL,  # 502
     ProxyErrorKind.CONNECT_TIMEOUT: GRPC_UNAVAILABLE,  # 504
     ProxyErrorKind.RESPONSE_TIMEOUT: GRPC_DEADLINE_EXCEEDED,  # 504
+    ProxyErrorKind.FAILFAST: GRPC_UNAVAILABLE,  # 503
+    ProxyErrorKind.LOAD_SHED: GRPC_UNAVAILABLE,  # 503
+    ProxyErrorKind.NO_ROUTE: GRPC_UNIMPLEMENTED,  # 404
+    ProxyErrorKind.NO_BACKEND: GRPC_UNKNOWN,  # 500
+    ProxyErrorKind.REQUEST_TIMEOUT: GRPC_DEADLINE_EXCEEDED,  # 504
+    ProxyErrorKind.IDLE_TIMEOUT: GRPC_DEADLINE_EXCEEDED,  # 504
+    ProxyErrorKind.RATE_LIMITED: GRPC_RESOURCE_EXHAUSTED,  # 429
 }
+
+
+def grpc_code_for(error: ProxyError) -> int:
+    """The grpc-status a gRPC client gets for ``error``: the configured one, else the kind's."""
+    if error.grpc_override is not None:
+        return error.grpc_override
+    return GRPC_STATUS_FOR.get(error.kind, GRPC_UNAVAILABLE)
 
 
 @dataclass(slots=True)
@@ -177,7 +193,7 @@ def grpc_status(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
     """A trailers-only gRPC response for a failure the proxy answers itself."""
-    code = GRPC_STATUS_FOR.get(error.kind, GRPC_UNAVAILABLE)
+    code = grpc_code_for(error)
     return [
         (b":status", b"200"),
         (b"content-type", b"application/grpc"),

@@ -32,12 +32,15 @@ from tether.core.discovery import EndpointSet
 from tether.core.effects import Connect
 from tether.core.proxy import h2translate as tr
 from tether.core.proxy import http1, transport_header
+from tether.core.proxy.balancing import Leaseholder
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.pool import EndpointPool, pool_for
+from tether.core.proxy.routing import RouteState
 from tether.core.proxy.streams import H2Pool, StreamExchange
+from tether.core.traffic.breaker import Outcome
 
 NS_PER_MS = 1_000_000
 
@@ -67,11 +70,24 @@ class H2Upstream(ProxyParts):
         def _exchange_progress(self, exchange: StreamExchange) -> None: ...
         def _credit_all(self, exchange: StreamExchange) -> None: ...
         def _sync_h1_source_reading(self, downstream: Downstream) -> None: ...
+        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
+        def _route_rearm(self, request_id: int, state: RouteState) -> None: ...
+        def _stream_attempt_started(self, exchange: StreamExchange) -> None: ...
+        def _stream_request_bytes(self, exchange: StreamExchange, data: bytes) -> None: ...
+        def _stream_failed_attempt(self, exchange: StreamExchange, error: ProxyError) -> bool: ...
 
     # ---------------------------------------------------------------- where a stream goes
 
     def _dispatch_stream(self, exchange: StreamExchange, endpoint_set: EndpointSet | None) -> None:
         endpoint = exchange.endpoint
+        if endpoint is None and exchange.refusal is not None:
+            self._stream_fail(exchange, exchange.refusal)
+            return
+        if endpoint is None and exchange.awaiting_endpoint:
+            return  # in the backend's failfast queue: _stream_endpoint_ready dispatches it
+        if endpoint is None and exchange.route is not None and exchange.route.waiting is not None:
+            self._route_rearm(exchange.exchange_id, exchange.route)  # an injected delay first (h2traffic.py)
+            return
         if endpoint is None:
             reason = f"no endpoints for {exchange.labels.authority or 'this request'}"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.NO_ENDPOINTS, reason))
@@ -172,6 +188,8 @@ class H2Upstream(ProxyParts):
             return
         upstream.streams[stream_id] = exchange.exchange_id
         exchange.sink_id, exchange.sink_stream, exchange.sink_is_h2 = upstream.conn_id, stream_id, True
+        if exchange.route is not None:
+            self._stream_attempt_started(exchange)
         exchange.sink_request_ended = end_now
         self._deadlines.cancel(("pool-idle", upstream.conn_id))
         exchange.sink_body_bytes += exchange.to_sink_bytes
@@ -317,6 +335,11 @@ class H2Upstream(ProxyParts):
             exchange.sink_id = None
             return
         exchange.sink_id = None  # the stream is gone on that side; nothing to reset back
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.FAILURE)  # no-op once the verdict is in
+        if not exchange.response_started and exchange.route is not None:
+            reason = f"{exchange.endpoint} reset the stream (HTTP/2 error code {code})"
+            if self._stream_failed_attempt(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason)):
+                return  # retried (h2traffic.py)
         if not exchange.response_started and exchange.source_stream is None:
             reason = f"{exchange.endpoint} reset the stream (HTTP/2 error code {code})"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.UPSTREAM_CLOSED, reason))
@@ -386,6 +409,8 @@ class H2Upstream(ProxyParts):
     # ---------------------------------------------------------------- request bytes towards the sink
 
     def _to_sink(self, exchange: StreamExchange, data: bytes) -> None:
+        if exchange.route is not None:
+            self._stream_request_bytes(exchange, data)  # replay buffer, idle timeout (h2traffic.py)
         sink = self._sink_connection(exchange)
         if (
             sink is None
@@ -478,6 +503,8 @@ class H2Upstream(ProxyParts):
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.POOL_EXHAUSTED, reason))
 
     def _bind_h1_sink(self, exchange: StreamExchange, upstream: Upstream) -> None:
+        if exchange.route is not None:
+            self._stream_attempt_started(exchange)
         upstream.state = UpstreamState.BUSY
         upstream.exchange_id = exchange.exchange_id
         exchange.sink_id = upstream.conn_id

@@ -23,14 +23,16 @@ live in one ``Deadlines`` heap; the driver calls ``on_timer`` when ``next_deadli
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import h11
 
 from tether.core.address import Address
-from tether.core.balance import Picker, RoundRobin
+from tether.core.balance import Picker
 from tether.core.config import ProxyConfig
 from tether.core.discovery import Resolver
 from tether.core.effects import Close, Effect, Send, SetReading
+from tether.core.proxy.balancing import Balancing
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState
@@ -40,17 +42,22 @@ from tether.core.proxy.h2flows import H2Flows
 from tether.core.proxy.h2upstream import H2Upstream
 from tether.core.proxy.mtls import LOOPBACK, CertificateExpired, CertificateUpdate, MeshTls
 from tether.core.proxy.pool import EndpointPool
+from tether.core.proxy.routing import RoutesUpdated, Routing
 from tether.core.proxy.stats import ProxyStats
 from tether.core.proxy.streams import H2Pool, StreamExchange
 from tether.core.proxy.telemetry import NO_TLS_LABEL, Telemetry
 from tether.core.proxy.tunnel import TunnelFlows
 from tether.core.timers import Deadlines
+from tether.core.traffic.breaker import Outcome
+
+if TYPE_CHECKING:  # route_config.py pulls in the YAML parser, which the running proxy never needs
+    from tether.core.traffic.route_config import RouteConfig
 
 NS_PER_MS = 1_000_000
 MERGE_LIMIT = 16 * 1024  # consecutive Sends to one connection merge up to this size; larger ones stay apart
 
 
-class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
+class Proxy(MeshTls, Balancing, Routing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
     """All connections of one proxy; see the module docstring."""
 
     def __init__(
@@ -61,12 +68,14 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         *,
         picker: Picker | None = None,
         direction: str = "outbound",
+        routes: RouteConfig | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver
         self.telemetry = Telemetry(direction=direction)
         self._rng = rng
-        self._picker: Picker = picker if picker is not None else RoundRobin()
+        # An explicit picker replaces the balancers (balancing.py): stateless choice, no failfast, no breaker.
+        self._picker: Picker | None = picker
         self._effects: list[Effect] = []
         self._last_id = 0
         self._downstream: dict[int, Downstream] = {}
@@ -80,6 +89,9 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         self._draining = False
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
         self._init_mtls()
+        self._init_balancing(config.balancer, config.breaker_consecutive_failures, direction == "inbound")
+        self._mirror_tickets: dict[int, list[int]] = {}
+        self._init_routing(routes, 0)
 
     @property
     def stats(self) -> ProxyStats:
@@ -241,11 +253,13 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         elif upstream is not None:
             self._upstream_broke(upstream, "connection to endpoint was reset", now_ns, already_closed=True)
 
-    def control(self, update: CertificateUpdate | CertificateExpired, now_ns: int) -> None:
-        """A control-plane event: today our certificate (mtls.py); discovery and policy will join it."""
+    def control(self, update: CertificateUpdate | CertificateExpired | RoutesUpdated, now_ns: int) -> None:
+        """A control-plane event: our certificate (mtls.py), or the routes (routing.py); discovery will join."""
         self._now_ns = now_ns
         if isinstance(update, CertificateUpdate):
             self._certificate_update(update, now_ns)
+        elif isinstance(update, RoutesUpdated):
+            self._set_routes(update.routes, now_ns)
         else:
             self._certificate_expired(update)
 
@@ -267,6 +281,10 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
                 self._detect_timed_out(ident, now_ns)
             elif kind == "ping":
                 self._ping_due(ident, now_ns)
+            elif kind == "backend":
+                self._backend_timer(ident, now_ns)
+            elif kind == "route":
+                self._route_timer(ident)
 
     def shutdown(self, now_ns: int) -> None:
         """Stop taking requests: close idle client connections now, busy ones after their response."""
@@ -354,6 +372,15 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         reason = f"{exchange.endpoint} did not answer within {timeout_ms} ms"
         self._fail(exchange, ProxyError(ProxyErrorKind.RESPONSE_TIMEOUT, reason), now_ns)
 
+    def _route_timer(self, request_id: int) -> None:
+        exchange = self._exchanges.get(request_id)
+        if exchange is not None:
+            self._h1_route_timer(exchange)
+            return
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._stream_route_timer(stream)
+
     def _drain_expired(self, now_ns: int) -> None:
         for downstream in list(self._downstream.values()):
             if downstream.mode is Mode.HTTP2:
@@ -378,6 +405,10 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
 
     def _forget_downstream(self, downstream: Downstream) -> None:
         del self._downstream[downstream.conn_id]
+        if downstream.backend is not None:  # an opaque tunnel's endpoint, held for the connection's life
+            upstream = self._upstream.get(downstream.tunnel_upstream_id or -1)
+            connecting = upstream is not None and upstream.state is UpstreamState.CONNECTING
+            self._drop_lease(downstream, downstream.conn_id, Outcome.CANCELLED if connecting else Outcome.SUCCESS)
         self._tls_forget(downstream.conn_id)
         for kind in ("idle", "detect", "ping"):
             self._deadlines.cancel((kind, downstream.conn_id))

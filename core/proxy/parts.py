@@ -30,7 +30,7 @@ class ProxyParts:
     resolver: Resolver
     telemetry: Telemetry
     _rng: random.Random
-    _picker: Picker
+    _picker: Picker | None  # set: the older stateless seam instead of the balancers
     _effects: list[Effect]
     _downstream: dict[int, Downstream]
     _upstream: dict[int, Upstream]

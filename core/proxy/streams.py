@@ -15,10 +15,18 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tether.core.address import Address
 from tether.core.proxy.h2translate import RequestHead
 from tether.core.proxy.telemetry import HttpLabels
+
+if TYPE_CHECKING:
+    from tether.core.discovery import EndpointSet
+    from tether.core.proxy.balancing import Backend
+    from tether.core.proxy.errors import ProxyError
+    from tether.core.proxy.routing import RouteState
+    from tether.core.traffic.balancer import Handle
 
 
 @dataclass(slots=True)
@@ -48,6 +56,14 @@ class StreamExchange:
     response_chunked: bool = True  # HTTP/1.1 client: whether trailers can be written
     response_ended: bool = False
     done: bool = False
+    # Endpoint choice (balancing.py): the endpoint set the request resolved to (where a stream that waited
+    # for an endpoint goes once it has one), the backend, its handle, or waiting in its failfast queue.
+    endpoint_set: EndpointSet | None = None
+    backend: Backend | None = None
+    handle: Handle | None = None
+    awaiting_endpoint: bool = False
+    refusal: ProxyError | None = None  # refused before dispatch (failfast, a route): answered by _dispatch_stream
+    route: RouteState | None = None  # set when a route rule matched (routing.py, h2traffic.py)
 
     @property
     def response_started(self) -> bool:

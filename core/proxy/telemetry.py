@@ -6,7 +6,8 @@ opened or closed); this module keeps two views of them:
 - ``services``: per destination service, for ``tether demo`` and the simulator's summaries;
 - the Linkerd families, keyed by label tuples: ``request_total``, ``response_total``,
   ``response_latency_ms``, ``tcp_open_total``, ``tcp_close_total``, ``tcp_open_connections``,
-  ``tcp_read_bytes_total``, ``tcp_write_bytes_total``, ``tcp_connection_duration_ms``.
+  ``tcp_read_bytes_total``, ``tcp_write_bytes_total``, ``tcp_connection_duration_ms``;
+- ``traffic``: routes, route backends, retries and balancers (traffic_telemetry.py).
 
 Rendering (Prometheus text) is the admin adapter's job. TLS labels follow Linkerd: ``tls="true"`` with the
 peer's identity (``client_id`` inbound, ``server_id`` outbound, both held in ``peer_id`` here), or
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tether.core.proxy.stats import LatencyHistogram, ProxyStats
+from tether.core.proxy.traffic_telemetry import TrafficTelemetry
 
 NO_TLS = ("no_identity", "disabled")
 TlsLabel = tuple[str, str, str]  # (tls, no_tls_reason, peer identity)
@@ -73,6 +75,7 @@ class Telemetry:
     tcp_read_bytes_total: dict[TcpLabels, int] = field(default_factory=dict)
     tcp_write_bytes_total: dict[TcpLabels, int] = field(default_factory=dict)
     tcp_connection_duration_ms: dict[TcpLabels, LatencyHistogram] = field(default_factory=dict)
+    traffic: TrafficTelemetry = field(default_factory=TrafficTelemetry)  # routes, retries, balancers
     _open: dict[int, _OpenConnection] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- HTTP

@@ -25,13 +25,18 @@ from typing import TYPE_CHECKING
 import h11
 
 from tether.core.address import Address, parse_authority
+from tether.core.discovery import EndpointSet
 from tether.core.effects import LogError
 from tether.core.proxy import transport_header
+from tether.core.proxy.balancing import OPAQUE, Backend, Leaseholder
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.detect import Protocol, detect, detect_http
+from tether.core.proxy.errors import ProxyError
 from tether.core.proxy.exchange import Exchange, Step
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.pool import EndpointPool
+from tether.core.traffic.balancer import Handle
+from tether.core.traffic.breaker import Outcome
 
 
 class TunnelFlows(ProxyParts):
@@ -41,6 +46,9 @@ class TunnelFlows(ProxyParts):
         def _start_h2_downstream(self, downstream: Downstream, buffered: bytes, now_ns: int) -> None: ...
         def _h2_downstream_received(self, downstream: Downstream, data: bytes, now_ns: int) -> None: ...
         def _pool(self, endpoint: Address) -> EndpointPool: ...
+        def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
+        def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
+        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
 
     # ---------------------------------------------------------------- detection
 
@@ -144,6 +152,7 @@ class TunnelFlows(ProxyParts):
         """
         now_ns = self._now_ns
         self._deadlines.cancel(("response", exchange.exchange_id))
+        self._drop_lease(exchange, exchange.exchange_id, Outcome.SUCCESS)
         exchange.advance(Step.RESPONSE_HEAD)
         exchange.advance(Step.RESPONSE_DONE)
         self._exchanges.pop(exchange.exchange_id, None)
@@ -176,30 +185,53 @@ class TunnelFlows(ProxyParts):
     # ---------------------------------------------------------------- tunnels
 
     def _start_tunnel(self, downstream: Downstream, now_ns: int, *, endpoint: Address | None = None) -> None:
-        """Open the tunnel's upstream connection: to ``endpoint``, or to one the resolver picks.
-
-        An endpoint of a meshed peer is reached through the peer's inbound port, with a transport header
-        naming the port the connection is for (transport_header.py).
-        """
+        """Open the tunnel's upstream connection: to ``endpoint``, or to one the service's balancer picks
+        (P2C on open connections; the connection waits in the failfast queue while none is ready)."""
         downstream.mode = Mode.OPAQUE
+        if endpoint is not None:
+            self._open_tunnel(downstream, endpoint, None, now_ns)
+            return
+        endpoint_set = self.resolver.resolve(downstream.target or "")
+        if endpoint_set is None or not endpoint_set.endpoints:
+            self._refuse(downstream, "opaque connection: no endpoints")
+            return
+        if self._picker is not None:
+            self._open_tunnel(downstream, self._picker.pick(endpoint_set, self._rng), endpoint_set, now_ns)
+            return
+        backend = self._backend(endpoint_set.name, endpoint_set.endpoints, OPAQUE)
+        refusal = self._take_lease(downstream, downstream.conn_id, backend)
+        if refusal is not None:
+            self._refuse(downstream, f"opaque connection: {refusal.reason}")
+        elif downstream.handle is not None:
+            self._open_tunnel(downstream, downstream.handle.endpoint, endpoint_set, now_ns)
+        # else: it waits for an endpoint; its bytes wait in ``pending`` meanwhile
+
+    def _tunnel_endpoint_ready(self, downstream: Downstream, handle: Handle) -> None:
+        endpoint_set = self.resolver.resolve(downstream.target or "")
+        self._open_tunnel(downstream, handle.endpoint, endpoint_set, self._now_ns)
+        self._sync_tunnel_reading(downstream)
+
+    def _tunnel_endpoint_refused(self, downstream: Downstream, error: ProxyError) -> None:
+        self._refuse(downstream, f"opaque connection: {error.reason}")
+
+    def _open_tunnel(
+        self, downstream: Downstream, endpoint: Address, endpoint_set: EndpointSet | None, now_ns: int
+    ) -> None:
+        """Connect to ``endpoint``. An endpoint of a meshed peer is reached through the peer's inbound port,
+        with a transport header naming the port the connection is for (transport_header.py)."""
         server_identity: str | None = None
-        if endpoint is None:
-            endpoint_set = self.resolver.resolve(downstream.target or "")
-            if endpoint_set is None or not endpoint_set.endpoints:
-                self._refuse(downstream, "opaque connection: no endpoints")
-                return
-            endpoint = self._picker.pick(endpoint_set, self._rng)
-            server_identity = endpoint_set.identity if endpoint_set.meshed_inbound_port is not None else None
-            if endpoint_set.meshed_inbound_port is not None:
-                header = transport_header.TransportHeader(endpoint.port).encode()
-                downstream.pending.appendleft(header)
-                downstream.pending_bytes += len(header)
-                endpoint = Address(endpoint.host, endpoint_set.meshed_inbound_port)
+        if endpoint_set is not None and endpoint_set.meshed_inbound_port is not None:
+            server_identity = endpoint_set.identity
+            header = transport_header.TransportHeader(endpoint.port).encode()
+            downstream.pending.appendleft(header)
+            downstream.pending_bytes += len(header)
+            endpoint = Address(endpoint.host, endpoint_set.meshed_inbound_port)
         conn_id = self._new_id()
         upstream = Upstream(conn_id, self._new_upstream_parser(), endpoint, tunnel_downstream_id=downstream.conn_id)
         self._upstream[conn_id] = upstream
         downstream.tunnel_upstream_id = conn_id
         if not self._connect(conn_id, endpoint, server_identity):
+            self._drop_lease(downstream, downstream.conn_id, Outcome.CANCELLED)  # our refusal, not the endpoint's
             self._tunnel_failed(upstream, f"mTLS to {server_identity}: {self._tls_refusal}")
             return
         self._deadlines.set(("connect", conn_id), now_ns + self.config.connect_timeout_ns)
@@ -250,6 +282,8 @@ class TunnelFlows(ProxyParts):
     def _tunnel_failed(self, upstream: Upstream, reason: str) -> None:
         """The tunnel's upstream could not open, or one side was reset: reset the other side too."""
         downstream = self._downstream.get(upstream.tunnel_downstream_id or -1)
+        if downstream is not None and upstream.state is UpstreamState.CONNECTING:
+            self._drop_lease(downstream, downstream.conn_id, Outcome.FAILURE)  # a failed connect counts
         self._close_upstream(upstream, reset=True)
         if downstream is not None:
             self._effects.append(LogError(conn_id=downstream.conn_id, message=f"opaque connection: {reason}"))

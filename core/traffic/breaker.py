@@ -191,6 +191,9 @@ class CircuitBreaker:
         self._readmissions = 0
         # Bumped whenever ``admits`` may have changed for some endpoint, so a caller can cache eligibility.
         self.version = 0
+        # Whether a backoff timer is armed (some endpoint is EJECTED): a plain attribute, so the balancer's
+        # hot path tests it without a call before asking ``next_deadline_ns``.
+        self.has_deadlines = False
 
     # ------------------------------------------------------------------ membership
 
@@ -204,6 +207,7 @@ class CircuitBreaker:
         self._require(endpoint)
         del self._entries[endpoint]
         self._deadlines.cancel(endpoint)
+        self.has_deadlines = len(self._deadlines) > 0
         self.version += 1
 
     def __contains__(self, endpoint: object) -> bool:
@@ -265,10 +269,15 @@ class CircuitBreaker:
 
     def record(self, endpoint: Address, outcome: Outcome, now_ns: int, *, probe: bool) -> None:
         """The verdict on a request sent to ``endpoint`` at a time ``dispatched`` answered ``probe``."""
-        entry = self._require(endpoint)
+        entry = self._entries.get(endpoint)
+        if entry is None:
+            raise BreakerUsageError(f"endpoint {endpoint} is not tracked by this breaker")
         if probe:
             self._record_probe(endpoint, entry, outcome, now_ns)
         elif entry.state is BreakerState.CLOSED and outcome is not Outcome.CANCELLED:
+            if outcome is Outcome.SUCCESS and self.config.success_rate is None:
+                entry.consecutive_failures = 0  # the common case, without a call (see _record_closed)
+                return
             self._record_closed(endpoint, entry, outcome is Outcome.SUCCESS, now_ns)
 
     def on_timer(self, now_ns: int) -> None:
@@ -277,6 +286,7 @@ class CircuitBreaker:
             assert isinstance(endpoint, Address)
             entry = self._entries[endpoint]
             self._move(endpoint, entry, _Event.BACKOFF_ELAPSED, "backoff elapsed: the next request probes it")
+        self.has_deadlines = len(self._deadlines) > 0
 
     # ------------------------------------------------------------------ transitions
 
@@ -327,6 +337,7 @@ class CircuitBreaker:
         self._counts[reason] += 1
         entry.ejected_until_ns = now_ns + backoff_ns
         self._deadlines.set(endpoint, entry.ejected_until_ns)
+        self.has_deadlines = True
         self._move(endpoint, entry, event, f"{reason.value}: ejected for {backoff_ns / NS_PER_S:.3f} s")
 
     def _backoff_ns(self, ejections_in_row: int) -> int:

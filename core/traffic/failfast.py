@@ -142,11 +142,19 @@ class FailfastQueue:
         self._now_ns: int | None = None
         self._failfast_entered = 0
         self._rejected = dict.fromkeys(RejectReason, 0)
+        # SERVING with nobody waiting: ``submit`` would go straight to the balancer. A plain attribute kept
+        # up to date by every input, so the proxy's hot path tests it without a call and calls ``acquire``.
+        self.idle = True
 
     # ------------------------------------------------------------------ driver inputs
 
     def submit(self, request_id: int, now_ns: int) -> list[QueueOutput]:
         """A new request for this backend: dispatched, queued (no output for it yet) or rejected."""
+        outputs = self._submit(request_id, now_ns)
+        self._refresh_idle()
+        return outputs
+
+    def _submit(self, request_id: int, now_ns: int) -> list[QueueOutput]:
         if request_id in self._waiting:
             raise QueueUsageError(f"request {request_id} is already waiting")
         outputs = self._step(now_ns)
@@ -166,17 +174,23 @@ class FailfastQueue:
 
     def cancel(self, request_id: int) -> bool:
         """The proxy abandoned a waiting request; returns whether it was waiting (it may be long gone)."""
-        return self._waiting.pop(request_id, None) is not None
+        was_waiting = self._waiting.pop(request_id, None) is not None
+        self._refresh_idle()
+        return was_waiting
 
     def poll(self, now_ns: int) -> list[QueueOutput]:
         """Dispatch waiting requests if an endpoint became ready; call after any change to the balancer."""
-        return self._step(now_ns)
+        outputs = self._step(now_ns)
+        self._refresh_idle()
+        return outputs
 
     def on_timer(self, now_ns: int) -> list[QueueOutput]:
         """``next_deadline_ns`` has passed: the balancer's timers, then dispatches and failfast."""
         self._check_time(now_ns)
         self._source.on_timer(now_ns)
-        return self._step(now_ns)
+        outputs = self._step(now_ns)
+        self._refresh_idle()
+        return outputs
 
     # ------------------------------------------------------------------ queries
 
@@ -189,6 +203,9 @@ class FailfastQueue:
     @property
     def state(self) -> QueueState:
         return self._state
+
+    def _refresh_idle(self) -> None:
+        self.idle = self._state is QueueState.SERVING and not self._waiting
 
     def waiting(self) -> list[int]:
         """The waiting request ids, oldest first."""

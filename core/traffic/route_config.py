@@ -274,7 +274,7 @@ def _annotation_retry(node: FieldReader, annotations: Mapping[str, Any], kind: R
             elif key == "retry.linkerd.io/limit":
                 limit = parse_retry_limit(annotations[key])
         except RetryConfigError as error:
-            raise node.fail(key, str(error), "see docs/traffic-routes.md") from None
+            raise node.fail(key, str(error), "see docs/traffic.md") from None
     if not http and not grpc:  # limit or timeout alone: retry what the route kind usually fails with
         http, grpc = (
             ((SERVER_ERRORS,), frozenset()) if kind is RouteKind.HTTP else ((), frozenset({GrpcCode.UNAVAILABLE}))

@@ -147,3 +147,47 @@ def test_inbound_workload_on_an_opaque_port_is_tunnelled(tmp_path: Path) -> None
         config_path=write(tmp_path, "limits: {opaque_ports: [7000]}\ninbound: {to: 127.0.0.1:3306}\n"), environ={}
     )
     assert next(role for role in custom.roles if role.name == "inbound").config.protocol == "detect"
+
+
+ROUTES = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  rules: [{backendRefs: [{name: web-v1, weight: 9}, {name: web-v2, weight: 1}]}]
+"""
+
+
+def test_routes_file_from_the_config_file_the_environment_or_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "other.yaml").write_text(ROUTES.replace("name: web}", "name: other}"))
+    from_file = load(config_path=write(tmp_path, "routes: routes.yaml\n"), environ={})
+    assert from_file.routes is not None and from_file.routes.routes[0].name == "web"
+    assert from_file.routes_source == str(tmp_path / "routes.yaml")  # relative to the config file
+    environ = {"TETHER_PROXY_ROUTES": str(tmp_path / "other.yaml")}
+    from_env = load(config_path=write(tmp_path, "routes: routes.yaml\n"), environ=environ)
+    assert from_env.routes is not None and from_env.routes.routes[0].name == "other"
+    flagged = load(config_path=None, environ=environ, routes_path=str(tmp_path / "routes.yaml"))
+    assert flagged.routes is not None and flagged.routes.routes[0].name == "web"
+    assert load(config_path=None, environ={}).routes is None
+
+
+def test_routes_errors_name_the_routes_file_and_field(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(ROUTES.replace("weight: 9", "weight: nine"))
+    with pytest.raises(ConfigFileError) as caught:
+        load(config_path=None, environ={}, routes_path=str(tmp_path / "routes.yaml"))
+    assert "routes.yaml" in str(caught.value) and "weight" in str(caught.value)
+    with pytest.raises(ConfigFileError) as missing:
+        load(config_path=None, environ={}, routes_path=str(tmp_path / "absent.yaml"))
+    assert "absent.yaml" in str(missing.value)
+
+
+def test_balancer_and_breaker_settings_from_file_and_environment(tmp_path: Path) -> None:
+    text = "limits: {balancer: round-robin, breaker_consecutive_failures: 3, failfast_timeout_ms: 500}\n"
+    process = load(config_path=write(tmp_path, text), environ={"TETHER_PROXY_FAILFAST_QUEUE_CAPACITY": "10"})
+    config = process.roles[0].config
+    assert (config.balancer, config.breaker_consecutive_failures) == ("round-robin", 3)
+    assert (config.failfast_timeout_ns, config.failfast_queue_capacity) == (500_000_000, 10)
+    with pytest.raises(ConfigFileError) as caught:
+        load(config_path=None, environ={"TETHER_PROXY_BALANCER": "random"})
+    assert "balancer" in str(caught.value) and "p2c-ewma" in str(caught.value)

@@ -481,9 +481,9 @@ def test_any_value_anywhere_is_read_or_refused_cleanly(data: st.DataObject, valu
 
 
 def test_the_documented_example_loads() -> None:
-    text = (Path(__file__).parents[3] / "docs" / "traffic-routes.md").read_text()
+    text = (Path(__file__).parents[3] / "docs" / "traffic.md").read_text()
     example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
-    (route,) = load_route_yaml(example, "docs/traffic-routes.md").routes
+    (route,) = load_route_yaml(example, "docs/traffic.md").routes
     rule = route.rules[0]
     assert rule.fault is not None and rule.mirrors and rule.request_headers is not None
     assert rule.retry.limit == 2 and rule.retry.attempt_timeout_ns == 300 * MS  # annotations win
