@@ -344,6 +344,30 @@ class World:
             raise InvariantViolation(self.failure_message(result))
         return result
 
+    def _misissued(self) -> dict[str, SimIdentityAgent]:
+        """Hosts whose certificate is for another workload than the one they claim (``certificate_for``)."""
+        return {host: agent for host, agent in self.identity_agents.items() if agent.identity != agent.certified_as}
+
+    def _misissued_refusal(self, error: str | None) -> bool:
+        return error is not None and "mTLS handshake failed" in error and any(
+            f"connect to {host}:" in error for host in self._misissued()
+        )
+
+    def refused_peers(self) -> dict[str, dict[str, object]]:
+        """Each misissued host: the identity it claimed, the one its certificate names, and how many mTLS
+        handshakes with it were refused. The refusal's own text names the expected identity; the world knows
+        the presented one."""
+        refused: dict[str, dict[str, object]] = {}
+        for host, agent in sorted(self._misissued().items()):
+            count = sum(
+                number
+                for sim_proxy in self.proxies.values()
+                for message, number in sim_proxy.errors.items()
+                if f"connect to {host}:" in message and "mTLS handshake failed" in message
+            )
+            refused[host] = {"expected": agent.identity, "presented": agent.certified_as, "refusals": count}
+        return refused
+
     def identity_report(self) -> dict[str, object]:
         """Certificates issued and refused, each host's rotations and expiries, and the mTLS refusals the
         proxies logged and the proxy errors clients were answered with (by text); empty without identity."""
@@ -365,6 +389,7 @@ class World:
             "refused": dict(sorted(self.control_plane.refused.items())),
             "hosts": {host: agent.report.as_json() for host, agent in sorted(self.identity_agents.items())},
             "tls_errors": dict(sorted(tls_errors.items())),
+            "refused_peers": self.refused_peers(),
             "proxy_error_reasons": dict(sorted(reasons.items())),
         }
 
@@ -384,6 +409,8 @@ class World:
             for record in client.records:
                 if not record.done:
                     self._violation(f"request {record.request_id} got neither a response nor an error")
+                elif record.probe and self._misissued_refusal(record.error or record.proxy_error):
+                    pass  # a declared misissued host stays refused: that is the property, not a stall
                 elif record.probe and (record.error is not None or record.proxy_error is not None):
                     self._violation(
                         f"liveness: probe {record.request_id} failed after every fault healed: "
