@@ -43,7 +43,13 @@ from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send
 from tether.core.identity.agent import IdentityAgent, IdentityAgentConfig
 from tether.core.identity.ca import DAY_S, Issuer, build_issuer, build_trust_anchor, certify, check_request
-from tether.core.identity.client import CertificateExpired, CertificateReady, IdentityClientConfig, ReadToken, RequestKey
+from tether.core.identity.client import (
+    CertificateExpired,
+    CertificateReady,
+    IdentityClientConfig,
+    ReadToken,
+    RequestKey,
+)
 from tether.core.identity.errors import CertifyError, CertifyErrorKind, Problem
 from tether.core.identity.names import Mesh, WorkloadIdentity
 from tether.core.identity.tls import TlsContexts

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from tether.core.address import Address
 from tether.core.config_file import ConfigFileError, FieldReader
 from tether.core.identity.names import IdentityNameError, check_dns_name, check_label
-from tether.sim.identity_host import IdentitySpec, HostIdentity
+from tether.sim.identity_host import HostIdentity, IdentitySpec
 
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*")

@@ -349,8 +349,10 @@ class World:
         return {host: agent for host, agent in self.identity_agents.items() if agent.identity != agent.certified_as}
 
     def _misissued_refusal(self, error: str | None) -> bool:
-        return error is not None and "mTLS handshake failed" in error and any(
-            f"connect to {host}:" in error for host in self._misissued()
+        return (
+            error is not None
+            and "mTLS handshake failed" in error
+            and any(f"connect to {host}:" in error for host in self._misissued())
         )
 
     def refused_peers(self) -> dict[str, dict[str, object]]:
