@@ -137,3 +137,28 @@ def test_a_proxy_identity_without_a_control_plane_is_an_error() -> None:
     data = {key: value for key, value in BASE.items() if key != "identity"}
     with pytest.raises(ConfigFileError, match="needs a control plane"):
         scenario_from_mapping(data, "test.yaml")
+
+
+def test_a_crashed_host_and_control_plane_come_back_with_fresh_certificates() -> None:
+    """web-1 (workload, inbound proxy and agent) crashes at 10 s and restarts at 13 s, while the control plane
+    is down (12 s to 15 s): web-1's new agent retries until the control plane is back, then certifies."""
+    data = {
+        **BASE,
+        "duration_s": 30,
+        "clients": [{"host": "client", "target": "out:4140", "authority": "web", "start_s": 1, "rate_per_s": 5}],
+        "faults": [
+            {"kind": "crash", "at_s": 10, "duration_s": 3, "hosts": ["web-1"]},
+            {"kind": "crash", "at_s": 12, "duration_s": 3, "hosts": ["identity"]},
+        ],
+    }
+    data["proxies"] = [{**BASE["proxies"][0], "port": 4140, "service": "web"}, BASE["proxies"][1]]
+    scenario = scenario_from_mapping(data, "crash.yaml")
+    result = scenario.build(3).run(scenario.duration_ns).as_json()
+    assert result["violations"] == []
+    hosts = result["identity"]["hosts"]
+    assert hosts["web-1"]["certificates"] == 2, "the restarted host certifies again"
+    # Its new agent's connection waited (SYN retries) for the control plane: issued at 15 s or later.
+    assert hosts["web-1"]["valid_until"] >= "2026-01-02T00:00:15Z", hosts["web-1"]
+    assert hosts["out"]["certificates"] == 1 and hosts["out"]["expiries"] == 0
+    timeline = result["timeline"]
+    assert all(row["ok"] == row["requests"] for row in timeline[2:10] + timeline[20:29])
