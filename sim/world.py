@@ -370,6 +370,18 @@ class World:
             refused[host] = {"expected": agent.identity, "presented": agent.certified_as, "refusals": count}
         return refused
 
+    def requests_by_peer(self) -> dict[str, dict[str, int]]:
+        """Per proxy, the requests it counted (``request_total``) by the identity of the peer mTLS proved:
+        the server's for an outbound proxy, the client's for an inbound one; ``plaintext`` without mTLS."""
+        found: dict[str, dict[str, int]] = {}
+        for name, sim_proxy in sorted(self.proxies.items()):
+            counts: dict[str, int] = {}
+            for labels, count in sim_proxy.proxy.telemetry.request_total.items():
+                peer = labels.peer_id if labels.tls == "true" else "plaintext"
+                counts[peer] = counts.get(peer, 0) + count
+            found[name] = dict(sorted(counts.items()))
+        return found
+
     def identity_report(self) -> dict[str, object]:
         """Certificates issued and refused, each host's rotations and expiries, and the mTLS refusals the
         proxies logged and the proxy errors clients were answered with (by text); empty without identity."""
@@ -392,6 +404,7 @@ class World:
             "hosts": {host: agent.report.as_json() for host, agent in sorted(self.identity_agents.items())},
             "tls_errors": dict(sorted(tls_errors.items())),
             "refused_peers": self.refused_peers(),
+            "requests_by_peer": self.requests_by_peer(),
             "proxy_error_reasons": dict(sorted(reasons.items())),
         }
 

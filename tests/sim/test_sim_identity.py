@@ -14,6 +14,7 @@ from tether.sim.scenario import load_scenario, scenario_from_mapping
 
 SCENARIOS = Path(__file__).parents[2] / "sim" / "scenarios"
 WEB = "web.default.serviceaccount.identity.linkerd.cluster.local"
+CLIENT = "client.default.serviceaccount.identity.linkerd.cluster.local"
 
 
 def run(name: str, *, seed: int | None = None, duration_s: float | None = None) -> dict:
@@ -28,6 +29,10 @@ def test_certificates_rotate_for_ten_days_with_zero_failed_requests() -> None:
     assert result["violations"] == []
     assert result["virtual_s"] >= 864_000
     assert result["requests"] > 500 and result["responses"] == {"200": result["requests"]}
+    by_peer = result["identity"]["requests_by_peer"]
+    assert set(by_peer["out"]) == {WEB} and by_peer["out"][WEB] >= result["requests"], "every request over mTLS"
+    for inbound in ("web-1/inbound", "web-2/inbound"):
+        assert set(by_peer[inbound]) == {CLIENT} and by_peer[inbound][CLIENT] > 0, by_peer
     hosts = result["identity"]["hosts"]
     assert set(hosts) == {"out", "web-1", "web-2"}
     for report in hosts.values():
