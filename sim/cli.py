@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -120,8 +121,41 @@ def _print_summary(result: RunResult) -> None:
     for host, count in result.endpoint_requests.items():
         detail.add_row(f"endpoint {host} received", str(count))
     console.print(detail)
+    if result.identity:
+        _print_identity(console, result.identity)
     verdict = "all invariants held" if not result.violations else f"{len(result.violations)} invariant violations"
     console.print(verdict)
+
+
+def _print_identity(console: Console, report: dict[str, Any]) -> None:
+    """Per meshed host: its certificates (rotations), expiries and failed attempts; then mTLS refusals."""
+    table = Table(title=f"identity: SERVICEACCOUNT.NAMESPACE, leaf lifetime {report['leaf_lifetime_s']} s")
+    for column in ("host", "identity", "certificates", "rotations", "expiries", "failed tries"):
+        table.add_column(column, justify="left" if column in ("host", "identity") else "right")
+    for host, row in report["hosts"].items():
+        shown = _workload(row["identity"])
+        if row["certified_as"] != row["identity"]:
+            shown += f" (certified as {_workload(row['certified_as'])})"
+        table.add_row(
+            host,
+            shown,
+            str(row["certificates"]),
+            str(row["rotations"]),
+            str(row["expiries"]),
+            str(row["failed_attempts"]),
+        )
+    console.print(table)
+    for host, refused in report["refused_peers"].items():
+        console.print(
+            f"{host}: {refused['refusals']} mTLS handshakes refused: presented {refused['presented']}, "
+            f"expected {refused['expected']}"
+        )
+    for reason, count in report["proxy_error_reasons"].items():
+        console.print(f"{count} requests answered by the proxy: {reason}")
+
+
+def _workload(identity: str) -> str:
+    return identity.split(".serviceaccount.")[0]
 
 
 def _ms(value: float | None) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, SetReading, ShutdownWrite
 from tether.core.proxy import Proxy
+from tether.core.proxy.mtls import CertificateExpired, CertificateUpdate
 from tether.core.traffic.route_config import RouteConfig
 from tether.sim.network import Network, VirtualSocket
 
@@ -42,6 +43,9 @@ class SimProxy:
         self._pending_connects: dict[int, Callable[[], None]] = {}
         self._timer_generation = 0
         self._armed_ns: int | None = None
+        # The machine's error lines by message (the connection id left out), for results: an mTLS refusal
+        # names the identities involved. Bounded by the distinct messages a run produces (a few dozen).
+        self.errors: dict[str, int] = {}
         network.listen(host, port, self._accept)
 
     def restart(self) -> None:
@@ -54,6 +58,13 @@ class SimProxy:
         self._timer_generation += 1
         self._armed_ns = None
         self.network.listen(self.host, self.port, self._accept)
+
+    def control(self, update: CertificateUpdate | CertificateExpired) -> None:
+        """A certificate from the host's identity agent (sim/identity_host.py), or its expiry."""
+        if not self.network.hosts[self.host].alive:
+            return
+        self.proxy.control(update, self.kernel.now_ns)
+        self._apply()
 
     # ---------------------------------------------------------------- socket events -> machine
 
@@ -135,6 +146,7 @@ class SimProxy:
                 sock.shutdown_write()
         elif isinstance(effect, LogError):
             self.kernel.log(self.name, f"error c{effect.conn_id}: {effect.message}")
+            self.errors[effect.message] = self.errors.get(effect.message, 0) + 1
 
     def _connect(self, conn_id: int, address: Address) -> None:
         self.kernel.log(self.name, f"connect c{conn_id} to {address}")

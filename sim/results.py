@@ -54,6 +54,7 @@ class RunResult:
     balancers: list[str] = field(default_factory=list)  # the balancers the outbound proxies were given
     timeline: list[dict[str, float | int | None]] = field(default_factory=list)
     endpoint_timeline: dict[str, list[int]] = field(default_factory=dict)  # requests received per second
+    identity: dict[str, object] = field(default_factory=dict)  # World.identity_report(); empty without identity
 
     def endpoint_requests_between(self, host: str, first_s: int, last_s: int) -> int:
         """Requests ``host`` received in virtual seconds ``first_s`` to ``last_s``, inclusive."""
@@ -93,6 +94,7 @@ class RunResult:
             "violations": self.violations,
             "timeline": self.timeline,
             "endpoint_timeline": self.endpoint_timeline,
+            **({"identity": self.identity} if self.identity else {}),
         }
 
 

@@ -1,5 +1,6 @@
 """Scenario files: YAML that builds a World. See sim/scenarios/basic.yaml for every field, and
-meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps. The fields
+meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps; identity
+and mTLS (``identity``, ``proxies[].identity``) are read by scenario_identity.py (mtls-*.yaml use them). The fields
 of traffic experiments (latency models, windows, chained services, routes) are read by scenario_fields.py;
 slow-endpoint.yaml, retry-storm.yaml, failing-endpoint.yaml and canary.yaml use them.
 
@@ -19,6 +20,7 @@ from tether.core.config import BALANCERS, MS, ConfigError, ProxyConfig
 from tether.core.config_file import ConfigFileError, FieldReader, read_proxy_config
 from tether.sim.apps import ServerSpec, WorkloadSpec
 from tether.sim.grpc_apps import GrpcWorkloadSpec
+from tether.sim.identity_host import HostIdentity
 from tether.sim.network import LinkSpec
 from tether.sim.scenario_fields import (
     ARRIVALS,
@@ -26,6 +28,7 @@ from tether.sim.scenario_fields import (
     read_calls,
     read_route_config,
 )
+from tether.sim.scenario_identity import check_identity_hosts, host_identities, read_identity_spec, route_identities
 from tether.sim.tcp_apps import TcpWorkloadSpec
 from tether.sim.world import Fault, World
 
@@ -90,6 +93,7 @@ def scenario_from_mapping(data: object, source: str) -> Scenario:
         "grpc_servers",
         "grpc_clients",
         "balancer",
+        "identity",
     )
     duration_ns = int(top.number("duration_s", 30, minimum=0.001) * S)
     seed = int(top.number("seed", 1))
@@ -116,13 +120,21 @@ def _build(scenario: Scenario, seed: int, *, keep_trace: bool = False, balancer:
         seed, default_link=default_link, mss=mss, keep_trace=keep_trace, replay_hint=f"tether sim {scenario.source}"
     )
     ports = _Ports()
+    identity = read_identity_spec(top)
+    hosts = host_identities(top.items("proxies"), identity)
+    check_identity_hosts(identity, hosts, top)
+    if identity is not None:
+        world.enable_identity(identity)
+        ports.claim(top.child("identity"), "port", identity.host, identity.port)
     for server in top.items("servers"):
         spec = http_server_spec(server, _server_spec(server, ports, default_port=8080, http=True))
         world.add_server(server.text("host"), spec, calls=read_calls(server))
     for server in top.items("grpc_servers"):
         world.add_grpc_server(server.text("host"), _server_spec(server, ports, default_port=50051))
     for proxy in top.items("proxies"):
-        _add_proxy(world, proxy, ports, balancer=balancer, default_balancer=scenario.balancer)
+        _add_proxy(world, proxy, ports, hosts, balancer=balancer, default_balancer=scenario.balancer)
+    for host, who in hosts.items():
+        world.add_identity(host, who)
     for client in top.items("clients"):
         _add_client(world, client, scenario.duration_ns)
     for client in top.items("grpc_clients"):
@@ -190,14 +202,20 @@ OUTBOUND_KEYS = ("port", "to", "service", "routes", "meshed", "config", "route_c
 
 
 def _add_proxy(
-    world: World, proxy: FieldReader, ports: _Ports, *, balancer: str | None, default_balancer: str | None
+    world: World,
+    proxy: FieldReader,
+    ports: _Ports,
+    hosts: dict[str, HostIdentity],
+    *,
+    balancer: str | None,
+    default_balancer: str | None,
 ) -> None:
     """An outbound proxy, an inbound one (``inbound: {port, to, config}``), or both on one host.
 
     An entry with ``inbound`` and none of the outbound keys runs only the inbound role. The balancer is
     ``balancer`` (the command line's) if given, else the proxy config's, else the scenario's.
     """
-    proxy.known("host", *OUTBOUND_KEYS, "inbound")
+    proxy.known("host", *OUTBOUND_KEYS, "inbound", "identity")
     host = proxy.text("host")
     if "inbound" in proxy.data:
         _add_inbound(world, host, proxy.child("inbound"), ports, balancer=balancer)
@@ -225,6 +243,7 @@ def _add_proxy(
         service=proxy.text("service", "default"),
         meshed=meshed,
         route_config=read_route_config(proxy, "route_config"),
+        identities=route_identities(proxy, routes, meshed, hosts, world.control_plane and world.control_plane.spec),
     )
 
 

@@ -27,6 +27,7 @@ from tether.core.traffic.route_config import RouteConfig
 from tether.sim.apps import CallerClient, ServerSpec, VirtualHttpServer, WorkloadClient, WorkloadSpec
 from tether.sim.behaviour import Tally
 from tether.sim.grpc_apps import GrpcWorkloadClient, GrpcWorkloadSpec, VirtualGrpcServer
+from tether.sim.identity_host import ControlPlane, HostIdentity, IdentitySpec, SimIdentityAgent
 from tether.sim.kernel import Kernel
 from tether.sim.network import LinkSpec, Network
 from tether.sim.proxy_host import SimProxy
@@ -95,6 +96,8 @@ class World:
         self._heal_actions: list[Callable[[], None]] = []
         self._healing = False
         self._faulted = False  # any scheduled fault or lossy link: client timeouts can then be legitimate
+        self.control_plane: ControlPlane | None = None  # the identity service, once enable_identity ran
+        self.identity_agents: dict[str, SimIdentityAgent] = {}  # by host
 
     # ---------------------------------------------------------------- building
 
@@ -134,16 +137,20 @@ class World:
         service: str = "default",
         meshed: Mapping[str, int] | None = None,
         route_config: RouteConfig | None = None,
+        identities: Mapping[str, str] | None = None,
     ) -> None:
         """An outbound proxy. ``meshed`` maps route hosts whose endpoints run an inbound proxy to its port:
         HTTP to them rides HTTP/2 to that port, opened with a transport header. ``route_config`` (retries,
         timeouts, weighted splits) is handed to the proxy when its constructor takes one (see
-        ``route_keyword``), and kept on the SimProxy either way."""
+        ``route_keyword``), and kept on the SimProxy either way. ``identities`` maps meshed route hosts to
+        the identity their endpoints prove: connections to them carry mTLS (see ``enable_identity``)."""
         self._host(host)
         extra = {ROUTE_KEYWORD: route_config} if ROUTE_KEYWORD is not None and route_config is not None else {}
 
         def factory(restart: int) -> Proxy:
-            resolver = StaticResolver(default=endpoints, by_host=routes, default_name=service, meshed_hosts=meshed)
+            resolver = StaticResolver(
+                default=endpoints, by_host=routes, default_name=service, meshed_hosts=meshed, identities=identities
+            )
             return Proxy(config, resolver, self.kernel.rng_for("proxy", host, restart), **extra)
 
         self.proxies[host] = SimProxy(self.network, host, port, factory)
@@ -166,6 +173,34 @@ class World:
 
         name = f"{host}/inbound"
         self.proxies[name] = SimProxy(self.network, host, port, factory, name=name)
+
+    def enable_identity(self, spec: IdentitySpec) -> None:
+        """A control-plane host running the identity service (sim/identity_host.py); its CA is made now."""
+        assert self.control_plane is None, "one control plane per world"
+        self._host(spec.host)
+        self.control_plane = ControlPlane(self.network, spec, self.kernel.rng_for("identity", "ca"))
+
+    def identity_of(self, serviceaccount: str) -> str:
+        """The identity name of a service account in this world's mesh."""
+        assert self.control_plane is not None, "enable_identity first"
+        return self.control_plane.spec.identity_of(serviceaccount)
+
+    def add_identity(self, host: str, who: HostIdentity) -> None:
+        """An identity agent for ``host``: every proxy there (outbound, inbound) gets its certificates.
+        It starts at virtual time 0; requests before the first certificate arrives fail closed."""
+        assert self.control_plane is not None, "enable_identity first"
+        assert host not in self.identity_agents, f"{host} has an identity already"
+        self._host(host)
+        agent = SimIdentityAgent(
+            self.network,
+            host,
+            who,
+            self.control_plane,
+            proxies=lambda: [proxy for proxy in self.proxies.values() if proxy.host == host],
+            rng_for=lambda generation: self.kernel.rng_for("identity", host, generation),
+        )
+        self.identity_agents[host] = agent
+        self.kernel.at(0, agent.start)
 
     def add_grpc_server(self, host: str, spec: ServerSpec) -> None:
         self._host(host)
@@ -260,6 +295,10 @@ class World:
             VirtualEchoServer(self.network, host, port, server_first=server_first)
         if host in self.servers:
             self.servers[host] = self._new_server(host, restarts)
+        if self.control_plane is not None and host == self.control_plane.spec.host:
+            self.control_plane.listen()
+        if host in self.identity_agents:
+            self.identity_agents[host].restart()
 
     def _heal_servers(self) -> None:
         """Server windows are faults too: from healing on, every server behaves as its own settings say."""
@@ -300,9 +339,74 @@ class World:
         self.kernel.run_until(self.kernel.now_ns + PROBE_WAIT_NS, stop=all_ended)
         self._check_liveness()
         result = summarise(self, time.perf_counter() - started, duration_ns)
+        result.identity = self.identity_report()
         if check and result.violations:
             raise InvariantViolation(self.failure_message(result))
         return result
+
+    def _misissued(self) -> dict[str, SimIdentityAgent]:
+        """Hosts whose certificate is for another workload than the one they claim (``certificate_for``)."""
+        return {host: agent for host, agent in self.identity_agents.items() if agent.identity != agent.certified_as}
+
+    def _misissued_refusal(self, error: str | None) -> bool:
+        return (
+            error is not None
+            and "mTLS handshake failed" in error
+            and any(f"connect to {host}:" in error for host in self._misissued())
+        )
+
+    def refused_peers(self) -> dict[str, dict[str, object]]:
+        """Each misissued host: the identity it claimed, the one its certificate names, and how many mTLS
+        handshakes with it were refused. The refusal's own text names the expected identity; the world knows
+        the presented one."""
+        refused: dict[str, dict[str, object]] = {}
+        for host, agent in sorted(self._misissued().items()):
+            count = sum(
+                number
+                for sim_proxy in self.proxies.values()
+                for message, number in sim_proxy.errors.items()
+                if f"connect to {host}:" in message and "mTLS handshake failed" in message
+            )
+            refused[host] = {"expected": agent.identity, "presented": agent.certified_as, "refusals": count}
+        return refused
+
+    def requests_by_peer(self) -> dict[str, dict[str, int]]:
+        """Per proxy, the requests it counted (``request_total``) by the identity of the peer mTLS proved:
+        the server's for an outbound proxy, the client's for an inbound one; ``plaintext`` without mTLS."""
+        found: dict[str, dict[str, int]] = {}
+        for name, sim_proxy in sorted(self.proxies.items()):
+            counts: dict[str, int] = {}
+            for labels, count in sim_proxy.proxy.telemetry.request_total.items():
+                peer = labels.peer_id if labels.tls == "true" else "plaintext"
+                counts[peer] = counts.get(peer, 0) + count
+            found[name] = dict(sorted(counts.items()))
+        return found
+
+    def identity_report(self) -> dict[str, object]:
+        """Certificates issued and refused, each host's rotations and expiries, and the mTLS refusals the
+        proxies logged and the proxy errors clients were answered with (by text); empty without identity."""
+        if self.control_plane is None:
+            return {}
+        tls_errors: dict[str, int] = {}
+        for sim_proxy in self.proxies.values():
+            for message, count in sim_proxy.errors.items():
+                if "TLS" in message:
+                    tls_errors[message] = tls_errors.get(message, 0) + count
+        reasons: dict[str, int] = {}
+        for client in self.clients:
+            for record in client.records:
+                if record.proxy_error is not None and not record.probe:
+                    reasons[record.proxy_error] = reasons.get(record.proxy_error, 0) + 1
+        return {
+            "leaf_lifetime_s": self.control_plane.spec.leaf_lifetime_s,
+            "issued": dict(sorted(self.control_plane.issued.items())),
+            "refused": dict(sorted(self.control_plane.refused.items())),
+            "hosts": {host: agent.report.as_json() for host, agent in sorted(self.identity_agents.items())},
+            "tls_errors": dict(sorted(tls_errors.items())),
+            "refused_peers": self.refused_peers(),
+            "requests_by_peer": self.requests_by_peer(),
+            "proxy_error_reasons": dict(sorted(reasons.items())),
+        }
 
     def failure_message(self, result: RunResult) -> str:
         shown = "\n  ".join(result.violations[:10])
@@ -320,6 +424,8 @@ class World:
             for record in client.records:
                 if not record.done:
                     self._violation(f"request {record.request_id} got neither a response nor an error")
+                elif record.probe and self._misissued_refusal(record.error or record.proxy_error):
+                    pass  # a declared misissued host stays refused: that is the property, not a stall
                 elif record.probe and (record.error is not None or record.proxy_error is not None):
                     self._violation(
                         f"liveness: probe {record.request_id} failed after every fault healed: "
