@@ -358,7 +358,8 @@ class Proxy(MeshTls, Balancing, Routing, H1Flows, TunnelFlows, H2Flows, H2Upstre
         stream_exchange = self._streams.get(exchange_id)
         if stream_exchange is not None and not stream_exchange.response_started:
             timeout_ms = self.config.response_timeout_ns // NS_PER_MS
-            reason = f"{stream_exchange.endpoint} did not answer within {timeout_ms} ms"
+            who = stream_exchange.endpoint or f"no endpoint of {stream_exchange.service}"  # still queued
+            reason = f"{who} did not answer within {timeout_ms} ms"
             self._stream_fail(stream_exchange, ProxyError(ProxyErrorKind.RESPONSE_TIMEOUT, reason))
             return
         exchange = self._exchange(exchange_id)
@@ -369,7 +370,8 @@ class Proxy(MeshTls, Balancing, Routing, H1Flows, TunnelFlows, H2Flows, H2Upstre
             upstream.exchange_id = None
             self._close_upstream(upstream, reset=True)
         timeout_ms = self.config.response_timeout_ns // NS_PER_MS
-        reason = f"{exchange.endpoint} did not answer within {timeout_ms} ms"
+        who = exchange.endpoint or f"no endpoint of {exchange.service}"  # it waited in the failfast queue
+        reason = f"{who} did not answer within {timeout_ms} ms"
         self._fail(exchange, ProxyError(ProxyErrorKind.RESPONSE_TIMEOUT, reason), now_ns)
 
     def _route_timer(self, request_id: int) -> None:
