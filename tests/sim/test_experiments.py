@@ -62,12 +62,10 @@ def test_slow_endpoint_round_robin_degrades_above_p95(slow_endpoint: dict[str, R
     assert result.percentiles_ms["p95"] is not None and result.percentiles_ms["p95"] < 400
     assert result.percentiles_ms["p99"] is not None and result.percentiles_ms["p99"] >= 990  # the 1 s timeout
     assert result.proxy_errors.get("response_timeout", 0) > 0
-    # Round robin gives the healthy endpoints equal shares; the slow one gets its share only until circuit
-    # breaking ejects it (seven timeouts in a row), after which its probes keep it mostly out.
+    # Round robin gives the slow endpoint its eleventh whether it is slow or not (circuit breaking is off in
+    # this experiment, so the balancers are compared alone).
     counts = result.endpoint_requests
-    healthy = [count for host, count in counts.items() if host != "web-11"]
-    assert max(healthy) - min(healthy) <= 1
-    assert counts["web-11"] < min(healthy)
+    assert max(counts.values()) - min(counts.values()) <= 1
 
 
 def test_slow_endpoint_balancer_override_reaches_every_proxy(slow_endpoint: dict[str, Run]) -> None:
