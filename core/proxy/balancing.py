@@ -20,8 +20,9 @@ A request asks its backend for an endpoint once per attempt (``_admit``), with i
 
 Every handle is given back exactly once (``_drop_lease``) with the outcome the breaker and the peak-EWMA
 estimate need: HTTP at the response head (its RTT is the time to the head; a 5xx is a failure), gRPC at
-the response end (the outcome lives in the trailers: UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE,
-DATA_LOSS or a missing grpc-status are failures, the rest are the application's answers), opaque TCP when
+the response end with the RTT of its head (the outcome lives in the trailers: UNKNOWN, DEADLINE_EXCEEDED,
+INTERNAL, UNAVAILABLE, DATA_LOSS or a missing grpc-status are failures, the rest are the application's
+answers), opaque TCP when
 the tunnel ends (the handle is held for the connection's life, so "pending" is the open connection count;
 only a failed or timed-out connect is a failure). A failed connect, a connect or response timeout, a reset
 or an invalid response before the head are failures; a request abandoned by its client, or answered by the
@@ -211,15 +212,16 @@ class Balancing(ProxyParts):
         holder.handle = admitted
         return None
 
-    def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None:
-        """``holder`` is done with its endpoint (or stops waiting for one): idempotent."""
+    def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome, *, rtt_ns: int | None = None) -> None:
+        """``holder`` is done with its endpoint (or stops waiting for one): idempotent. ``rtt_ns``: see
+        ``Balancer.finished``."""
         backend = holder.backend
         if backend is None:
             return
         handle = holder.handle
         if handle is not None:
             holder.handle = None
-            backend.balancer.finished(handle, outcome, self._now_ns)
+            backend.balancer.finished(handle, outcome, self._now_ns, rtt_ns=rtt_ns)
             if outcome is not Outcome.SUCCESS or handle.probe:
                 self._rearm_backend(backend)  # an ejection arms a backoff; a readmission may end one
             if not backend.queue.idle:

@@ -126,11 +126,15 @@ class H1Traffic(ProxyParts):
         if refused is not None:
             return refused
         forwarded = http1.pairs(exchange.request)
+        target = request.target.decode("latin-1")
+        if target.startswith(("http://", "https://")):  # absolute form: routes match on the path
+            parts = target.split("/", 3)
+            target = "/" + (parts[3] if len(parts) > 3 else "")
         routed = self._route(
             endpoint_set,
             authority,
             request.method.decode("ascii", "replace"),
-            request.target.decode("latin-1"),
+            target,
             _text_headers(http1.pairs(request)),
             _content_length(forwarded),
         )
@@ -142,6 +146,8 @@ class H1Traffic(ProxyParts):
             return routed
         exchange.route = routed
         exchange.request = self._rewritten(exchange.request, routed)
+        if routed.refusal is not None:
+            return routed.refusal  # answered at once (an abort, no backend): nothing to mirror
         for mirror in routed.matched.rule.mirrors:
             decision = self._mirror_gate.admit(mirror, self._rng, content_length=_content_length(forwarded))
             routed.counters.record_mirror(decision)

@@ -61,7 +61,9 @@ class H2Flows(H2Traffic):
         def _flush_h2(self, connection: Downstream | Upstream) -> None: ...
         def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
         def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
-        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
+        def _drop_lease(
+            self, holder: Leaseholder, request_id: int, outcome: Outcome, *, rtt_ns: int | None = None
+        ) -> None: ...
 
     def _h2_limits(self) -> H2Limits:
         config = self.config
@@ -274,6 +276,7 @@ class H2Flows(H2Traffic):
             headers = routed
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.response_status = status
+        exchange.head_ns = self._now_ns
         if exchange.handle is not None and not exchange.grpc:
             self._drop_lease(exchange, exchange.exchange_id, http_outcome(status))
         latency_ms = (self._now_ns - exchange.started_ns) / NS_PER_MS
@@ -346,7 +349,8 @@ class H2Flows(H2Traffic):
             self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, grpc_status)
             if exchange.handle is not None:
                 outcome = grpc_outcome(exchange.response_status or 0, grpc_status)
-                self._drop_lease(exchange, exchange.exchange_id, outcome)
+                rtt_ns = exchange.head_ns - exchange.handle.started_ns if exchange.head_ns is not None else None
+                self._drop_lease(exchange, exchange.exchange_id, outcome, rtt_ns=rtt_ns)
         exchange.response_ended = True
         if self._source_queued(exchange) == 0:
             self._finish_stream(exchange)

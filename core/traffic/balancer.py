@@ -286,8 +286,12 @@ class Balancer:
         self._open_handles.add(self._last_handle_id)
         return Handle(entry.address, self._last_handle_id, now_ns, probe)
 
-    def finished(self, handle: Handle, outcome: Outcome, now_ns: int) -> None:
-        """The request of ``handle`` ended with ``outcome``."""
+    def finished(self, handle: Handle, outcome: Outcome, now_ns: int, *, rtt_ns: int | None = None) -> None:
+        """The request of ``handle`` ended with ``outcome``.
+
+        ``rtt_ns``: the round-trip time to feed the estimate when it is not ``now - started`` (a gRPC
+        response is finished at its end, where its status is, but timed to its head, as HTTP is).
+        """
         self._advance(now_ns)
         if handle.handle_id not in self._open_handles:
             raise BalancerUsageError(f"finished() twice, or with a handle of another balancer: {handle!r}")
@@ -295,7 +299,7 @@ class Balancer:
         entry = self._endpoints[handle.endpoint]  # an endpoint with a request in flight is never forgotten
         assert entry.pending > 0, entry.address
         entry.pending -= 1
-        rtt_ns = max(0, now_ns - handle.started_ns)
+        rtt_ns = max(0, now_ns - handle.started_ns if rtt_ns is None else rtt_ns)
         # A cancelled request only says the answer took at least rtt_ns: it counts only when it raises the
         # estimate (the peak rule), never to make an endpoint look faster than it is.
         if outcome is not Outcome.CANCELLED or rtt_ns > entry.ewma.value_ns:

@@ -86,3 +86,25 @@ def test_a_grpc_status_the_route_does_not_name_is_forwarded(make_harness) -> Non
     assert dict(client.streams[stream].headers)[b"grpc-status"] == b"5"
     h.advance(0.1)
     assert requests_seen(endpoint) == [first]
+
+
+def test_a_grpc_response_is_judged_at_its_end_and_timed_to_its_head(make_harness) -> None:
+    h = make_harness()
+    client = client_for(h)
+    stream = client.request("/pkg.Svc/Watch", extra=GRPC)
+    endpoint = endpoint_for(h)
+    (first,) = requests_seen(endpoint)
+    h.advance(0.01)
+    endpoint.h2.send_headers(first, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    endpoint.flush()
+    balancer = h.proxy.telemetry.traffic.balancers[("default", "http")]
+    (address,) = balancer.endpoints()
+    assert balancer.in_flight == 1  # still pending: the verdict is in the trailers
+    h.advance(2.0)  # a long stream
+    endpoint.h2.send_headers(first, [(b"grpc-status", b"14")], end_stream=True)
+    endpoint.flush()
+    client.read()
+    assert client.streams[stream].trailers == [(b"grpc-status", b"14")]
+    assert balancer.in_flight == 0
+    estimate_ms = balancer.rtt_estimate_ns(address, h.now_ns) / 1e6
+    assert estimate_ms < 100  # the 10 ms to the head (and the 30 ms default), not the 2 s stream
