@@ -23,12 +23,12 @@ message (past it the call fails RESOURCE_EXHAUSTED and its stream is reset), and
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import h2.events
 from h2.errors import ErrorCodes
 
+from tether.core.grpc_codes import GrpcStatus
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
 
 MESSAGE_PREFIX_BYTES = 5  # a compressed flag and a 32-bit length (PROTOCOL-HTTP2.md, "Length-Prefixed-Message")
@@ -41,28 +41,6 @@ DEFAULT_LIMITS = H2Limits(
 )
 _TIMEOUT_UNITS = (("n", 1), ("u", 1_000), ("m", 1_000_000), ("S", 10**9), ("M", 60 * 10**9), ("H", 3600 * 10**9))
 _TIMEOUT_DIGITS_MAX = 10**8  # grpc-timeout carries at most 8 digits
-
-
-class GrpcStatus(enum.IntEnum):
-    """gRPC status codes (grpc/doc/statuscodes.md)."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
 
 
 # RST_STREAM codes as gRPC reads them (PROTOCOL-HTTP2.md, "Errors"); any other code is INTERNAL.

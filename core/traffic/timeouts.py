@@ -32,6 +32,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from tether.core.grpc_codes import GrpcStatus
+
 MS = 1_000_000
 S = 1_000_000_000
 # The longest duration any route setting accepts. A day is far beyond any sane request, and bounding it
@@ -39,26 +41,7 @@ S = 1_000_000_000
 MAX_DURATION_NS = 24 * 3600 * S
 
 
-class GrpcCode(enum.IntEnum):
-    """The gRPC status codes this package names (grpc/doc/statuscodes.md)."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
+GrpcCode = GrpcStatus  # the name this package's modules use
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
