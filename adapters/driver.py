@@ -144,7 +144,7 @@ class ProxyDriver:
     async def _dial(self, conn_id: int, address: Address) -> None:
         assert self._loop is not None
         try:
-            await self._loop.create_connection(lambda: self._dialled(conn_id), address.host, address.port)
+            await self._loop.create_connection(lambda: _Link(self, conn_id), address.host, address.port)
         except OSError as error:
             self._links.pop(conn_id, None)
             self._feed(conn_id, self.proxy.connect_failed, conn_id, error.strerror or str(error), self._clock_ns())
@@ -152,9 +152,6 @@ class ProxyDriver:
             pass  # the machine gave up on the connect (its timeout, or a Close) and already forgot the id
         finally:
             self._dials.pop(conn_id, None)
-
-    def _dialled(self, conn_id: int) -> _Link:
-        return _Link(self, conn_id)
 
     def _connected(self, link: _Link) -> None:
         conn_id = link.conn_id

@@ -18,7 +18,6 @@ here and nowhere else.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import time
@@ -34,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send
 from tether.core.identity.agent import IdentityAgent
+from tether.core.identity.ca import utc_text
 from tether.core.identity.client import CertificateExpired, CertificateReady, ReadToken, RequestKey
-from tether.core.identity.tls import TlsContexts
 from tether.core.proxy import mtls
 
 log = logging.getLogger("tether.identity")
@@ -122,9 +121,9 @@ class IdentityAgentDriver:
         elif isinstance(effect, CertificateReady):
             self._certificate_ready(effect)
         elif isinstance(effect, CertificateExpired):
-            until = _utc(effect.valid_until_s)
+            until = utc_text(effect.valid_until_s)
             log.error("identity: the certificate of %s expired at %s with no renewal", effect.identity, until)
-            self._apply_update(mtls.CertificateExpired(reason=f"valid until {until}, not renewed"))
+            self._apply_update(mtls.certificate_expired(effect))
         elif isinstance(effect, LogError):
             log.warning("%s", effect.message)
 
@@ -143,15 +142,8 @@ class IdentityAgentDriver:
         self.agent.token_read(attempt, token, now_ns)
 
     def _certificate_ready(self, ready: CertificateReady) -> None:
-        contexts = TlsContexts.build(
-            identity=ready.identity,
-            leaf_der=ready.leaf_der,
-            intermediates_der=ready.intermediates_der,
-            key=ready.key,
-            trust_anchors_pem=ready.trust_anchors_pem,
-        )
-        log.info("identity: certified as %s until %s", ready.identity, _utc(ready.valid_until_s))
-        self._apply_update(mtls.CertificateUpdate(contexts=contexts, wall_time_s=self._wall_clock()))
+        log.info("identity: certified as %s until %s", ready.identity, utc_text(ready.valid_until_s))
+        self._apply_update(mtls.certificate_update(ready, self._wall_clock()))
 
     # ---------------------------------------------------------------- the connection
 
@@ -208,7 +200,3 @@ class IdentityAgentDriver:
             deadline = self.agent.next_deadline_ns()
             if deadline is not None and deadline <= now_ns:
                 self._feed(self.agent.on_timer, now_ns, self._wall_clock())
-
-
-def _utc(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(int(seconds), tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

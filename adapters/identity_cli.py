@@ -9,7 +9,6 @@ files that already exist); 3 the listen address cannot be bound.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from tether.core.identity.ca import (
     TRUST_ANCHOR_VALIDITY_S_DEFAULT,
     build_issuer,
     build_trust_anchor,
+    utc_text,
 )
 from tether.core.identity.names import IdentityNameError, Mesh, WorkloadIdentity
 from tether.core.identity.tokens import EMBEDDED_TOKEN_VALIDITY_S_DEFAULT, TokenKey, mint_token
@@ -47,10 +47,6 @@ CERTIFICATE_FILE_MODE = 0o644
 def _fail(command: str, message: str, code: int = EXIT_USAGE) -> NoReturn:
     click.echo(f"tether identity {command}: {message}", err=True)
     sys.exit(code)
-
-
-def _utc(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(int(seconds), tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @click.group()
@@ -118,11 +114,11 @@ def init(
         "control_plane_namespace": control_plane_namespace,
         "trust_anchor": {
             "subject": anchor.subject.rfc4514_string(),
-            "not_after": _utc(anchor.not_valid_after_utc.timestamp()),
+            "not_after": utc_text(anchor.not_valid_after_utc.timestamp()),
         },
         "issuer": {
             "subject": issuer.subject.rfc4514_string(),
-            "not_after": _utc(issuer.not_valid_after_utc.timestamp()),
+            "not_after": utc_text(issuer.not_valid_after_utc.timestamp()),
         },
         "files": {path.name: str(path) for path in _init_paths(files)},
     }
@@ -260,7 +256,7 @@ def serve(
     def ready(port: int) -> None:
         click.echo(
             f"tether identity: listening on {Address(address.host, port)} for {loaded.issuer.mesh.issuer_name} "
-            f"(issuer valid until {_utc(loaded.issuer.not_after_s)}, {tokens} tokens, {processes} process(es))"
+            f"(issuer valid until {utc_text(loaded.issuer.not_after_s)}, {tokens} tokens, {processes} process(es))"
         )
         sys.stdout.flush()
 
@@ -313,6 +309,6 @@ def token(directory: str, namespace: str, serviceaccount: str, valid_for_hours: 
     )
     if as_json:
         expires = int(now_s) + valid_for_hours * 3600
-        click.echo(json.dumps({"token": minted, "identity": workload.name, "expires_at": _utc(expires)}))
+        click.echo(json.dumps({"token": minted, "identity": workload.name, "expires_at": utc_text(expires)}))
     else:
         click.echo(minted)

@@ -22,10 +22,10 @@ from kubernetes.client.exceptions import ApiException
 
 from tether.core.identity.tokens import (
     AUDIENCE,
-    TOKEN_BYTES_MAX,
     TokenRejected,
     TokenVerdict,
     VerifierUnavailable,
+    token_text,
     verdict_for_review,
 )
 
@@ -62,14 +62,13 @@ class KubernetesTokenVerifier:
         return cls(kubernetes.client.AuthenticationV1Api())
 
     def verify(self, token: bytes, wall_time_s: float) -> TokenVerdict:
-        if not token:
-            return TokenRejected(reason="no token; send the projected service account token (audience identity.l5d.io)")
-        if len(token) > TOKEN_BYTES_MAX:
-            return TokenRejected(reason=f"the token is {len(token)} bytes, more than {TOKEN_BYTES_MAX}")
-        try:
-            text = token.decode("ascii")
-        except UnicodeDecodeError:
-            return TokenRejected(reason="the token is not ASCII; a service account token is a JWT")
+        text = token_text(
+            token,
+            missing="send the projected service account token (audience identity.l5d.io)",
+            not_ascii="a service account token is a JWT",
+        )
+        if isinstance(text, TokenRejected):
+            return text
         review = kubernetes.client.V1TokenReview(
             api_version="authentication.k8s.io/v1",
             kind="TokenReview",

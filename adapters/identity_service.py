@@ -31,28 +31,18 @@ from pathlib import Path
 import grpc
 
 from tether.core.address import Address
-from tether.core.identity.ca import LEAF_VALIDITY_S_DEFAULT, Issuer, certify, check_request
-from tether.core.identity.errors import CertifyError, CertifyErrorKind, Problem
+from tether.core.identity.ca import LEAF_VALIDITY_S_DEFAULT, Issuer
+from tether.core.identity.errors import CertifyError
 from tether.core.identity.issuer_config import CaConfigError, CaConfigItem, LoadedCa, load_ca
+from tether.core.identity.service import CERTIFY_STATUS, answer_certify
 from tether.core.identity.tokens import TokenKey, TokenVerifier
-from tether.core.identity.wire import (
-    CertifyResponse,
-    Timestamp,
-    WireError,
-    decode_certify_request,
-    encode_certify_response,
-)
 
 log = logging.getLogger("tether.identity")
 
 SERVICE_NAME = "io.linkerd.proxy.identity.Identity"
 CERTIFY_METHOD = f"/{SERVICE_NAME}/Certify"
-STATUS_CODES = {
-    CertifyErrorKind.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    CertifyErrorKind.INVALID_TOKEN: grpc.StatusCode.UNAUTHENTICATED,
-    CertifyErrorKind.IDENTITY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
-    CertifyErrorKind.NOT_READY: grpc.StatusCode.UNAVAILABLE,
-}
+# grpc.StatusCode by number, for the status service.CERTIFY_STATUS gives each refusal.
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 # Certify is CPU-bound under the GIL, so more threads add no throughput; they only absorb TokenReview
 # round trips. 8 keeps a slow API server from stalling every caller.
 WORKERS_DEFAULT = 8
@@ -168,33 +158,19 @@ class IdentityService:
             return self._certify(request)
         except CertifyError as error:
             log.info("Certify refused (%s): %s", error.problem.label, error.message)
-            context.abort(STATUS_CODES[error.kind], error.message)
+            context.abort(STATUS_CODES[CERTIFY_STATUS[error.kind]], error.message)
             raise AssertionError("context.abort raises") from None
 
     def _certify(self, request: bytes) -> bytes:
-        try:
-            message = decode_certify_request(request)
-        except WireError as error:
-            raise CertifyError(Problem.MALFORMED_MESSAGE, f"the CertifyRequest message is malformed: {error}") from None
-        checked = check_request(
-            identity=message.identity, csr=message.certificate_signing_request, mesh=self._issuer.mesh
-        )
-        wall_time_s = self._wall_clock()
-        verdict = self._verifier.verify(message.token, wall_time_s)
-        issued = certify(
-            checked,
-            verdict,
-            self._issuer,
-            wall_time_s=wall_time_s,
-            serial=self._serials(),
+        _issued, response = answer_certify(
+            request,
+            issuer=self._issuer,
+            verifier=self._verifier,
+            wall_time_s=self._wall_clock(),
+            serial=self._serials,
             leaf_validity_s=self._leaf_validity_s,
         )
-        response = CertifyResponse(
-            leaf_certificate=issued.leaf_der,
-            intermediate_certificates=issued.intermediates_der,
-            valid_until=Timestamp(seconds=issued.not_after_s),
-        )
-        return encode_certify_response(response)
+        return response
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serializers: the method sees the raw bytes and decodes them itself (see the module docstring).

@@ -29,7 +29,6 @@ agent is certified for another: the scenario for a peer presenting the wrong ide
 from __future__ import annotations
 
 import contextlib
-import datetime
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +40,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send
+from tether.core.grpc_codes import GrpcStatus
 from tether.core.identity.agent import IdentityAgent, IdentityAgentConfig
-from tether.core.identity.ca import DAY_S, Issuer, build_issuer, build_trust_anchor, certify, check_request
+from tether.core.identity.ca import DAY_S, Issuer, build_issuer, build_trust_anchor, utc_text
 from tether.core.identity.client import (
     CertificateExpired,
     CertificateReady,
@@ -50,19 +50,13 @@ from tether.core.identity.client import (
     ReadToken,
     RequestKey,
 )
-from tether.core.identity.errors import CertifyError, CertifyErrorKind, Problem
+from tether.core.identity.errors import CertifyError, Problem
 from tether.core.identity.names import Mesh, WorkloadIdentity
-from tether.core.identity.tls import TlsContexts
+from tether.core.identity.service import CERTIFY_STATUS, answer_certify
 from tether.core.identity.tokens import EmbeddedTokenVerifier, TokenKey, mint_token
-from tether.core.identity.wire import (
-    CertifyResponse,
-    Timestamp,
-    WireError,
-    decode_certify_request,
-    encode_certify_response,
-)
 from tether.core.proxy import mtls
 from tether.sim.h2_wire import GRPC_CONTENT_TYPE, H2Wire, grpc_frame, grpc_messages, header_value
+from tether.sim.kernel import MachineTimer
 from tether.sim.network import Network, VirtualSocket
 from tether.sim.proxy_host import SimProxy
 
@@ -73,12 +67,6 @@ P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 SERIAL_BITS = 127
 TOKEN_VALIDITY_S = 3600  # minted afresh for every read, as a projected Kubernetes token is rotated
 # gRPC status codes of the CA's error kinds (as adapters/identity_service.py maps them).
-GRPC_STATUS = {
-    CertifyErrorKind.INVALID_REQUEST: 3,  # INVALID_ARGUMENT
-    CertifyErrorKind.INVALID_TOKEN: 16,  # UNAUTHENTICATED
-    CertifyErrorKind.IDENTITY_MISMATCH: 9,  # FAILED_PRECONDITION
-    CertifyErrorKind.NOT_READY: 14,  # UNAVAILABLE
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,10 +90,6 @@ class IdentitySpec:
 
 def wall_time_s(now_ns: int) -> float:
     return EPOCH_S + now_ns / S
-
-
-def utc(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(int(seconds), tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def derived_key(rng: random.Random) -> ec.EllipticCurvePrivateKey:
@@ -166,34 +150,21 @@ class ControlPlane:
         connection.wire.attach(sock)
         return connection.wire
 
-    def certify(self, request: bytes) -> CertifyResponse:
-        """One Certify call at the current virtual time; CertifyError says why not."""
-        try:
-            message = decode_certify_request(request)
-        except WireError as error:
-            raise CertifyError(Problem.MALFORMED_MESSAGE, f"the CertifyRequest message is malformed: {error}") from None
-        checked = check_request(
-            identity=message.identity, csr=message.certificate_signing_request, mesh=self.issuer.mesh
-        )
-        now_s = wall_time_s(self.kernel.now_ns)
-        verdict = self.verifier.verify(message.token, now_s)
-        issued = certify(
-            checked,
-            verdict,
-            self.issuer,
-            wall_time_s=now_s,
-            serial=self.serial(),
+    def certify(self, request: bytes) -> bytes:
+        """One Certify call at the current virtual time: the encoded response; CertifyError says why not."""
+        issued, response = answer_certify(
+            request,
+            issuer=self.issuer,
+            verifier=self.verifier,
+            wall_time_s=wall_time_s(self.kernel.now_ns),
+            serial=self.serial,
             leaf_validity_s=self.spec.leaf_lifetime_s,
         )
         self.issued[issued.identity] = self.issued.get(issued.identity, 0) + 1
         self.kernel.log(
-            self.spec.host, f"certified {issued.identity} serial {issued.serial:x} until {utc(issued.not_after_s)}"
+            self.spec.host, f"certified {issued.identity} serial {issued.serial:x} until {utc_text(issued.not_after_s)}"
         )
-        return CertifyResponse(
-            leaf_certificate=issued.leaf_der,
-            intermediate_certificates=issued.intermediates_der,
-            valid_until=Timestamp(seconds=issued.not_after_s),
-        )
+        return response
 
 
 @dataclass(slots=True)
@@ -233,20 +204,20 @@ class _CertifyConnection:
                 raise CertifyError(Problem.MALFORMED_MESSAGE, "a Certify call carries exactly one message")
             response = self.service.certify(messages[0])
         except _Unimplemented:
-            self._trailers_only(stream_id, head, 12, "unknown method")  # UNIMPLEMENTED
+            self._trailers_only(stream_id, head, GrpcStatus.UNIMPLEMENTED, "unknown method")
             return
         except CertifyError as error:
             label = error.problem.label
             self.service.refused[label] = self.service.refused.get(label, 0) + 1
             self.service.kernel.log(self.service.spec.host, f"refused ({label}): {error.message}")
-            self._trailers_only(stream_id, head, GRPC_STATUS[error.kind], error.message)
+            self._trailers_only(stream_id, head, CERTIFY_STATUS[error.kind], error.message)
             return
         with contextlib.suppress(h2.exceptions.ProtocolError):  # the caller reset the stream meanwhile
             self.wire.h2.send_headers(stream_id, head)
-            self.wire.send(stream_id, grpc_frame(encode_certify_response(response)), trailers=[(b"grpc-status", b"0")])
+            self.wire.send(stream_id, grpc_frame(response), trailers=[(b"grpc-status", b"0")])
 
     def _trailers_only(self, stream_id: int, head: list[tuple[bytes, bytes]], status: int, message: str) -> None:
-        trailers = [(b"grpc-status", str(status).encode()), (b"grpc-message", _percent_encoded(message))]
+        trailers = [(b"grpc-status", b"%d" % status), (b"grpc-message", _percent_encoded(message))]
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.wire.h2.send_headers(stream_id, head + trailers, end_stream=True)
             self.wire.flush()
@@ -349,8 +320,9 @@ class SimIdentityAgent:
         self.generation = 0
         self._sockets: dict[int, VirtualSocket] = {}
         self._pending: dict[int, Callable[[], None]] = {}
-        self._timer_generation = 0
-        self._armed_ns: int | None = None
+        self._timer = MachineTimer(
+            self.kernel, lambda: self.agent.next_deadline_ns(), self._timer_fired, lambda: network.hosts[host].alive
+        )
         self.agent = self._new_agent()
 
     def _new_agent(self) -> IdentityAgent:
@@ -370,8 +342,7 @@ class SimIdentityAgent:
         self.generation += 1
         self._sockets.clear()
         self._pending.clear()
-        self._timer_generation += 1
-        self._armed_ns = None
+        self._timer.reset()
         self.agent = self._new_agent()
         self.start()
 
@@ -412,7 +383,7 @@ class SimIdentityAgent:
         while effects := self.agent.effects():
             for effect in effects:
                 self._carry_out(effect)
-        self._arm_timer()
+        self._timer.arm()
 
     def _carry_out(self, effect: object) -> None:
         now_ns = self.kernel.now_ns
@@ -455,43 +426,23 @@ class SimIdentityAgent:
 
     def _certificate_ready(self, ready: CertificateReady) -> None:
         # The host's proxies answer TLS for the identity it claims; their certificate is what the CA issued.
-        contexts = TlsContexts.build(
-            identity=self.identity,
-            leaf_der=ready.leaf_der,
-            intermediates_der=ready.intermediates_der,
-            key=ready.key,
-            trust_anchors_pem=ready.trust_anchors_pem,
-        )
+        update = mtls.certificate_update(ready, wall_time_s(self.kernel.now_ns), identity=self.identity)
         self.report.certificates += 1
-        self.report.last_valid_until = utc(ready.valid_until_s)
-        self.kernel.log(self.host, f"identity: certificate for {ready.identity} until {utc(ready.valid_until_s)}")
-        update = mtls.CertificateUpdate(contexts=contexts, wall_time_s=wall_time_s(self.kernel.now_ns))
+        self.report.last_valid_until = utc_text(ready.valid_until_s)
+        self.kernel.log(self.host, f"identity: certificate for {ready.identity} until {utc_text(ready.valid_until_s)}")
         for proxy in self.proxies():
             proxy.control(update)
 
     def _certificate_expired(self, expired: CertificateExpired) -> None:
         self.report.expiries += 1
-        until = utc(expired.valid_until_s)
+        until = utc_text(expired.valid_until_s)
         self.kernel.log(self.host, f"identity: certificate of {expired.identity} expired at {until}")
-        update = mtls.CertificateExpired(reason=f"valid until {until}, not renewed")
+        update = mtls.certificate_expired(expired)
         for proxy in self.proxies():
             proxy.control(update)
 
     # ---------------------------------------------------------------- timer
 
-    def _arm_timer(self) -> None:
-        deadline = self.agent.next_deadline_ns()
-        if deadline is None or (self._armed_ns is not None and self._armed_ns <= deadline):
-            return
-        self._armed_ns = deadline
-        self._timer_generation += 1
-        generation = self._timer_generation
-        self.kernel.at(max(deadline, self.kernel.now_ns), lambda: self._fire(generation))
-
-    def _fire(self, generation: int) -> None:
-        if generation != self._timer_generation or not self.network.hosts[self.host].alive:
-            return
-        self._armed_ns = None
-        now_ns = self.kernel.now_ns
+    def _timer_fired(self, now_ns: int) -> None:
         self.agent.on_timer(now_ns, wall_time_s(now_ns))
         self._apply()

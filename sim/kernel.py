@@ -83,3 +83,45 @@ class Kernel:
             if stop is not None and stop():
                 return
         self.now_ns = max(self.now_ns, end_ns)
+
+
+class MachineTimer:
+    """One kernel event armed at a machine's ``next_deadline_ns()``, as the adapters' drivers keep a loop timer.
+
+    ``arm`` after every input: it schedules only when the deadline moved earlier (a later one finds the armed
+    event early, and ``fire`` arms again). ``reset`` forgets the armed event (after a crash the new machine
+    starts clean); an event that fires after a reset, or while the host is down, does nothing.
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        next_deadline_ns: Callable[[], int | None],
+        fire: Callable[[int], None],
+        alive: Callable[[], bool],
+    ) -> None:
+        self._kernel = kernel
+        self._next_deadline_ns = next_deadline_ns
+        self._fire = fire
+        self._alive = alive
+        self._generation = 0
+        self._armed_ns: int | None = None
+
+    def arm(self) -> None:
+        deadline = self._next_deadline_ns()
+        if deadline is None or (self._armed_ns is not None and self._armed_ns <= deadline):
+            return
+        self._armed_ns = deadline
+        self._generation += 1
+        generation = self._generation
+        self._kernel.at(max(deadline, self._kernel.now_ns), lambda: self._fired(generation))
+
+    def reset(self) -> None:
+        self._generation += 1
+        self._armed_ns = None
+
+    def _fired(self, generation: int) -> None:
+        if generation != self._generation or not self._alive():
+            return
+        self._armed_ns = None
+        self._fire(self._kernel.now_ns)

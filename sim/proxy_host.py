@@ -15,6 +15,7 @@ from tether.core.effects import Close, Connect, LogError, Send, SetReading, Shut
 from tether.core.proxy import Proxy
 from tether.core.proxy.mtls import CertificateExpired, CertificateUpdate
 from tether.core.traffic.route_config import RouteConfig
+from tether.sim.kernel import MachineTimer
 from tether.sim.network import Network, VirtualSocket
 
 
@@ -41,8 +42,9 @@ class SimProxy:
         self._sockets: dict[int, VirtualSocket] = {}
         self._ids: dict[int, int] = {}  # id(socket) -> conn id
         self._pending_connects: dict[int, Callable[[], None]] = {}
-        self._timer_generation = 0
-        self._armed_ns: int | None = None
+        self._timer = MachineTimer(
+            self.kernel, lambda: self.proxy.next_deadline_ns(), self._timer_fired, lambda: network.hosts[host].alive
+        )
         # The machine's error lines by message (the connection id left out), for results: an mTLS refusal
         # names the identities involved. Bounded by the distinct messages a run produces (a few dozen).
         self.errors: dict[str, int] = {}
@@ -55,8 +57,7 @@ class SimProxy:
         self._sockets.clear()
         self._ids.clear()
         self._pending_connects.clear()
-        self._timer_generation += 1
-        self._armed_ns = None
+        self._timer.reset()
         self.network.listen(self.host, self.port, self._accept)
 
     def control(self, update: CertificateUpdate | CertificateExpired) -> None:
@@ -122,7 +123,7 @@ class SimProxy:
             for effect in effects:
                 self._carry_out(effect)
             effects = self.proxy.effects()
-        self._arm_timer()
+        self._timer.arm()
 
     def _carry_out(self, effect: object) -> None:
         proxy = self.proxy
@@ -172,18 +173,6 @@ class SimProxy:
         self._sockets[conn_id] = sock
         self._ids[id(sock)] = conn_id
 
-    def _arm_timer(self) -> None:
-        deadline = self.proxy.next_deadline_ns()
-        if deadline is None or (self._armed_ns is not None and self._armed_ns <= deadline):
-            return
-        self._armed_ns = deadline
-        self._timer_generation += 1
-        generation = self._timer_generation
-        self.kernel.at(max(deadline, self.kernel.now_ns), lambda: self._fire(generation))
-
-    def _fire(self, generation: int) -> None:
-        if generation != self._timer_generation or not self.network.hosts[self.host].alive:
-            return
-        self._armed_ns = None
-        self.proxy.on_timer(self.kernel.now_ns)
+    def _timer_fired(self, now_ns: int) -> None:
+        self.proxy.on_timer(now_ns)
         self._apply()

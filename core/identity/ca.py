@@ -158,8 +158,9 @@ def certify(
     if not issuer.not_before_s <= now_s < issuer.not_after_s:
         raise CertifyError(
             Problem.ISSUER_NOT_VALID_NOW,
-            f"the issuer certificate is valid from {_utc(issuer.not_before_s)} to {_utc(issuer.not_after_s)}, not "
-            f"at {_utc(now_s)}; the operator must install a current issuer (or fix the clock)",
+            f"the issuer certificate is valid from {utc_text(issuer.not_before_s)} to "
+            f"{utc_text(issuer.not_after_s)}, not at {utc_text(now_s)}; the operator must install a current issuer "
+            "(or fix the clock)",
         )
     not_after_s = min(now_s + leaf_validity_s, issuer.not_after_s)
     name = request.identity.name
@@ -268,8 +269,9 @@ def _datetime(seconds: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
 
 
-def _utc(seconds: int) -> str:
-    return _datetime(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_text(seconds: float) -> str:
+    """An instant as RFC 3339 UTC to the second, as every identity message and log line writes it."""
+    return _datetime(int(seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _KEY_USAGE_FLAGS = dict.fromkeys(

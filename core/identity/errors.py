@@ -3,8 +3,8 @@ a precise problem a test can assert, and a sentence that names what was wrong an
 
 The kinds follow what a caller can do about them: fix the request (INVALID_REQUEST), present another
 token (INVALID_TOKEN), ask for the identity its token proves (IDENTITY_MISMATCH), or retry later
-(NOT_READY). The adapter maps them to INVALID_ARGUMENT, UNAUTHENTICATED, FAILED_PRECONDITION and
-UNAVAILABLE; the core never names gRPC.
+(NOT_READY). service.py maps them to INVALID_ARGUMENT, UNAUTHENTICATED, FAILED_PRECONDITION and
+UNAVAILABLE (``CERTIFY_STATUS``), for the grpcio service and the simulator's control plane alike.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import enum
 
 
 class CertifyErrorKind(enum.Enum):
-    """What the caller should do differently; one gRPC status code each (see adapters/identity_service.py)."""
+    """What the caller should do differently; one gRPC status code each (service.CERTIFY_STATUS)."""
 
     INVALID_REQUEST = "invalid_request"
     INVALID_TOKEN = "invalid_token"

@@ -69,6 +69,20 @@ class TokenRejected:
     reason: str
 
 
+def token_text(token: bytes, *, missing: str, not_ascii: str) -> str | TokenRejected:
+    """The checks every verifier makes first: a token is there, within ``TOKEN_BYTES_MAX``, and ASCII (both
+    kinds of token are). Returns its text, or the rejection, with the verifier's own hints for the two
+    mistakes a caller can make with it."""
+    if not token:
+        return TokenRejected(reason=f"no token; {missing}")
+    if len(token) > TOKEN_BYTES_MAX:
+        return TokenRejected(reason=f"the token is {len(token)} bytes, more than {TOKEN_BYTES_MAX}")
+    try:
+        return token.decode("ascii")
+    except UnicodeDecodeError:
+        return TokenRejected(reason=f"the token is not ASCII; {not_ascii}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VerifierUnavailable:
     """The verifier could not decide now (for example the Kubernetes API failed); a retry may succeed."""
@@ -168,14 +182,11 @@ class EmbeddedTokenVerifier:
         self._audience = audience
 
     def verify(self, token: bytes, wall_time_s: float) -> TokenVerdict:
-        if not token:
-            return TokenRejected(reason="no token; mint one with `tether identity token` and send it")
-        if len(token) > TOKEN_BYTES_MAX:
-            return TokenRejected(reason=f"the token is {len(token)} bytes, more than {TOKEN_BYTES_MAX}")
-        try:
-            text = token.decode("ascii")
-        except UnicodeDecodeError:
-            return TokenRejected(reason="the token is not ASCII; it is not a tether token")
+        text = token_text(
+            token, missing="mint one with `tether identity token` and send it", not_ascii="it is not a tether token"
+        )
+        if isinstance(text, TokenRejected):
+            return text
         parts = text.split(".")
         if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
             return TokenRejected(reason=f"the token is not a {TOKEN_PREFIX}.<key id>.<payload>.<mac> tether token")

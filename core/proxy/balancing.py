@@ -49,22 +49,29 @@ from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from tether.core.address import Address
+from tether.core.grpc_codes import GrpcStatus
+from tether.core.proxy.connections import Downstream
 from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
+from tether.core.proxy.exchange import Exchange
 from tether.core.proxy.parts import ProxyParts
+from tether.core.proxy.streams import StreamExchange
 from tether.core.traffic.balancer import Balancer, BalancerConfig, Handle, Strategy
 from tether.core.traffic.breaker import BreakerConfig, Outcome
 from tether.core.traffic.failfast import FailfastQueue, QueueConfig, QueueOutput, Rejected, RejectReason
-
-if TYPE_CHECKING:
-    from tether.core.proxy.connections import Downstream
-    from tether.core.proxy.exchange import Exchange
-    from tether.core.proxy.streams import StreamExchange
 
 MAX_BACKENDS = 1024
 HTTP, H2C, OPAQUE = "http", "h2c", "opaque"
 # gRPC statuses that say the server failed (as Envoy's outlier detection and gRPC's own retry guidance
 # read them); the others (NOT_FOUND, INVALID_ARGUMENT...) are the application's answers.
-GRPC_FAILURE_CODES = frozenset({2, 4, 13, 14, 15})
+GRPC_FAILURE_CODES = frozenset(
+    {
+        GrpcStatus.UNKNOWN,
+        GrpcStatus.DEADLINE_EXCEEDED,
+        GrpcStatus.INTERNAL,
+        GrpcStatus.UNAVAILABLE,
+        GrpcStatus.DATA_LOSS,
+    }
+)
 
 
 class Leaseholder(Protocol):
@@ -243,43 +250,37 @@ class Balancing(ProxyParts):
                 backend.balancer.finished(output.handle, Outcome.CANCELLED, self._now_ns)
         self._rearm_backend(backend)
 
+    def _take_waiting(self, request_id: int) -> Exchange | StreamExchange | Downstream | None:
+        """The request ``request_id`` names if it still waits for an endpoint (no longer, from now on)."""
+        for table in (self._exchanges, self._streams, self._downstream):
+            holder = table.get(request_id)
+            if holder is not None and holder.awaiting_endpoint:
+                holder.awaiting_endpoint = False
+                return holder
+        return None
+
     def _resume_waiting(self, request_id: int, handle: Handle) -> bool:
         """A waiting request got an endpoint: dispatch it; False if it is gone (the handle is unused)."""
-        exchange = self._exchanges.get(request_id)
-        if exchange is not None and exchange.awaiting_endpoint:
-            exchange.awaiting_endpoint = False
-            exchange.handle = handle
-            self._h1_endpoint_ready(exchange, handle)
-            return True
-        stream = self._streams.get(request_id)
-        if stream is not None and stream.awaiting_endpoint:
-            stream.awaiting_endpoint = False
-            stream.handle = handle
-            self._stream_endpoint_ready(stream, handle)
-            return True
-        downstream = self._downstream.get(request_id)
-        if downstream is not None and downstream.awaiting_endpoint:
-            downstream.awaiting_endpoint = False
-            downstream.handle = handle
-            self._tunnel_endpoint_ready(downstream, handle)
-            return True
-        return False
+        holder = self._take_waiting(request_id)
+        if holder is None:
+            return False
+        holder.handle = handle
+        if isinstance(holder, Exchange):
+            self._h1_endpoint_ready(holder, handle)
+        elif isinstance(holder, StreamExchange):
+            self._stream_endpoint_ready(holder, handle)
+        else:
+            self._tunnel_endpoint_ready(holder, handle)
+        return True
 
     def _refuse_waiting(self, request_id: int, error: ProxyError) -> None:
-        exchange = self._exchanges.get(request_id)
-        if exchange is not None and exchange.awaiting_endpoint:
-            exchange.awaiting_endpoint = False
-            self._h1_endpoint_refused(exchange, error)
-            return
-        stream = self._streams.get(request_id)
-        if stream is not None and stream.awaiting_endpoint:
-            stream.awaiting_endpoint = False
-            self._stream_endpoint_refused(stream, error)
-            return
-        downstream = self._downstream.get(request_id)
-        if downstream is not None and downstream.awaiting_endpoint:
-            downstream.awaiting_endpoint = False
-            self._tunnel_endpoint_refused(downstream, error)
+        holder = self._take_waiting(request_id)
+        if isinstance(holder, Exchange):
+            self._h1_endpoint_refused(holder, error)
+        elif isinstance(holder, StreamExchange):
+            self._stream_endpoint_refused(holder, error)
+        elif holder is not None:
+            self._tunnel_endpoint_refused(holder, error)
 
     def _rearm_backend(self, backend: Backend) -> None:
         deadline_ns = backend.queue.next_deadline_ns()

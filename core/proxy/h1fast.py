@@ -186,6 +186,7 @@ class H1Connection:
         self._send_framing = 0
         self._reading_trailers = False
         self._chunk_crlf_due = False
+        self._chunk_left = 0  # bytes of the current chunk still to come
         # This cycle so far, for a replay into h11: what we sent, the head received, its body bytes received.
         self._sent: list[Any] = []
         self._head_received = b""
@@ -328,6 +329,7 @@ class H1Connection:
         self._receive_framing = fields.framing
         self._reading_trailers = False
         self._chunk_crlf_due = False
+        self._chunk_left = 0
         if not fields.keep_alive:
             self._disable_keep_alive()
 
@@ -379,8 +381,6 @@ class H1Connection:
         self._body_received += len(data)
         self._chunk_crlf_due = self._chunk_left == 0
         return h11.Data(data=data)
-
-    _chunk_left = 0
 
     def _read_trailers(self) -> Any:
         buffer = self._buffer

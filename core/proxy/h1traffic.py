@@ -40,17 +40,16 @@ from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.effects import LogError
 from tether.core.proxy import http1
-from tether.core.proxy.balancing import HTTP, Backend, Leaseholder, error_outcome, http_outcome
+from tether.core.proxy.balancing import HTTP, Balancing, error_outcome, http_outcome
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
-from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.pool import EndpointPool
-from tether.core.proxy.routing import RouteState, Waiting, answer_error, backend_authority, timeout_error
+from tether.core.proxy.routing import RouteState, Routing, Waiting, answer_error, backend_authority, timeout_error
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
 from tether.core.traffic.faults import MirrorGate
-from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome, RetryDecision, RetryReason
+from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome, RetryReason
 from tether.core.traffic.routes import apply_header_modifier
 from tether.core.traffic.timeouts import TimeoutKind, format_duration
 
@@ -72,35 +71,13 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-class H1Traffic(ProxyParts):
+class H1Traffic(Routing, Balancing):
     _mirror_gate: MirrorGate
     _mirror_tickets: dict[int, list[int]]  # mirror exchange id -> [gate ticket, body bytes copied]
     _traffic_on: bool
 
     if TYPE_CHECKING:  # defined by the other flows
 
-        def _route(
-            self,
-            endpoint_set: EndpointSet,
-            authority: str,
-            method: str,
-            target: str,
-            headers: list[tuple[str, str]],
-            content_length: int | None,
-        ) -> RouteState | ProxyError | None: ...
-        def _rate_limited(self, identity: str | None) -> ProxyError | None: ...
-        def _retry_decision(self, state: RouteState, outcome: AttemptOutcome) -> RetryDecision: ...
-        def _is_retryable(self, state: RouteState, outcome: AttemptOutcome) -> bool: ...
-        def _route_rearm(self, request_id: int, state: RouteState) -> None: ...
-        def _route_done(self, request_id: int, state: RouteState) -> None: ...
-        def _route_answered(self, state: RouteState, status: int | None, error_label: str | None) -> None: ...
-        def _attempt_sent(self, state: RouteState) -> None: ...
-        def _attempt_answered(
-            self, state: RouteState, status: int | None, error_label: str | None, started_ns: int | None
-        ) -> None: ...
-        def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
-        def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
-        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
         def _dispatch(self, exchange: Exchange, now_ns: int) -> None: ...
         def _fail(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None: ...
         def _fail_after_request(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None: ...

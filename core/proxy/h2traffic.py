@@ -30,19 +30,24 @@ from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
 
-from tether.core.address import Address
 from tether.core.discovery import EndpointSet
 from tether.core.proxy import h2translate as tr
-from tether.core.proxy.balancing import H2C, HTTP, Backend, Leaseholder, error_outcome, grpc_outcome, http_outcome
+from tether.core.proxy.balancing import (
+    H2C,
+    HTTP,
+    Balancing,
+    error_outcome,
+    grpc_outcome,
+    http_outcome,
+)
 from tether.core.proxy.connections import Downstream
 from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
-from tether.core.proxy.parts import ProxyParts
-from tether.core.proxy.routing import RouteState, Waiting, answer_error, timeout_error
+from tether.core.proxy.routing import RouteState, Routing, Waiting, answer_error, timeout_error
 from tether.core.proxy.streams import StreamExchange
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
 from tether.core.traffic.faults import MirrorDecision, MirrorSkip
-from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome, RetryDecision, RetryReason
+from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome, RetryReason
 from tether.core.traffic.routes import apply_header_modifier
 from tether.core.traffic.timeouts import TimeoutKind, format_duration
 
@@ -57,33 +62,11 @@ def _bytes(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1").lower(), value.encode("latin-1")) for name, value in headers]
 
 
-class H2Traffic(ProxyParts):
+class H2Traffic(Routing, Balancing):
     _traffic_on: bool
 
     if TYPE_CHECKING:  # defined by the other flows
 
-        def _route(
-            self,
-            endpoint_set: EndpointSet,
-            authority: str,
-            method: str,
-            target: str,
-            headers: list[tuple[str, str]],
-            content_length: int | None,
-        ) -> RouteState | ProxyError | None: ...
-        def _rate_limited(self, identity: str | None) -> ProxyError | None: ...
-        def _retry_decision(self, state: RouteState, outcome: AttemptOutcome) -> RetryDecision: ...
-        def _is_retryable(self, state: RouteState, outcome: AttemptOutcome) -> bool: ...
-        def _route_rearm(self, request_id: int, state: RouteState) -> None: ...
-        def _route_done(self, request_id: int, state: RouteState) -> None: ...
-        def _route_answered(self, state: RouteState, status: int | None, error_label: str | None) -> None: ...
-        def _attempt_sent(self, state: RouteState) -> None: ...
-        def _attempt_answered(
-            self, state: RouteState, status: int | None, error_label: str | None, started_ns: int | None
-        ) -> None: ...
-        def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
-        def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
-        def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
         def _dispatch_stream(self, exchange: StreamExchange, endpoint_set: EndpointSet | None) -> None: ...
         def _stream_fail(self, exchange: StreamExchange, error: ProxyError) -> None: ...
         def _stream_abort(

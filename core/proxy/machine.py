@@ -32,7 +32,6 @@ from tether.core.balance import Picker
 from tether.core.config import ProxyConfig
 from tether.core.discovery import Resolver
 from tether.core.effects import Close, Effect, Send, SetReading
-from tether.core.proxy.balancing import Balancing
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState
@@ -42,7 +41,7 @@ from tether.core.proxy.h2flows import H2Flows
 from tether.core.proxy.h2upstream import H2Upstream
 from tether.core.proxy.mtls import LOOPBACK, CertificateExpired, CertificateUpdate, MeshTls
 from tether.core.proxy.pool import EndpointPool
-from tether.core.proxy.routing import RoutesUpdated, Routing
+from tether.core.proxy.routing import RoutesUpdated
 from tether.core.proxy.stats import ProxyStats
 from tether.core.proxy.streams import H2Pool, StreamExchange
 from tether.core.proxy.telemetry import NO_TLS_LABEL, Telemetry
@@ -57,7 +56,7 @@ NS_PER_MS = 1_000_000
 MERGE_LIMIT = 16 * 1024  # consecutive Sends to one connection merge up to this size; larger ones stay apart
 
 
-class Proxy(MeshTls, Balancing, Routing, H1Flows, TunnelFlows, H2Flows, H2Upstream):
+class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
     """All connections of one proxy; see the module docstring."""
 
     def __init__(

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, ShutdownWrite
+from tether.core.identity import client
+from tether.core.identity.ca import utc_text
 from tether.core.identity.client_hello import InboundDecision, inbound_decision
 from tether.core.identity.tls import (
     CloseNotifyReceived,
@@ -71,6 +73,27 @@ class CertificateExpired:
     """Our certificate expired with no renewal: meshed connections fail closed until the next update."""
 
     reason: str
+
+
+def certificate_update(
+    ready: client.CertificateReady, wall_time_s: float, *, identity: str | None = None
+) -> CertificateUpdate:
+    """The proxies' input for the identity client's new certificate: its contexts, built once for all of
+    them. ``identity`` is the name the proxies answer TLS for when it is not the certified one (the
+    simulator's misissued host); by default the certificate's own."""
+    contexts = TlsContexts.build(
+        identity=identity or ready.identity,
+        leaf_der=ready.leaf_der,
+        intermediates_der=ready.intermediates_der,
+        key=ready.key,
+        trust_anchors_pem=ready.trust_anchors_pem,
+    )
+    return CertificateUpdate(contexts=contexts, wall_time_s=wall_time_s)
+
+
+def certificate_expired(expired: client.CertificateExpired) -> CertificateExpired:
+    """The proxies' input for a certificate that expired unrenewed: meshed connections fail closed."""
+    return CertificateExpired(reason=f"valid until {utc_text(expired.valid_until_s)}, not renewed")
 
 
 @dataclass(slots=True)
