@@ -49,7 +49,7 @@ from tether.core.proxy.routing import RouteState, Routing, Waiting, answer_error
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
 from tether.core.traffic.faults import MirrorGate
-from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome, RetryReason
+from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome
 from tether.core.traffic.routes import apply_header_modifier
 from tether.core.traffic.timeouts import TimeoutKind, format_duration
 
@@ -175,12 +175,7 @@ class H1Traffic(Routing, Balancing):
         """The attempt's request head went upstream: its response and attempt timeouts start."""
         state = exchange.route
         assert state is not None
-        if state.timers is not None:
-            state.timers.attempt_started(self._now_ns)
-        policy = state.policy
-        if policy is not None and policy.attempt_timeout_ns is not None:
-            state.attempt_deadline_ns = self._now_ns + policy.attempt_timeout_ns
-        self._route_rearm(exchange.exchange_id, state)
+        self._route_attempt_started(exchange.exchange_id, state)
 
     def _h1_request_bytes(self, exchange: Exchange, data: bytes) -> None:
         state = exchange.route
@@ -192,10 +187,7 @@ class H1Traffic(Routing, Balancing):
         self._h1_activity(exchange, state)
 
     def _h1_activity(self, exchange: Exchange, state: RouteState) -> None:
-        timers = state.timers
-        if timers is not None and timers.timeouts.idle_ns is not None:
-            timers.activity(self._now_ns)
-            self._route_rearm(exchange.exchange_id, state)
+        self._route_activity(exchange.exchange_id, state)
 
     def _h1_request_ended(self, exchange: Exchange) -> None:
         state = exchange.route
@@ -219,12 +211,10 @@ class H1Traffic(Routing, Balancing):
         started_ns = exchange.handle.started_ns if exchange.handle is not None else None
         self._attempt_answered(state, status, None, started_ns)
         state.attempt_deadline_ns = None
-        outcome = AttemptOutcome(http_status=status)
-        if not state.final and not state.timed_out and self._is_retryable(state, outcome):
-            decision = self._retry_decision(state, outcome)
-            if decision.reason is RetryReason.RETRY:
-                self._h1_retry(exchange, decision.delay_ns, http_outcome(status))
-                return None
+        delay_ns = self._retry_delay(state, AttemptOutcome(http_status=status))
+        if delay_ns is not None:
+            self._h1_retry(exchange, delay_ns, http_outcome(status))
+            return None
         self._route_answered(state, status, None)
         self._route_rearm(exchange.exchange_id, state)
         modifier = state.matched.rule.response_headers
@@ -242,13 +232,10 @@ class H1Traffic(Routing, Balancing):
         if attempted:
             started_ns = exchange.handle.started_ns if exchange.handle is not None else None
             self._attempt_answered(state, error.status, error.kind.label, started_ns)
-        if attempted and not state.final and not state.timed_out:
-            outcome = AttemptOutcome(http_status=error.status)
-            if self._is_retryable(state, outcome):
-                decision = self._retry_decision(state, outcome)
-                if decision.reason is RetryReason.RETRY:
-                    self._h1_retry(exchange, decision.delay_ns, error_outcome(error))
-                    return True
+        delay_ns = self._retry_delay(state, AttemptOutcome(http_status=error.status)) if attempted else None
+        if delay_ns is not None:
+            self._h1_retry(exchange, delay_ns, error_outcome(error))
+            return True
         self._route_answered(state, error.status, error.kind.label)
         self._route_done(exchange.exchange_id, state)
         return False
@@ -264,12 +251,7 @@ class H1Traffic(Routing, Balancing):
         exchange.endpoint = None
         exchange.pending_body = deque(state.replay.chunks())
         exchange.pending_body_bytes = state.replay.size
-        state.attempt += 1
-        if state.timers is not None:
-            state.timers.attempt_ended(self._now_ns)
-        state.attempt_deadline_ns = None
-        state.wake_ns, state.waiting = self._now_ns + delay_ns, Waiting.BACKOFF
-        self._route_rearm(exchange.exchange_id, state)
+        self._route_backoff(exchange.exchange_id, state, delay_ns)
 
     def _leave_pool_queue(self, exchange: Exchange) -> None:
         if exchange.endpoint is None or exchange.upstream_id is not None:
@@ -335,16 +317,13 @@ class H1Traffic(Routing, Balancing):
 
     def _h1_attempt_timed_out(self, exchange: Exchange, state: RouteState) -> None:
         """The retry policy's attempt timeout cut the attempt: retried as a failure, or the 504 answer."""
-        state.attempt_deadline_ns = None
         policy = state.policy
         assert policy is not None and policy.attempt_timeout_ns is not None
         started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-        self._attempt_answered(state, None, "response_timeout", started_ns)
-        decision = self._retry_decision(state, AttemptOutcome(http_status=504, attempt_timed_out=True))
-        if decision.reason is RetryReason.RETRY:
-            self._h1_retry(exchange, decision.delay_ns, Outcome.FAILURE)
+        delay_ns = self._attempt_timeout_retry(state, started_ns)
+        if delay_ns is not None:
+            self._h1_retry(exchange, delay_ns, Outcome.FAILURE)
             return
-        state.final = True
         duration = format_duration(policy.attempt_timeout_ns)
         reason = f"{exchange.endpoint} did not answer within {duration} (retry timeout)"
         self._fail(exchange, ProxyError(ProxyErrorKind.RESPONSE_TIMEOUT, reason), self._now_ns)

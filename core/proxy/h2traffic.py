@@ -47,7 +47,7 @@ from tether.core.proxy.streams import StreamExchange
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
 from tether.core.traffic.faults import MirrorDecision, MirrorSkip
-from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome, RetryReason
+from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome
 from tether.core.traffic.routes import apply_header_modifier
 from tether.core.traffic.timeouts import TimeoutKind, format_duration
 
@@ -156,12 +156,7 @@ class H2Traffic(Routing, Balancing):
     def _stream_attempt_started(self, exchange: StreamExchange) -> None:
         state = exchange.route
         assert state is not None
-        if state.timers is not None:
-            state.timers.attempt_started(self._now_ns)
-        policy = state.policy
-        if policy is not None and policy.attempt_timeout_ns is not None:
-            state.attempt_deadline_ns = self._now_ns + policy.attempt_timeout_ns
-        self._route_rearm(exchange.exchange_id, state)
+        self._route_attempt_started(exchange.exchange_id, state)
 
     def _stream_request_bytes(self, exchange: StreamExchange, data: bytes) -> None:
         state = exchange.route
@@ -173,10 +168,7 @@ class H2Traffic(Routing, Balancing):
     def _stream_activity(self, exchange: StreamExchange) -> None:
         state = exchange.route
         assert state is not None
-        timers = state.timers
-        if timers is not None and timers.timeouts.idle_ns is not None:
-            timers.activity(self._now_ns)
-            self._route_rearm(exchange.exchange_id, state)
+        self._route_activity(exchange.exchange_id, state)
 
     def _stream_routed_head(
         self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]], *, ended: bool
@@ -188,13 +180,11 @@ class H2Traffic(Routing, Balancing):
         started_ns = exchange.handle.started_ns if exchange.handle is not None else None
         self._attempt_answered(state, status, None, started_ns)
         state.attempt_deadline_ns = None
-        outcome = AttemptOutcome(http_status=status, grpc_status=grpc_status)
-        if not state.final and not state.timed_out and self._is_retryable(state, outcome):
-            decision = self._retry_decision(state, outcome)
-            if decision.reason is RetryReason.RETRY and decision.delay_ns is not None:
-                verdict = grpc_outcome(status, grpc_status) if exchange.grpc else http_outcome(status)
-                self._stream_retry(exchange, decision.delay_ns, verdict)
-                return None
+        delay_ns = self._retry_delay(state, AttemptOutcome(http_status=status, grpc_status=grpc_status))
+        if delay_ns is not None:
+            verdict = grpc_outcome(status, grpc_status) if exchange.grpc else http_outcome(status)
+            self._stream_retry(exchange, delay_ns, verdict)
+            return None
         self._route_answered(state, status, None)
         self._route_rearm(exchange.exchange_id, state)
         modifier = state.matched.rule.response_headers
@@ -210,14 +200,12 @@ class H2Traffic(Routing, Balancing):
         if attempted:
             started_ns = exchange.handle.started_ns if exchange.handle is not None else None
             self._attempt_answered(state, error.status, error.kind.label, started_ns)
-        if attempted and not state.final and not state.timed_out and not exchange.response_started:
+        if attempted and not exchange.response_started:
             grpc_code = tr.grpc_code_for(error) if exchange.grpc else None
-            outcome = AttemptOutcome(http_status=error.status, grpc_status=grpc_code)
-            if self._is_retryable(state, outcome):
-                decision = self._retry_decision(state, outcome)
-                if decision.reason is RetryReason.RETRY and decision.delay_ns is not None:
-                    self._stream_retry(exchange, decision.delay_ns, error_outcome(error))
-                    return True
+            delay_ns = self._retry_delay(state, AttemptOutcome(http_status=error.status, grpc_status=grpc_code))
+            if delay_ns is not None:
+                self._stream_retry(exchange, delay_ns, error_outcome(error))
+                return True
         self._route_answered(state, error.status, error.kind.label)
         self._route_done(exchange.exchange_id, state)
         return False
@@ -237,12 +225,7 @@ class H2Traffic(Routing, Balancing):
         exchange.sink_body_bytes = 0
         exchange.to_sink = deque(state.replay.chunks())
         exchange.to_sink_bytes = state.replay.size
-        state.attempt += 1
-        if state.timers is not None:
-            state.timers.attempt_ended(self._now_ns)
-        state.attempt_deadline_ns = None
-        state.wake_ns, state.waiting = self._now_ns + delay_ns, Waiting.BACKOFF
-        self._route_rearm(exchange.exchange_id, state)
+        self._route_backoff(exchange.exchange_id, state, delay_ns)
 
     def _leave_sink_queues(self, exchange_id: int) -> None:
         """A retried stream must not be served by a pool it waited in for its previous attempt."""
@@ -305,16 +288,13 @@ class H2Traffic(Routing, Balancing):
             self._stream_abort(exchange, error.reason, ErrorCodes.CANCEL)
 
     def _stream_attempt_timed_out(self, exchange: StreamExchange, state: RouteState) -> None:
-        state.attempt_deadline_ns = None
         policy = state.policy
         assert policy is not None and policy.attempt_timeout_ns is not None
         started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-        self._attempt_answered(state, None, "response_timeout", started_ns)
-        decision = self._retry_decision(state, AttemptOutcome(http_status=504, attempt_timed_out=True))
-        if decision.reason is RetryReason.RETRY and decision.delay_ns is not None:
-            self._stream_retry(exchange, decision.delay_ns, Outcome.FAILURE)
+        delay_ns = self._attempt_timeout_retry(state, started_ns)
+        if delay_ns is not None:
+            self._stream_retry(exchange, delay_ns, Outcome.FAILURE)
             return
-        state.final = True
         reason = (
             f"{exchange.endpoint} did not answer within {format_duration(policy.attempt_timeout_ns)} (retry timeout)"
         )

@@ -315,6 +315,48 @@ class Routing(ProxyParts):
         policy = state.policy
         return policy is not None and policy.limit > 0 and policy.conditions.matches(outcome)
 
+    def _retry_delay(self, state: RouteState, outcome: AttemptOutcome) -> int | None:
+        """An attempt answered ``outcome``: the backoff before retrying it if the policy and the budget allow
+        one (neither a final answer nor a route timeout is ever retried), else None."""
+        if state.final or state.timed_out or not self._is_retryable(state, outcome):
+            return None
+        return self._retry_decision(state, outcome).delay_ns
+
+    def _attempt_timeout_retry(self, state: RouteState, started_ns: int | None) -> int | None:
+        """The policy's attempt timeout cut the attempt: the backoff before retrying it, or None when the
+        504 is final."""
+        state.attempt_deadline_ns = None
+        self._attempt_answered(state, None, "response_timeout", started_ns)
+        decision = self._retry_decision(state, AttemptOutcome(http_status=504, attempt_timed_out=True))
+        if decision.delay_ns is None:
+            state.final = True
+        return decision.delay_ns
+
+    def _route_backoff(self, request_id: int, state: RouteState, delay_ns: int) -> None:
+        """The attempt was discarded: the next one starts after ``delay_ns``."""
+        state.attempt += 1
+        if state.timers is not None:
+            state.timers.attempt_ended(self._now_ns)
+        state.attempt_deadline_ns = None
+        state.wake_ns, state.waiting = self._now_ns + delay_ns, Waiting.BACKOFF
+        self._route_rearm(request_id, state)
+
+    def _route_attempt_started(self, request_id: int, state: RouteState) -> None:
+        """The attempt's request head went out: its response and attempt timeouts start."""
+        if state.timers is not None:
+            state.timers.attempt_started(self._now_ns)
+        policy = state.policy
+        if policy is not None and policy.attempt_timeout_ns is not None:
+            state.attempt_deadline_ns = self._now_ns + policy.attempt_timeout_ns
+        self._route_rearm(request_id, state)
+
+    def _route_activity(self, request_id: int, state: RouteState) -> None:
+        """Bytes moved: the idle timeout starts again."""
+        timers = state.timers
+        if timers is not None and timers.timeouts.idle_ns is not None:
+            timers.activity(self._now_ns)
+            self._route_rearm(request_id, state)
+
     # ---------------------------------------------------------------- the route timer
 
     def _route_rearm(self, request_id: int, state: RouteState) -> None:
