@@ -75,12 +75,7 @@ def readiness(agent: IdentityAgent | None, stop: anyio.Event) -> str | None:
     """None when ready; else why not, for /ready's 503."""
     if stop.is_set():
         return "draining"
-    if agent is None or agent.ready:
-        return None
-    if agent.expired:
-        return f"the certificate of {agent.identity} expired and was not renewed ({agent.last_failure or 'no answer'})"
-    waiting = f"no certificate yet for {agent.identity} from the identity service at {agent.config.service_address}"
-    return f"{waiting}; last failure: {agent.last_failure}" if agent.last_failure else waiting
+    return agent.unready_reason() if agent is not None else None
 
 
 async def run_proxy(process: ProcessConfig) -> None:

@@ -212,6 +212,17 @@ class IdentityAgent:
         """Why the latest attempt failed (empty before any failure): the body of a 503 from /ready."""
         return self._last_failure
 
+    def unready_reason(self) -> str | None:
+        """None while a valid certificate is held; else why not, in words (the body of /ready's 503)."""
+        if self.ready:
+            return None
+        if self.expired:
+            return (
+                f"the certificate of {self.identity} expired and was not renewed ({self._last_failure or 'no answer'})"
+            )
+        waiting = f"no certificate yet for {self.identity} from the identity service at {self.config.service_address}"
+        return f"{waiting}; last failure: {self._last_failure}" if self._last_failure else waiting
+
     @property
     def client(self) -> IdentityClient:
         """The composed client, read-only use (its phase and schedule, for tests and the simulator's trace)."""
