@@ -102,7 +102,6 @@ class TlsLink:
 
     session: TlsSession
     server_identity: str | None
-    flows_told: bool = False  # outbound: the flows heard ``connected``; inbound: the handshake is done
     ended: bool = False  # the flows heard the end of the stream
 
 
@@ -238,15 +237,14 @@ class MeshTls(ProxyParts):
             if conn_id not in self._tls:
                 return
             if isinstance(event, HandshakeCompleted):
-                self._tls_established(conn_id, link, event, now_ns)
+                self._tls_established(conn_id, event, now_ns)
             elif isinstance(event, PlaintextReceived):
                 self._received_plain(conn_id, event.data, now_ns)
             elif isinstance(event, (CloseNotifyReceived, EndOfStream)) and not link.ended:
                 link.ended = True
                 self._received_plain(conn_id, b"", now_ns)
 
-    def _tls_established(self, conn_id: int, link: TlsLink, event: HandshakeCompleted, now_ns: int) -> None:
-        link.flows_told = True
+    def _tls_established(self, conn_id: int, event: HandshakeCompleted, now_ns: int) -> None:
         downstream = self._downstream.get(conn_id)
         if downstream is not None:
             downstream.identity = event.peer_identity
