@@ -10,16 +10,15 @@ Exit codes: 0 success; 1 the job ran and found a failure (``tether demo`` saw fa
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Callable
 from functools import partial
-from importlib.metadata import entry_points
 from typing import Any
 
 import click
 
-from tether.adapters.identity_cli import identity
 from tether.core.address import Address, AddressError
 from tether.core.config import BALANCERS, PROTOCOLS
 from tether.core.config_file import ConfigFileError
@@ -39,14 +38,32 @@ def event_loop_options() -> dict[str, Any]:
     return {"use_uvloop": wanted == "uvloop" and importlib.util.find_spec("uvloop") is not None}
 
 
+# Built-in commands whose modules are imported only when the command runs: `tether identity` needs
+# cryptography (about 14 MB resident), which a proxy without mTLS never loads.
+_LAZY_COMMANDS = {"identity": ("tether.adapters.identity_cli", "identity")}
+
+
 class _PluginGroup(click.Group):
+    """Built-in commands, the lazily imported ones above, and plugins from the `tether.commands` entry points
+    (read only when a name is not built in: importlib.metadata costs 2 MB and 40 ms at startup)."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *(ep.name for ep in entry_points(group="tether.commands"))})
+        from importlib.metadata import entry_points
+
+        plugins = (entry.name for entry in entry_points(group="tether.commands"))
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS, *plugins})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
         if found is not None:
             return found
+        if cmd_name in _LAZY_COMMANDS:
+            module_name, attribute = _LAZY_COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(module_name), attribute)
+            assert isinstance(command, click.Command), cmd_name
+            return command
+        from importlib.metadata import entry_points
+
         for entry in entry_points(group="tether.commands"):
             if entry.name == cmd_name:
                 command = entry.load()
@@ -268,9 +285,6 @@ def demo(duration_s: float | None, rate_per_s: float, as_json: bool, mtls: bool)
 
     code = anyio.run(partial(run_demo, duration_s, rate_per_s, as_json, Console(), mtls=mtls))
     sys.exit(code)
-
-
-cli.add_command(identity)
 
 
 def main() -> None:

@@ -17,16 +17,17 @@ here; the token file is checked for readability here and read again before every
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from tether.core.address import Address, AddressError
 from tether.core.config_file import ConfigFileError
 from tether.core.identity.names import IdentityNameError, check_dns_name
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 FIELDS = ("local_name", "svc_addr", "trust_anchors", "token_file")
 ENV_PREFIX = "TETHER_PROXY_IDENTITY_"
@@ -131,6 +132,11 @@ def _address(value: _Value) -> Address:
 
 
 def _trust_anchors(value: _Value, path: Path) -> bytes:
+    # Imported here, not at the top: a proxy without identity settings never loads ssl or cryptography.
+    import ssl
+
+    from cryptography import x509
+
     try:
         with path.open("rb") as handle:
             pem = handle.read(TRUST_ANCHORS_BYTES_MAX + 1)
@@ -158,6 +164,8 @@ def _trust_anchors(value: _Value, path: Path) -> bytes:
 
 
 def _is_ca(certificate: x509.Certificate) -> bool:
+    from cryptography import x509
+
     try:
         return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:

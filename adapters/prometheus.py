@@ -10,12 +10,15 @@ management adds Linkerd's policy families (``outbound_http_route_*`` per route r
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from tether.core.identity.client import IdentityMetrics
 from tether.core.proxy.stats import LATENCY_BUCKETS_MS, LatencyHistogram
 from tether.core.proxy.telemetry import HttpLabels, TcpLabels, Telemetry
 from tether.core.proxy.traffic_telemetry import BackendLabels, BucketHistogram, RouteLabels, TrafficTelemetry
 from tether.core.traffic.balancer import Balancer, EndpointCounts
+
+if TYPE_CHECKING:
+    from tether.core.identity.client import IdentityMetrics  # cryptography: loaded only with identity
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -16,22 +16,26 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from tether.adapters.admin import AdminServer
 from tether.adapters.driver import ProxyDriver
 from tether.adapters.http_server import serve_http
-from tether.adapters.identity_agent import ControlUpdate, IdentityAgentDriver
-from tether.adapters.identity_settings import IdentitySettings
 from tether.adapters.prometheus import identity_lines, merge
 from tether.adapters.proxy_config import ProcessConfig, RoleConfig, describe
 from tether.core.address import Address
 from tether.core.discovery import StaticResolver
-from tether.core.identity.agent import IdentityAgent, IdentityAgentConfig
-from tether.core.identity.client import IdentityClientConfig
 from tether.core.proxy import Proxy
 from tether.core.traffic.route_config import RouteConfig
+
+if TYPE_CHECKING:
+    # The identity agent needs cryptography (about 14 MB resident): imported only when the process has
+    # identity settings, in the two functions that build it.
+    from tether.adapters.identity_agent import ControlUpdate, IdentityAgentDriver
+    from tether.adapters.identity_settings import IdentitySettings
+    from tether.core.identity.agent import IdentityAgent
 
 log = logging.getLogger("tether.proxy")
 
@@ -67,6 +71,9 @@ def build_role_proxy(role: RoleConfig, routes: RouteConfig | None = None) -> Pro
 
 def build_identity_agent(settings: IdentitySettings) -> IdentityAgent:
     """The process's identity agent: its name, the trust anchors, the identity service; a seeded RNG."""
+    from tether.core.identity.agent import IdentityAgent, IdentityAgentConfig
+    from tether.core.identity.client import IdentityClientConfig
+
     client = IdentityClientConfig(identity=settings.local_name, trust_anchors_pem=settings.trust_anchors_pem)
     return IdentityAgent(IdentityAgentConfig(client=client, service_address=settings.svc_addr), _seeded_rng())
 
@@ -113,6 +120,7 @@ async def run_proxy(process: ProcessConfig) -> None:
 
 def identity_driver(agent: IdentityAgent, token_file: Path, drivers: list[ProxyDriver]) -> IdentityAgentDriver:
     """The agent on sockets, handing every certificate (or its expiry) to each of ``drivers``' proxies."""
+    from tether.adapters.identity_agent import IdentityAgentDriver
 
     def apply(update: ControlUpdate) -> None:
         for driver in drivers:

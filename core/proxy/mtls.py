@@ -31,21 +31,23 @@ from typing import TYPE_CHECKING
 
 from tether.core.address import Address
 from tether.core.effects import Close, Connect, LogError, Send, ShutdownWrite
-from tether.core.identity import client
-from tether.core.identity.ca import utc_text
 from tether.core.identity.client_hello import InboundDecision, inbound_decision
-from tether.core.identity.tls import (
+from tether.core.identity.tls_events import (
     CloseNotifyReceived,
     EndOfStream,
     HandshakeCompleted,
     PlaintextReceived,
-    TlsContexts,
     TlsError,
-    TlsSession,
     TlsUsageError,
 )
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.parts import ProxyParts
+
+if TYPE_CHECKING:
+    # ssl and cryptography (tls.py, ca.py, client.py) are loaded only once a certificate arrives: a proxy
+    # without mTLS never pays their ~19 MB of resident memory.
+    from tether.core.identity import client
+    from tether.core.identity.tls import TlsContexts, TlsSession
 
 TLS_RECORD_HANDSHAKE = 0x16
 # Linkerd's no_tls_reason values: the proxy has no identity; the client spoke plaintext to an inbound proxy;
@@ -81,6 +83,8 @@ def certificate_update(
     """The proxies' input for the identity client's new certificate: its contexts, built once for all of
     them. ``identity`` is the name the proxies answer TLS for when it is not the certified one (the
     simulator's misissued host); by default the certificate's own."""
+    from tether.core.identity.tls import TlsContexts  # lazily: see TYPE_CHECKING above
+
     contexts = TlsContexts.build(
         identity=identity or ready.identity,
         leaf_der=ready.leaf_der,
@@ -93,6 +97,8 @@ def certificate_update(
 
 def certificate_expired(expired: client.CertificateExpired) -> CertificateExpired:
     """The proxies' input for a certificate that expired unrenewed: meshed connections fail closed."""
+    from tether.core.identity.ca import utc_text  # lazily: see TYPE_CHECKING above
+
     return CertificateExpired(reason=f"valid until {utc_text(expired.valid_until_s)}, not renewed")
 
 
@@ -180,6 +186,8 @@ class MeshTls(ProxyParts):
             self._effects.append(Close(conn_id=conn_id, reset=True))
             self.connect_failed(conn_id, self._tls_refusal, now_ns)
             return True
+        from tether.core.identity.tls import TlsSession  # loaded with the first certificate
+
         session = TlsSession.client(contexts, server_identity, self._wall_time_s(now_ns))
         self._tls[conn_id] = TlsLink(session, server_identity)
         self.telemetry.tcp_opened(conn_id, "dst", str(upstream.endpoint), now_ns, ("true", "", server_identity))
@@ -208,6 +216,8 @@ class MeshTls(ProxyParts):
         del self._tls_deciding[conn_id]
         downstream = self._downstream.get(conn_id)
         if decision is InboundDecision.TERMINATE and contexts is not None and downstream is not None:
+            from tether.core.identity.tls import TlsSession  # loaded with the first certificate
+
             self._tls[conn_id] = TlsLink(TlsSession.server(contexts, self._wall_time_s(now_ns)), None)
             self._tls_received(conn_id, bytes(held), now_ns)
             if not data and conn_id in self._tls:
