@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from net_helpers import free_port, wait_for_port
 
 from tether.adapters.cli import cli
-from tether.adapters.proxy_config import load
+from tether.adapters.proxy_config import LIMIT_KEYS, load
 from tether.core.address import Address
 from tether.core.config_file import ConfigFileError
 
@@ -266,3 +266,10 @@ def test_cli_breaker_flag_out_of_range_exits_2_naming_the_flag() -> None:
     )
     assert done.returncode == 2
     assert "--breaker-success-rate-min" in done.stderr and "0.0<=x<=1.0" in done.stderr
+
+
+def test_every_limit_key_and_breaker_flag_is_documented() -> None:
+    reference = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert [key for key in LIMIT_KEYS if f"`{key}`" not in reference] == []
+    flags = [param.opts[0] for param in cli.commands["proxy"].params if param.name and "breaker" in param.name]
+    assert len(flags) == 10 and [flag for flag in flags if f"`{flag}`" not in reference] == []
