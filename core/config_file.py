@@ -137,7 +137,7 @@ class FieldReader:
 
 
 def read_proxy_config(options: FieldReader, *, extra_fields: tuple[str, ...] = ()) -> ProxyConfig:
-    """A ProxyConfig from a mapping of ``*_ms`` durations, plain limits and ``protocol``."""
+    """A ProxyConfig from a mapping of ``*_ms`` durations, whole-number limits, ratios (0 to 1) and names."""
     options.known(
         *PROXY_CONFIG_MS_FIELDS,
         *PROXY_CONFIG_PLAIN_FIELDS,
