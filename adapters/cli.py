@@ -95,8 +95,45 @@ def parse_address(value: str, what: str, *, listening: bool = False) -> Address:
         raise click.BadParameter(str(error), param_hint=what) from None
 
 
-def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _count_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(name, type=click.IntRange(min=0), default=None, help=help_text)
+
+
+_ms_option = _count_option  # durations are whole milliseconds
+
+
+def _ratio_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(name, type=click.FloatRange(0.0, 1.0), default=None, help=help_text)
+
+
+# Circuit breaking (docs/configuration.md): each flag sets the limit of the same name, as the file does.
+BREAKER_OPTIONS = (
+    _count_option(
+        "--breaker-consecutive-failures", "Eject an endpoint after this many failures in a row; 0: off.  [default: 7]"
+    ),
+    _ms_option("--breaker-backoff-min-ms", "An endpoint's first ejection lasts this long.  [default: 1000]"),
+    _ms_option("--breaker-backoff-max-ms", "Ejections in a row double up to this.  [default: 60000]"),
+    _ratio_option("--breaker-backoff-jitter-ratio", "Up to this share is added to each ejection.  [default: 0.5]"),
+    _ratio_option(
+        "--breaker-success-rate-min",
+        "Eject an endpoint whose success rate over the window falls below this; 0: off.  [default: 0]",
+    ),
+    _count_option("--breaker-success-rate-requests-min", "Verdicts the window needs first.  [default: 20]"),
+    _ms_option("--breaker-success-rate-window-ms", "The success rate's sliding window.  [default: 10000]"),
+    _count_option("--breaker-success-rate-buckets", "Buckets the window slides by.  [default: 10]"),
+    _count_option(
+        "--breaker-success-rate-max-ejected-percent", "At most this share of endpoints ejected for it.  [default: 50]"
+    ),
+    _count_option(
+        "--breaker-success-rate-ready-endpoints-min", "Never eject for it below this many un-ejected.  [default: 1]"
+    ),
+)
+
+
+def _breaker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(BREAKER_OPTIONS):
+        command = option(command)
+    return command
 
 
 @cli.command()
@@ -166,6 +203,7 @@ def _ms_option(name: str, help_text: str) -> Callable[[Callable[..., Any]], Call
 @_ms_option("--idle-timeout-ms", "Close client connections idle this long.  [default: 60000]")
 @_ms_option("--drain-timeout-ms", "On SIGTERM/Ctrl-C, how long requests in flight may take.  [default: 10000]")
 @_ms_option("--detect-timeout-ms", "With detect: tunnel a client silent this long.  [default: 10000]")
+@_breaker_options
 @click.option(
     "--identity-local-name",
     metavar="NAME",
@@ -192,7 +230,7 @@ def proxy(
     identity_token_file: str | None,
     routes_path: str | None,
     balancer: str | None,
-    **timeouts: int | None,
+    **limit_flags: float | None,
 ) -> None:
     """Run the proxy: outbound (127.0.0.1:4140) and inbound (0.0.0.0:4143) roles, or --listen/--to.
 
@@ -213,7 +251,7 @@ def proxy(
     h2c_endpoints = tuple(parse_address(part, "--to-h2c") for part in (to_h2c or "").split(",") if part.strip())
     if to_h2c is not None and listen is None:
         raise click.UsageError("--to-h2c goes with --listen and --to")
-    flag_limits: dict[str, Any] = {key: value for key, value in timeouts.items() if value is not None}
+    flag_limits: dict[str, Any] = {key: value for key, value in limit_flags.items() if value is not None}
     if balancer is not None:
         flag_limits["balancer"] = balancer
     if protocol is not None:

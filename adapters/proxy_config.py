@@ -41,6 +41,7 @@ from tether.core.config import ProxyConfig
 from tether.core.config_file import (
     PROXY_CONFIG_MS_FIELDS,
     PROXY_CONFIG_PLAIN_FIELDS,
+    PROXY_CONFIG_RATIO_FIELDS,
     ConfigFileError,
     FieldReader,
     read_proxy_config,
@@ -52,7 +53,14 @@ ENV_PREFIX = "TETHER_PROXY_"
 DEFAULT_ADMIN = Address("127.0.0.1", 4191)
 DEFAULT_OUTBOUND = Address("127.0.0.1", 4140)
 DEFAULT_INBOUND = Address("0.0.0.0", 4143)
-LIMIT_KEYS = (*PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "balancer", "opaque_ports")
+LIMIT_KEYS = (
+    *PROXY_CONFIG_MS_FIELDS,
+    *PROXY_CONFIG_PLAIN_FIELDS,
+    *PROXY_CONFIG_RATIO_FIELDS,
+    "protocol",
+    "balancer",
+    "opaque_ports",
+)
 TEXT_LIMITS = ("protocol", "balancer")
 
 

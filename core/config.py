@@ -7,14 +7,21 @@ is wrong can be fixed from the message alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+
+from tether.core.traffic.breaker import BreakerConfig, SuccessRateConfig
 
 MS = 1_000_000
 S = 1_000_000_000
+HOUR = 3600 * S
 PROTOCOLS = ("http1", "detect", "opaque")
 # Endpoint choice (core/traffic/balancer.py). Linkerd balances HTTP with P2C over peak-EWMA; the other two
 # stay available for comparison (`tether sim --balancer`).
 BALANCERS = ("p2c-ewma", "round-robin", "least-loaded")
+# Fields that are fractions from 0 to 1 (every other number is a whole number).
+RATIO_FIELDS = ("breaker_backoff_jitter_ratio", "breaker_success_rate_min")
+BREAKER_BUCKETS_MAX = 100
 
 
 class ConfigError(ValueError):
@@ -86,11 +93,27 @@ class ProxyConfig:
     # How requests choose among a service's endpoints; see BALANCERS. Opaque TCP connections balance on
     # their open connection count (P2C over pending) when this is "p2c-ewma".
     balancer: str = "p2c-ewma"
-    # Circuit breaking (failure accrual, core/traffic/breaker.py): an endpoint that fails this many requests
-    # in a row is ejected for 1 s (doubling per ejection in a row up to 60 s, plus up to 50 % jitter) and
-    # then probed by one request. Linkerd's consecutive-failures defaults; 0 turns it off. Inbound proxies
-    # never eject their one workload.
+    # Circuit breaking (core/traffic/breaker.py), outbound only: an inbound proxy never ejects its one
+    # workload. Two detectors, each off at 0. Consecutive failures (Linkerd's failure accrual, on by
+    # default): an endpoint that fails this many requests in a row is ejected.
     breaker_consecutive_failures: int = 7
+    # An ejection lasts backoff_min, doubling with each ejection in a row up to backoff_max, plus a jitter
+    # of up to jitter_ratio of that; then one request probes the endpoint. Linkerd's 1 s, 60 s and 0.5.
+    breaker_backoff_min_ns: int = 1 * S
+    breaker_backoff_max_ns: int = 60 * S
+    breaker_backoff_jitter_ratio: float = 0.5
+    # Success rate (Envoy's failure-percentage outlier detection; off by default, as Linkerd's stable proxy
+    # has none): at a failure, an endpoint whose successes over verdicts in the last window (split into
+    # buckets that expire one at a time) fall below success_rate_min, with at least requests_min verdicts,
+    # is ejected, unless that ejects more than max_ejected_percent of the endpoints (one is always allowed)
+    # or leaves fewer than ready_endpoints_min un-ejected. Envoy's 10 s window and 50 %; at most 100
+    # buckets, the counters each endpoint keeps.
+    breaker_success_rate_min: float = 0.0
+    breaker_success_rate_requests_min: int = 20
+    breaker_success_rate_window_ns: int = 10 * S
+    breaker_success_rate_buckets: int = 10
+    breaker_success_rate_max_ejected_percent: int = 50
+    breaker_success_rate_ready_endpoints_min: int = 1
     # While no endpoint of a service is ready, its requests wait in a queue of this many (Linkerd's 100);
     # one that waits failfast_timeout (Linkerd's 3 s) puts the service in failfast: every waiting and new
     # request gets 503 with l5d-proxy-error until an endpoint is ready again.
@@ -111,6 +134,9 @@ class ProxyConfig:
             if field.name in ("protocol", "opaque_ports", "balancer"):
                 continue
             value = getattr(self, field.name)
+            if field.name in RATIO_FIELDS:
+                _check_ratio(field.name, value)
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(field.name, f"{value!r} is not an integer", "give a whole number")
             if value < 0:
@@ -131,7 +157,59 @@ class ProxyConfig:
         _at_least(self, "h2_keepalive_interval_ns", 100 * MS, "100 ms")
         _at_least(self, "h2_keepalive_timeout_ns", 1 * MS, "1 ms")
         _at_least(self, "failfast_timeout_ns", 1 * MS, "1 ms")
+        self._check_breaker()
+
+    def _check_breaker(self) -> None:
         _at_most(self, "breaker_consecutive_failures", 1000, "1000")
+        _at_least(self, "breaker_backoff_min_ns", 1 * MS, "1 ms")
+        _at_most(self, "breaker_backoff_max_ns", HOUR, "1 hour (3600000 ms)")
+        if self.breaker_backoff_max_ns < self.breaker_backoff_min_ns:
+            raise ConfigError(
+                "breaker_backoff_max_ns",
+                f"{self.breaker_backoff_max_ns / MS:g} ms is shorter than the minimum backoff "
+                f"({self.breaker_backoff_min_ns / MS:g} ms)",
+                "make it at least breaker_backoff_min",
+            )
+        _at_least(self, "breaker_success_rate_requests_min", 1, "1")
+        _at_most(self, "breaker_success_rate_requests_min", 1_000_000, "1000000")
+        _at_least(self, "breaker_success_rate_buckets", 1, "1")
+        _at_most(self, "breaker_success_rate_buckets", BREAKER_BUCKETS_MAX, f"{BREAKER_BUCKETS_MAX}")
+        buckets = self.breaker_success_rate_buckets
+        _at_least(self, "breaker_success_rate_window_ns", buckets * MS, f"{buckets} ms (1 ms per bucket)")
+        _at_most(self, "breaker_success_rate_window_ns", HOUR, "1 hour (3600000 ms)")
+        _at_most(self, "breaker_success_rate_max_ejected_percent", 100, "100")
+        _at_most(self, "breaker_success_rate_ready_endpoints_min", 10_000, "10000 (a backend's most endpoints)")
+
+    def breaker_config(self) -> BreakerConfig | None:
+        """The circuit breaker these fields describe for an outbound backend; None when both detectors are
+        off (0 consecutive failures and a success rate minimum of 0)."""
+        success_rate = None
+        if self.breaker_success_rate_min > 0:
+            success_rate = SuccessRateConfig(
+                success_rate_min=float(self.breaker_success_rate_min),
+                requests_min=self.breaker_success_rate_requests_min,
+                # Whole nanoseconds per bucket: the window may come out a few nanoseconds short of what was asked.
+                bucket_ns=self.breaker_success_rate_window_ns // self.breaker_success_rate_buckets,
+                buckets=self.breaker_success_rate_buckets,
+                max_ejected_percent=self.breaker_success_rate_max_ejected_percent,
+                ready_endpoints_min=self.breaker_success_rate_ready_endpoints_min,
+            )
+        if not self.breaker_consecutive_failures and success_rate is None:
+            return None
+        return BreakerConfig(
+            consecutive_failures_max=self.breaker_consecutive_failures,
+            backoff_min_ns=self.breaker_backoff_min_ns,
+            backoff_max_ns=self.breaker_backoff_max_ns,
+            jitter_ratio=float(self.breaker_backoff_jitter_ratio),
+            success_rate=success_rate,
+        )
+
+
+def _check_ratio(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, f"{value!r} is not a number", "give a number from 0 to 1, such as 0.5")
+    if not (math.isfinite(value) and 0 <= value <= 1):  # YAML's .nan would pass every comparison
+        raise ConfigError(name, f"{value} is out of range", "give a number from 0 to 1, such as 0.5")
 
 
 def _at_least(config: ProxyConfig, name: str, minimum: int, shown: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.core.address import Address, AddressError
-from tether.core.config import MS, ConfigError, ProxyConfig
+from tether.core.config import MS, RATIO_FIELDS, ConfigError, ProxyConfig
 
 PROXY_CONFIG_MS_FIELDS = {
     "connect_timeout_ms": "connect_timeout_ns",
@@ -24,6 +24,9 @@ PROXY_CONFIG_MS_FIELDS = {
     "h2_keepalive_interval_ms": "h2_keepalive_interval_ns",
     "h2_keepalive_timeout_ms": "h2_keepalive_timeout_ns",
     "failfast_timeout_ms": "failfast_timeout_ns",
+    "breaker_backoff_min_ms": "breaker_backoff_min_ns",
+    "breaker_backoff_max_ms": "breaker_backoff_max_ns",
+    "breaker_success_rate_window_ms": "breaker_success_rate_window_ns",
 }
 PROXY_CONFIG_PLAIN_FIELDS = (
     "max_header_bytes",
@@ -36,8 +39,14 @@ PROXY_CONFIG_PLAIN_FIELDS = (
     "h2_connection_window",
     "h2_max_control_frames_per_second",
     "breaker_consecutive_failures",
+    "breaker_success_rate_requests_min",
+    "breaker_success_rate_buckets",
+    "breaker_success_rate_max_ejected_percent",
+    "breaker_success_rate_ready_endpoints_min",
     "failfast_queue_capacity",
 )
+# Fractions from 0 to 1, kept as written (the plain fields above are whole numbers).
+PROXY_CONFIG_RATIO_FIELDS = RATIO_FIELDS
 
 
 class ConfigFileError(ValueError):
@@ -128,9 +137,15 @@ class FieldReader:
 
 
 def read_proxy_config(options: FieldReader, *, extra_fields: tuple[str, ...] = ()) -> ProxyConfig:
-    """A ProxyConfig from a mapping of ``*_ms`` durations, plain limits and ``protocol``."""
+    """A ProxyConfig from a mapping of ``*_ms`` durations, whole-number limits, ratios (0 to 1) and names."""
     options.known(
-        *PROXY_CONFIG_MS_FIELDS, *PROXY_CONFIG_PLAIN_FIELDS, "protocol", "balancer", "opaque_ports", *extra_fields
+        *PROXY_CONFIG_MS_FIELDS,
+        *PROXY_CONFIG_PLAIN_FIELDS,
+        *PROXY_CONFIG_RATIO_FIELDS,
+        "protocol",
+        "balancer",
+        "opaque_ports",
+        *extra_fields,
     )
     values: dict[str, Any] = {}
     for key in ("protocol", "balancer"):
@@ -146,7 +161,13 @@ def read_proxy_config(options: FieldReader, *, extra_fields: tuple[str, ...] = (
             values[field_name] = int(options.number(key) * MS)
     for key in PROXY_CONFIG_PLAIN_FIELDS:
         if key in options.data:
-            values[key] = int(options.number(key))
+            number = options.number(key)
+            if not number.is_integer():
+                raise options.fail(key, f"{number:g} is not a whole number", "give a count such as 20")
+            values[key] = int(number)
+    for key in PROXY_CONFIG_RATIO_FIELDS:
+        if key in options.data:
+            values[key] = options.number(key, maximum=1.0)
     try:
         return ProxyConfig(**values)
     except ConfigError as error:

@@ -2,7 +2,9 @@
 meshed-http.yaml and grpc.yaml for the meshed topology (``meshed``, ``inbound``) and gRPC apps; identity
 and mTLS (``identity``, ``proxies[].identity``) are read by scenario_identity.py (mtls-*.yaml use them). The fields
 of traffic experiments (latency models, windows, chained services, routes) are read by scenario_fields.py;
-slow-endpoint.yaml, retry-storm.yaml, failing-endpoint.yaml and canary.yaml use them.
+slow-endpoint.yaml, retry-storm.yaml, failing-endpoint.yaml, flaky-endpoint.yaml and canary.yaml use them.
+``proxies[].config`` takes every limit of the proxy's configuration file (core/config_file.py), the circuit
+breaker's included (flaky-endpoint.yaml turns on its success-rate detector).
 
 Errors name the file, the field (as a path such as ``clients[0].rate_per_s``) and what to write instead.
 """

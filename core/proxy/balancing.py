@@ -135,11 +135,12 @@ class Balancing(ProxyParts):
         def _tunnel_endpoint_ready(self, downstream: Downstream, handle: Handle) -> None: ...
         def _tunnel_endpoint_refused(self, downstream: Downstream, error: ProxyError) -> None: ...
 
-    def _init_balancing(self, config_balancer: str, breaker_failures: int, inbound: bool) -> None:
+    def _init_balancing(self, config_balancer: str, breaker: BreakerConfig | None, inbound: bool) -> None:
         strategy = Strategy.from_name(config_balancer)
         # An inbound proxy has one endpoint, its workload: ejecting it would turn the workload's own 5xx
         # into the proxy's 503s, so inbound balancers never break circuits (Linkerd's inbound has none).
-        breaker = BreakerConfig(consecutive_failures_max=breaker_failures) if breaker_failures and not inbound else None
+        if inbound:
+            breaker = None
         opaque = Strategy.P2C_PENDING if strategy is Strategy.P2C_EWMA else strategy
         self._balancer_configs = {
             HTTP: BalancerConfig(strategy=strategy, breaker=breaker),

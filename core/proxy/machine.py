@@ -88,7 +88,7 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         self._draining = False
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
         self._init_mtls()
-        self._init_balancing(config.balancer, config.breaker_consecutive_failures, direction == "inbound")
+        self._init_balancing(config.balancer, config.breaker_config(), direction == "inbound")
         self._mirror_tickets: dict[int, list[int]] = {}
         self._init_routing(routes, 0)
 

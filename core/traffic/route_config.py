@@ -6,58 +6,43 @@ the file, the document, the field as a path (``spec.rules[2].matches[0].path.typ
 
 What is read (everything else in ``spec`` is refused as unknown, so a typo never passes silently):
 
-- ``HTTPRoute`` (gateway.networking.k8s.io or policy.linkerd.io): hostnames, parentRefs, and rules with
-  matches (path Exact / PathPrefix / RegularExpression, headers and queryParams Exact / RegularExpression,
-  method), filters (RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, and Tether's ``Fault``),
-  backendRefs with weights, timeouts (request, backendRequest) and retry (codes, attempts, backoff).
-- ``GRPCRoute``: the same, with matches on service / method (Exact) and headers.
-- Linkerd's annotations on either: ``retry.linkerd.io/http|grpc|limit|timeout`` and
-  ``timeout.linkerd.io/request|response|idle``, which override the rule fields (as Linkerd has it), and
-  Tether's ``tether.io/allow-l5d-request-headers: "true"``, which lets requests carry ``l5d-retry-*``.
+- ``HTTPRoute`` and ``GRPCRoute`` (gateway.networking.k8s.io or policy.linkerd.io), with Linkerd's retry
+  and timeout annotations: read by gateway_routes.py, which also holds the small field readers.
 - ``ServiceProfile`` (linkerd.io/v1alpha2): routes (condition with method, pathRegex, all, any;
   isRetryable; timeout; responseClasses with status ranges), retryBudget and dstOverrides.
 - ``HTTPLocalRateLimitPolicy`` (policy.linkerd.io): total, identity and overrides per Server.
 
-Gateway API list limits (16 rules, 64 matches per rule and 128 per route, 16 hostnames, filters, backends
-and header matches) are enforced, so a hostile file cannot make matching arbitrarily slow.
+This module reads the last two and dispatches each document by kind.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import yaml
 
 from tether.core.config_file import ConfigFileError, FieldReader
 from tether.core.traffic.budget import TTL_NS_MAX, TTL_NS_MIN, RetryBudgetConfig
-from tether.core.traffic.ratelimit import LocalRateLimitConfig, RateLimit
-from tether.core.traffic.retry import (
-    MAX_RETRY_LIMIT,
-    SERVER_ERRORS,
-    Backoff,
-    RetryConditions,
-    RetryConfigError,
-    RetryPolicy,
-    StatusRange,
-    parse_grpc_conditions,
-    parse_http_conditions,
-    parse_retry_limit,
+from tether.core.traffic.gateway_routes import (
+    MAX_LIST,
+    MAX_MATCHES_PER_RULE,
+    METHODS,
+    compiled,
+    read_boolean,
+    read_duration,
+    read_integer,
+    read_items,
+    read_metadata,
+    read_ratio,
+    read_route,
 )
+from tether.core.traffic.ratelimit import LocalRateLimitConfig, RateLimit
+from tether.core.traffic.retry import SERVER_ERRORS, RetryConditions, RetryPolicy, StatusRange
 from tether.core.traffic.routes import (
-    MAX_HEADER_VALUE_LENGTH,
-    MAX_PATH_LENGTH,
     BackendRef,
-    FaultAbort,
-    FaultDelay,
-    FaultInjection,
-    GrpcRouteMatch,
-    HeaderModifier,
     HttpRouteMatch,
-    MirrorPolicy,
     ParentRef,
     PathMatch,
     PathMatchKind,
@@ -65,32 +50,12 @@ from tether.core.traffic.routes import (
     RouteKind,
     RouteRule,
     RouteTable,
-    ValueMatch,
 )
-from tether.core.traffic.timeouts import DurationError, GrpcCode, RouteTimeouts, parse_duration_ns
+from tether.core.traffic.timeouts import RouteTimeouts
 
 MAX_DOCUMENTS = 1000
-MAX_RULES, MAX_MATCHES_PER_RULE, MAX_MATCHES_PER_ROUTE = 16, 64, 128
-MAX_LIST = 16  # hostnames, filters, backendRefs, header and query matches, header modifier entries
-METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-_HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
-_GRPC_SERVICE = re.compile(r"(?i)\.?[a-z_][a-z_0-9]*(\.[a-z_][a-z_0-9]*)*")
-_GRPC_METHOD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 _PROFILE_NAME = re.compile(r"([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.[a-z0-9.-]+")
 ROUTE_GROUPS = ("gateway.networking.k8s.io/", "policy.linkerd.io/")
-ALLOW_HEADERS_ANNOTATION = "tether.io/allow-l5d-request-headers"
-RETRY_ANNOTATIONS = (
-    "retry.linkerd.io/http",
-    "retry.linkerd.io/grpc",
-    "retry.linkerd.io/limit",
-    "retry.linkerd.io/timeout",
-)
-TIMEOUT_ANNOTATIONS = {
-    "timeout.linkerd.io/request": "request_ns",
-    "timeout.linkerd.io/response": "response_ns",
-    "timeout.linkerd.io/idle": "idle_ns",
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,7 +137,7 @@ def read_route_documents(documents: Sequence[object], source: str) -> RouteConfi
         kind = top.text("kind")
         if kind in ("HTTPRoute", "GRPCRoute"):
             _check_api(top, ROUTE_GROUPS)
-            routes.append(_read_route(top, RouteKind(kind)))
+            routes.append(read_route(top, RouteKind(kind)))
         elif kind == "ServiceProfile":
             _check_api(top, ("linkerd.io/",))
             profiles.append(_read_profile(top))
@@ -194,339 +159,11 @@ def _check_api(top: FieldReader, groups: tuple[str, ...]) -> None:
         raise top.fail("apiVersion", f"{api!r} does not go with kind {top.data['kind']}", f"use {groups[0]}...")
 
 
-# ------------------------------------------------------------------ HTTPRoute and GRPCRoute
-
-
-def _read_route(top: FieldReader, kind: RouteKind) -> Route:
-    name, namespace, annotations = _metadata(top)
-    spec = top.child("spec")
-    spec.known("parentRefs", "hostnames", "rules")
-    rules_in = _items(spec, "rules", MAX_RULES)
-    defaults = _annotation_defaults(top, annotations, kind)
-    rules = tuple(_read_rule(rule, kind, defaults) for rule in rules_in) or (_default_rule(defaults),)
-    total = sum(len(rule.matches) for rule in rules)
-    if total > MAX_MATCHES_PER_ROUTE:
-        raise spec.fail("rules", f"hold {total} matches in all", f"use at most {MAX_MATCHES_PER_ROUTE} per route")
-    return Route(
-        kind=kind,
-        name=name,
-        namespace=namespace,
-        hostnames=tuple(_hostname(spec, f"hostnames[{i}]", h) for i, h in enumerate(_strings(spec, "hostnames"))),
-        rules=rules,
-        parents=tuple(_parent(ref, namespace) for ref in _items(spec, "parentRefs", 32)),
-    )
-
-
-def _metadata(top: FieldReader) -> tuple[str, str, Mapping[str, Any]]:
-    metadata = top.child("metadata")
-    annotations = metadata.child("annotations")
-    for key, value in annotations.data.items():
-        if not isinstance(value, str):
-            raise annotations.fail(str(key), f"{value!r} is not a string", 'quote annotation values, e.g. "3"')
-    return metadata.text("name"), metadata.text("namespace", "default"), annotations.data
-
-
-def _parent(ref: FieldReader, namespace: str) -> ParentRef:
-    ref.known("group", "kind", "name", "namespace", "port", "sectionName")
-    return ParentRef(ref.text("name"), ref.text("namespace", namespace), _port(ref, "port"))
-
-
-@dataclass(frozen=True, slots=True)
-class _RuleDefaults:
-    """What a route's annotations impose on every rule (None: leave the rule's own setting)."""
-
-    retry: RetryPolicy | None
-    timeouts: dict[str, int | None]
-    allow_headers: bool
-
-
-def _annotation_defaults(top: FieldReader, annotations: Mapping[str, Any], kind: RouteKind) -> _RuleDefaults:
-    node = FieldReader(top.source, "metadata.annotations.", annotations)
-    timeouts = {  # "0s" disables the timeout: None overrides the rule's own value
-        field: _duration_value(node, key, annotations[key]) or None
-        for key, field in TIMEOUT_ANNOTATIONS.items()
-        if key in annotations
-    }
-    allow = annotations.get(ALLOW_HEADERS_ANNOTATION, "false")
-    if allow not in ("true", "false"):
-        raise node.fail(ALLOW_HEADERS_ANNOTATION, f"{allow!r} is not a boolean", 'write "true" or "false"')
-    return _RuleDefaults(_annotation_retry(node, annotations, kind), timeouts, allow == "true")
-
-
-def _annotation_retry(node: FieldReader, annotations: Mapping[str, Any], kind: RouteKind) -> RetryPolicy | None:
-    keys = [key for key in annotations if str(key).startswith("retry.linkerd.io/")]
-    if not keys:
-        return None
-    wrong = "retry.linkerd.io/grpc" if kind is RouteKind.HTTP else "retry.linkerd.io/http"
-    if wrong in annotations:
-        raise node.fail(wrong, f"is not valid on a {kind.value}", "use /http on HTTPRoutes and /grpc on GRPCRoutes")
-    http: tuple[StatusRange, ...] = ()
-    grpc: frozenset[GrpcCode] = frozenset()
-    limit = 1
-    for key in keys:
-        if key not in RETRY_ANNOTATIONS:
-            raise node.fail(key, "is not a retry annotation", f"use one of {', '.join(RETRY_ANNOTATIONS)}")
-        try:
-            if key == "retry.linkerd.io/http":
-                http = parse_http_conditions(annotations[key])
-            elif key == "retry.linkerd.io/grpc":
-                grpc = parse_grpc_conditions(annotations[key])
-            elif key == "retry.linkerd.io/limit":
-                limit = parse_retry_limit(annotations[key])
-        except RetryConfigError as error:
-            raise node.fail(key, str(error), "see docs/traffic.md") from None
-    if not http and not grpc:  # limit or timeout alone: retry what the route kind usually fails with
-        http, grpc = (
-            ((SERVER_ERRORS,), frozenset()) if kind is RouteKind.HTTP else ((), frozenset({GrpcCode.UNAVAILABLE}))
-        )
-    timeout = annotations.get("retry.linkerd.io/timeout")
-    attempt_timeout = _duration_value(node, "retry.linkerd.io/timeout", timeout) if timeout is not None else 0
-    return RetryPolicy(
-        limit=limit, conditions=RetryConditions(http=http, grpc=grpc), attempt_timeout_ns=attempt_timeout or None
-    )
-
-
-def _default_rule(defaults: _RuleDefaults) -> RouteRule:
-    return RouteRule(
-        retry=defaults.retry,
-        timeouts=RouteTimeouts(**defaults.timeouts),
-        allow_l5d_request_headers=defaults.allow_headers,
-    )
-
-
-def _read_rule(rule: FieldReader, kind: RouteKind, defaults: _RuleDefaults) -> RouteRule:
-    fields = ["name", "matches", "filters", "backendRefs"]
-    if kind is RouteKind.HTTP:
-        fields += ["timeouts", "retry"]
-    rule.known(*fields)
-    read_match = _http_match if kind is RouteKind.HTTP else _grpc_match
-    matches = tuple(read_match(match) for match in _items(rule, "matches", MAX_MATCHES_PER_RULE))
-    filters = _filters(rule)
-    timeouts = _rule_timeouts(rule) if kind is RouteKind.HTTP else {}
-    timeouts.update(defaults.timeouts)
-    retry = defaults.retry if defaults.retry is not None else (_rule_retry(rule) if kind is RouteKind.HTTP else None)
-    return RouteRule(
-        name=rule.text("name") if "name" in rule.data else None,
-        matches=matches,  # type: ignore[arg-type]
-        backends=tuple(_backend(ref) for ref in _items(rule, "backendRefs", MAX_LIST)),
-        timeouts=RouteTimeouts(**timeouts),
-        retry=retry,
-        allow_l5d_request_headers=defaults.allow_headers,
-        **filters,
-    )
-
-
-def _http_match(match: FieldReader) -> HttpRouteMatch:
-    match.known("path", "headers", "queryParams", "method")
-    path = match.child("path")
-    path.known("type", "value")
-    path_kind = _choice(path, "type", {k.value: k for k in PathMatchKind}, PathMatchKind.PREFIX)
-    value = path.text("value", "/")
-    if len(value) > MAX_PATH_LENGTH:
-        raise path.fail("value", f"has {len(value)} characters", f"use at most {MAX_PATH_LENGTH}")
-    if path_kind is not PathMatchKind.REGEX and (not value.startswith("/") or "//" in value):
-        raise path.fail("value", f"{value!r} is not an absolute path", "start with '/' and never repeat '/'")
-    method = match.data.get("method")
-    if method is not None and method not in METHODS:
-        raise match.fail("method", f"{method!r} is not an HTTP method", f"use one of {', '.join(METHODS)}")
-    return HttpRouteMatch(
-        path=_compiled(path, "value", lambda: PathMatch(path_kind, value)),
-        headers=_value_matches(match, "headers", header=True),
-        query_params=_value_matches(match, "queryParams", header=False),
-        method=method,
-    )
-
-
-def _grpc_match(match: FieldReader) -> GrpcRouteMatch:
-    match.known("method", "headers")
-    method = match.child("method")
-    method.known("type", "service", "method")
-    if method.data.get("type", "Exact") != "Exact":
-        raise method.fail(
-            "type", f"{method.data['type']!r} is not supported", "use Exact (Tether has no gRPC regex match)"
-        )
-    service, name = method.data.get("service"), method.data.get("method")
-    if "method" in match.data and service is None and name is None:
-        raise method.fail("service", "and method are both missing", "give a service, a method or both")
-    if service is not None and not (isinstance(service, str) and _GRPC_SERVICE.fullmatch(service)):
-        raise method.fail(
-            "service", f"{service!r} is not a gRPC service name", "write package.Service, e.g. grpc.health.v1.Health"
-        )
-    if name is not None and not (isinstance(name, str) and _GRPC_METHOD.fullmatch(name)):
-        raise method.fail("method", f"{name!r} is not a gRPC method name", "write a name such as Check")
-    return GrpcRouteMatch(service=service, method=name, headers=_value_matches(match, "headers", header=True))
-
-
-def _value_matches(node: FieldReader, key: str, *, header: bool) -> tuple[ValueMatch, ...]:
-    seen: set[str] = set()
-    out = []
-    for entry in _items(node, key, MAX_LIST):
-        entry.known("type", "name", "value")
-        kind = _choice(entry, "type", {"Exact": False, "RegularExpression": True}, False)
-        name = entry.text("name")
-        if header and not _HEADER_NAME.fullmatch(name):
-            raise entry.fail("name", f"{name!r} is not a header name", "use letters, digits and -")
-        name = name.lower() if header else name
-        value = entry.text("value")
-        if len(value) > MAX_HEADER_VALUE_LENGTH:
-            raise entry.fail("value", f"has {len(value)} characters", f"use at most {MAX_HEADER_VALUE_LENGTH}")
-        if name in seen:
-            continue  # Gateway API: only the first entry for a name counts
-        seen.add(name)
-        out.append(_compiled(entry, "value", lambda n=name, v=value, k=kind: ValueMatch(n, v, k)))
-    return tuple(out)
-
-
-def _compiled(node: FieldReader, key: str, build: Callable[[], Any]) -> Any:
-    try:
-        return build()
-    except re.error as error:
-        raise node.fail(key, f"is not a valid regular expression ({error})", "write a Python re pattern") from None
-
-
-def _filters(rule: FieldReader) -> dict[str, Any]:
-    out: dict[str, Any] = {"mirrors": ()}
-    mirrors = []
-    readers = {
-        "RequestHeaderModifier": "request_headers",
-        "ResponseHeaderModifier": "response_headers",
-        "Fault": "fault",
-    }
-    for entry in _items(rule, "filters", MAX_LIST):
-        kind = entry.text("type")
-        if kind == "RequestMirror":
-            entry.known("type", "requestMirror")
-            mirrors.append(_mirror(entry.child("requestMirror")))
-            continue
-        if kind not in readers:
-            raise entry.fail(
-                "type", f"{kind!r} is not supported", f"use one of {', '.join([*readers, 'RequestMirror'])}"
-            )
-        field = readers[kind]
-        key = "fault" if kind == "Fault" else kind[0].lower() + kind[1:]
-        entry.known("type", key)
-        if field in out:
-            raise entry.fail("type", f"{kind} appears twice in this rule", "merge them into one filter")
-        out[field] = _fault(entry.child(key)) if kind == "Fault" else _header_modifier(entry.child(key))
-    out["mirrors"] = tuple(mirrors)
-    return out
-
-
-def _header_modifier(node: FieldReader) -> HeaderModifier:
-    node.known("set", "add", "remove")
-    seen: dict[str, str] = {}
-    pairs = {}
-    for action in ("set", "add"):
-        entries = []
-        for entry in _items(node, action, MAX_LIST):
-            entry.known("name", "value")
-            entries.append((_modified_name(entry, "name", entry.text("name"), action, seen), entry.text("value")))
-        pairs[action] = tuple(entries)
-    removed = tuple(
-        _modified_name(node, f"remove[{i}]", name, "remove", seen) for i, name in enumerate(_strings(node, "remove"))
-    )
-    return HeaderModifier(set=pairs["set"], add=pairs["add"], remove=removed)
-
-
-def _modified_name(node: FieldReader, key: str, name: str, action: str, seen: dict[str, str]) -> str:
-    if not _HEADER_NAME.fullmatch(name):
-        raise node.fail(key, f"{name!r} is not a header name", "use letters, digits and -")
-    lowered = name.lower()
-    if lowered in seen:
-        raise node.fail(key, f"{name!r} is already in {seen[lowered]}", "give each header one action")
-    seen[lowered] = action
-    return lowered
-
-
-def _mirror(node: FieldReader) -> MirrorPolicy:
-    node.known("backendRef", "percent", "fraction")
-    if "percent" in node.data and "fraction" in node.data:
-        raise node.fail("fraction", "is given with percent", "give one of percent or fraction")
-    ratio = 1.0
-    if "percent" in node.data:
-        ratio = _integer(node, "percent", 0, 100) / 100
-    elif "fraction" in node.data:
-        fraction = node.child("fraction")
-        fraction.known("numerator", "denominator")
-        denominator = _integer(fraction, "denominator", 1, 1_000_000, default=100)
-        ratio = _integer(fraction, "numerator", 0, denominator) / denominator
-    return MirrorPolicy(backend=_backend(node.child("backendRef"), weighted=False), ratio=ratio)
-
-
-def _fault(node: FieldReader) -> FaultInjection:
-    node.known("abort", "delay")
-    if not node.data:
-        raise node.fail("abort", "and delay are both missing", "give abort, delay or both")
-    abort = delay = None
-    if "abort" in node.data:
-        spec = node.child("abort")
-        spec.known("httpStatus", "grpcStatus", "ratio")
-        grpc = spec.data.get("grpcStatus")
-        if grpc is not None and (not isinstance(grpc, str) or grpc not in GrpcCode.__members__):
-            raise spec.fail("grpcStatus", f"{grpc!r} is not a gRPC code name", "write e.g. UNAVAILABLE")
-        abort = FaultAbort(
-            http_status=_integer(spec, "httpStatus", 200, 599),
-            grpc_status=GrpcCode[grpc] if grpc is not None else None,
-            ratio=_ratio(spec, "ratio", 1.0),
-        )
-    if "delay" in node.data:
-        spec = node.child("delay")
-        spec.known("duration", "ratio")
-        duration = _duration(spec, "duration")
-        if duration == 0:
-            raise spec.fail("duration", "is 0", "give a positive duration such as 100ms")
-        delay = FaultDelay(duration_ns=duration, ratio=_ratio(spec, "ratio", 1.0))
-    return FaultInjection(abort=abort, delay=delay)
-
-
-def _backend(ref: FieldReader, *, weighted: bool = True) -> BackendRef:
-    ref.known("group", "kind", "name", "namespace", "port", *(("weight",) if weighted else ()))
-    kind = ref.data.get("kind", "Service")
-    if kind != "Service":
-        raise ref.fail("kind", f"{kind!r} is not supported", "refer to a Service")
-    namespace = ref.text("namespace") if "namespace" in ref.data else None
-    weight = _integer(ref, "weight", 0, 1_000_000, default=1) if weighted else 1
-    return BackendRef(name=ref.text("name"), namespace=namespace, port=_port(ref, "port"), weight=weight)
-
-
-def _rule_timeouts(rule: FieldReader) -> dict[str, int]:
-    node = rule.child("timeouts")
-    node.known("request", "backendRequest")
-    out = {}
-    for key, field in (("request", "request_ns"), ("backendRequest", "response_ns")):
-        if key in node.data and (value := _duration(node, key)):
-            out[field] = value  # 0s disables the timeout, as the Gateway API says
-    if out.get("response_ns", 0) > out.get("request_ns", out.get("response_ns", 0)):
-        raise node.fail("backendRequest", "is longer than request", "make backendRequest at most the request timeout")
-    return out
-
-
-def _rule_retry(rule: FieldReader) -> RetryPolicy | None:
-    if "retry" not in rule.data:
-        return None
-    node = rule.child("retry")
-    node.known("codes", "attempts", "backoff")
-    codes = node.data.get("codes", [500, 502, 503, 504])
-    if not isinstance(codes, list) or not all(isinstance(c, int) and 400 <= c <= 599 for c in codes):
-        raise node.fail("codes", f"{codes!r} is not a list of statuses", "write e.g. [500, 503], each 400-599")
-    backoff = Backoff()
-    if "backoff" in node.data:
-        base = _duration(node, "backoff")
-        if not 1_000_000 <= base <= 1_000_000_000:
-            raise node.fail("backoff", "is out of range", "give 1ms to 1s")
-        backoff = Backoff(min_ns=base, max_ns=10 * base)  # the default's shape: 25 ms to 250 ms
-    return RetryPolicy(
-        limit=_integer(node, "attempts", 0, MAX_RETRY_LIMIT, default=1),
-        conditions=RetryConditions(http=tuple(StatusRange(c, c) for c in codes)),
-        backoff=backoff,
-    )
-
-
 # ------------------------------------------------------------------ ServiceProfile and rate limits
 
 
 def _read_profile(top: FieldReader) -> ServiceProfile:
-    name, namespace, _annotations = _metadata(top)
+    name, namespace, _annotations = read_metadata(top)
     found = _PROFILE_NAME.fullmatch(name)
     if found is None:
         raise top.child("metadata").fail(
@@ -534,8 +171,8 @@ def _read_profile(top: FieldReader) -> ServiceProfile:
         )
     spec = top.child("spec")
     spec.known("routes", "retryBudget", "dstOverrides", "opaquePorts")
-    backends = tuple(_override(entry) for entry in _items(spec, "dstOverrides", MAX_LIST))
-    routes = tuple(_profile_route(entry, namespace, backends) for entry in _items(spec, "routes", 256))
+    backends = tuple(_override(entry) for entry in read_items(spec, "dstOverrides", MAX_LIST))
+    routes = tuple(_profile_route(entry, namespace, backends) for entry in read_items(spec, "routes", 256))
     budget = _budget(spec.child("retryBudget")) if "retryBudget" in spec.data else None
     return ServiceProfile(service=ParentRef(found.group(1), found.group(2)), routes=routes, budget=budget)
 
@@ -545,14 +182,14 @@ def _profile_route(entry: FieldReader, namespace: str, backends: tuple[BackendRe
     name = entry.text("name")
     matches = _profile_condition(entry.child("condition"))
     failures = []
-    for response_class in _items(entry, "responseClasses", MAX_LIST):
+    for response_class in read_items(entry, "responseClasses", MAX_LIST):
         response_class.known("condition", "isFailure")
         if response_class.data.get("isFailure") is True:
             failures.append(_status_condition(response_class.child("condition")))
     retry = None
-    if _boolean(entry, "isRetryable"):
+    if read_boolean(entry, "isRetryable"):
         retry = RetryPolicy(conditions=RetryConditions(http=tuple(failures) or (SERVER_ERRORS,)))
-    timeout = _duration(entry, "timeout") if "timeout" in entry.data else 0
+    timeout = read_duration(entry, "timeout") if "timeout" in entry.data else 0
     rule = RouteRule(
         name=name, matches=matches, backends=backends, retry=retry, timeouts=RouteTimeouts(request_ns=timeout or None)
     )
@@ -566,9 +203,9 @@ def _profile_condition(node: FieldReader, nested: bool = False) -> tuple[HttpRou
     if "any" in node.data:
         if len(node.data) > 1 or nested:
             raise node.fail("any", "is nested or combined with other fields", "write one any of simple conditions")
-        entries = _items(node, "any", MAX_MATCHES_PER_RULE)
+        entries = read_items(node, "any", MAX_MATCHES_PER_RULE)
         return tuple(match for entry in entries for match in _profile_condition(entry, nested=True))
-    leaves = [node, *_items(node, "all", MAX_LIST)]
+    leaves = [node, *read_items(node, "all", MAX_LIST)]
     method = regex = None
     for leaf in leaves:
         if leaf is not node:
@@ -582,7 +219,7 @@ def _profile_condition(node: FieldReader, nested: bool = False) -> tuple[HttpRou
         raise node.fail("method", f"{method!r} is not an HTTP method", f"use one of {', '.join(METHODS)}")
     if method is None and regex is None:
         raise node.fail("pathRegex", "and method are both missing", "give a pathRegex, a method or both")
-    path = _compiled(node, "pathRegex", lambda: PathMatch(PathMatchKind.REGEX, regex)) if regex else None
+    path = compiled(node, "pathRegex", lambda: PathMatch(PathMatchKind.REGEX, regex)) if regex else None
     return (HttpRouteMatch(method=method, **({"path": path} if path else {})),)
 
 
@@ -590,8 +227,8 @@ def _status_condition(node: FieldReader) -> StatusRange:
     node.known("status")
     status = node.child("status")
     status.known("min", "max")
-    low = _integer(status, "min", 100, 599, default=100)
-    return StatusRange(low, _integer(status, "max", low, 599, default=599))
+    low = read_integer(status, "min", 100, 599, default=100)
+    return StatusRange(low, read_integer(status, "max", low, 599, default=599))
 
 
 def _override(entry: FieldReader) -> BackendRef:
@@ -618,32 +255,32 @@ def _quantity_milli(value: object) -> int | None:
 
 def _budget(node: FieldReader) -> RetryBudgetConfig:
     node.known("retryRatio", "minRetriesPerSecond", "ttl")
-    ttl = _duration(node, "ttl") if "ttl" in node.data else 10 * 10**9
+    ttl = read_duration(node, "ttl") if "ttl" in node.data else 10 * 10**9
     if not TTL_NS_MIN <= ttl <= TTL_NS_MAX:
         raise node.fail("ttl", "is out of range", "give 1s to 60s")
     return RetryBudgetConfig(
-        retry_ratio=_ratio(node, "retryRatio", 0.2, maximum=1000.0),
-        min_retries_per_s=_integer(node, "minRetriesPerSecond", 0, 1_000_000, default=10),
+        retry_ratio=read_ratio(node, "retryRatio", 0.2, maximum=1000.0),
+        min_retries_per_s=read_integer(node, "minRetriesPerSecond", 0, 1_000_000, default=10),
         ttl_ns=ttl,
     )
 
 
 def _read_rate_limit(top: FieldReader) -> tuple[str, str, LocalRateLimitConfig]:
-    _name, namespace, _annotations = _metadata(top)
+    _name, namespace, _annotations = read_metadata(top)
     spec = top.child("spec")
     spec.known("targetRef", "total", "identity", "overrides")
     target = spec.child("targetRef")
     target.known("group", "kind", "name")
     overrides = []
-    for entry in _items(spec, "overrides", MAX_LIST):
+    for entry in read_items(spec, "overrides", MAX_LIST):
         entry.known("requestsPerSecond", "clientRefs")
         clients = []
-        for ref in _items(entry, "clientRefs", MAX_LIST):
+        for ref in read_items(entry, "clientRefs", MAX_LIST):
             ref.known("kind", "name", "namespace")
             ns = ref.text("namespace", namespace)
             clients.append(f"{ref.text('name')}.{ns}.serviceaccount.identity.linkerd.cluster.local")
         overrides.append(
-            (tuple(clients), RateLimit(requests_per_s=_integer(entry, "requestsPerSecond", 1, 10_000_000)))
+            (tuple(clients), RateLimit(requests_per_s=read_integer(entry, "requestsPerSecond", 1, 10_000_000)))
         )
     config = LocalRateLimitConfig(
         total=_rate(spec, "total"), identity=_rate(spec, "identity"), overrides=tuple(overrides)
@@ -656,76 +293,4 @@ def _rate(spec: FieldReader, key: str) -> RateLimit | None:
         return None
     node = spec.child(key)
     node.known("requestsPerSecond")
-    return RateLimit(requests_per_s=_integer(node, "requestsPerSecond", 1, 10_000_000))
-
-
-# ------------------------------------------------------------------ small readers
-
-
-def _items(node: FieldReader, key: str, maximum: int) -> list[FieldReader]:
-    items = node.items(key)
-    if len(items) > maximum:
-        raise node.fail(key, f"has {len(items)} entries", f"use at most {maximum}")
-    return items
-
-
-def _strings(node: FieldReader, key: str) -> list[str]:
-    values = node.data.get(key, [])
-    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
-        raise node.fail(key, f"{values!r} is not a list of names", "write one '- name' per entry")
-    if len(values) > MAX_LIST:
-        raise node.fail(key, f"has {len(values)} entries", f"use at most {MAX_LIST}")
-    return values
-
-
-def _hostname(node: FieldReader, key: str, value: str) -> str:
-    if len(value) > 253 or not _HOSTNAME.fullmatch(value):
-        raise node.fail(key, f"{value!r} is not a hostname", "write lower-case DNS names, optionally *.example.com")
-    return value
-
-
-def _choice(node: FieldReader, key: str, choices: Mapping[str, Any], default: Any) -> Any:
-    value = node.data.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str) or value not in choices:
-        raise node.fail(key, f"{value!r} is not supported", f"use one of {', '.join(choices)}")
-    return choices[value]
-
-
-def _integer(node: FieldReader, key: str, low: int, high: int, *, default: int | None = None) -> int:
-    value = node.data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise node.fail(key, f"{value!r} is not a whole number from {low} to {high}", f"give {low} to {high}")
-    return value
-
-
-def _port(node: FieldReader, key: str) -> int | None:
-    return _integer(node, key, 1, 65535) if key in node.data else None
-
-
-def _boolean(node: FieldReader, key: str) -> bool:
-    value = node.data.get(key, False)
-    if not isinstance(value, bool):
-        raise node.fail(key, f"{value!r} is not a boolean", "write true or false")
-    return value
-
-
-def _ratio(node: FieldReader, key: str, default: float, *, maximum: float = 1.0) -> float:
-    value = node.number(key, default, maximum=maximum)
-    if not math.isfinite(value):  # YAML's .nan passes every comparison
-        raise node.fail(key, f"{value} is not a number", f"give 0 to {maximum}")
-    return value
-
-
-def _duration(node: FieldReader, key: str) -> int:
-    return _duration_value(node, key, node.data.get(key))
-
-
-def _duration_value(node: FieldReader, key: str, value: object) -> int:
-    if not isinstance(value, str):
-        raise node.fail(key, f"{value!r} is not a duration", 'write a quoted duration such as "500ms" or "10s"')
-    try:
-        return parse_duration_ns(value)
-    except DurationError as error:
-        raise node.fail(key, str(error), "for example 500ms, 10s or 1m30s") from None
+    return RateLimit(requests_per_s=read_integer(node, "requestsPerSecond", 1, 10_000_000))

@@ -3,15 +3,19 @@ and both roles running from one file."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
+from click.testing import CliRunner
 from net_helpers import free_port, wait_for_port
 
-from tether.adapters.proxy_config import load
+from tether.adapters.cli import cli
+from tether.adapters.proxy_config import LIMIT_KEYS, load
 from tether.core.address import Address
 from tether.core.config_file import ConfigFileError
 
@@ -191,3 +195,81 @@ def test_balancer_and_breaker_settings_from_file_and_environment(tmp_path: Path)
     with pytest.raises(ConfigFileError) as caught:
         load(config_path=None, environ={"TETHER_PROXY_BALANCER": "random"})
     assert "balancer" in str(caught.value) and "p2c-ewma" in str(caught.value)
+
+
+BREAKER_FILE = """
+limits:
+  breaker_consecutive_failures: 0
+  breaker_success_rate_min: 0.8
+  breaker_success_rate_window_ms: 5000
+  breaker_backoff_max_ms: 20000
+outbound:
+  limits: {breaker_backoff_jitter_ratio: 0.2}
+"""
+
+
+def test_breaker_success_rate_from_file_environment_and_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, BREAKER_FILE)
+    from_file = load(config_path=path, environ={}).roles[0].config.breaker_config()
+    assert from_file is not None and from_file.success_rate is not None
+    assert (from_file.consecutive_failures_max, from_file.success_rate.success_rate_min) == (0, 0.8)
+    assert (from_file.backoff_max_ns, from_file.jitter_ratio) == (20 * 10**9, 0.2)
+    assert from_file.success_rate.bucket_ns * from_file.success_rate.buckets == 5 * 10**9
+    environ = {"TETHER_PROXY_BREAKER_SUCCESS_RATE_MIN": "0.9", "TETHER_PROXY_BREAKER_SUCCESS_RATE_BUCKETS": "5"}
+    from_env = load(config_path=path, environ=environ).roles[0].config
+    assert (from_env.breaker_success_rate_min, from_env.breaker_success_rate_buckets) == (0.9, 5)
+    flags = {"breaker_success_rate_min": 0.95, "breaker_backoff_min_ms": 100}
+    flagged = load(config_path=path, environ=environ, flag_limits=flags).roles[0].config
+    assert (flagged.breaker_success_rate_min, flagged.breaker_backoff_min_ns) == (0.95, 100_000_000)
+    assert flagged.breaker_success_rate_buckets == 5  # the environment's, where no flag says otherwise
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"TETHER_PROXY_BREAKER_SUCCESS_RATE_MIN": "often"}, ["environment", "BREAKER_SUCCESS_RATE_MIN", "number"]),
+        ({"TETHER_PROXY_BREAKER_SUCCESS_RATE_MIN": "1.5"}, ["limits.breaker_success_rate_min", "at most 1.0"]),
+        ({"TETHER_PROXY_BREAKER_BACKOFF_MAX_MS": "500"}, ["limits.breaker_backoff_max_ms", "breaker_backoff_min"]),
+        ({"TETHER_PROXY_BREAKER_SUCCESS_RATE_BUCKETS": "0"}, ["limits.breaker_success_rate_buckets", "at least 1"]),
+        ({"TETHER_PROXY_BREAKER_JITTER": "0.1"}, ["TETHER_PROXY_BREAKER_BACKOFF_JITTER_RATIO", "use one of"]),
+    ],
+)
+def test_breaker_environment_errors_name_the_setting_and_fix(environ: dict[str, str], expected: list[str]) -> None:
+    with pytest.raises(ConfigFileError) as caught:
+        load(config_path=None, environ=environ)
+    for part in expected:
+        assert part in str(caught.value)
+
+
+def test_cli_breaker_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[object] = []
+    monkeypatch.setattr(anyio, "run", lambda _run, process, **_options: started.append(process))
+    for variable in [name for name in os.environ if name.startswith("TETHER_PROXY_")]:
+        monkeypatch.delenv(variable)
+    flags = ["--breaker-success-rate-min", "0.7", "--breaker-success-rate-window-ms", "3000"]
+    flags += ["--breaker-success-rate-ready-endpoints-min", "2", "--breaker-consecutive-failures", "0"]
+    done = CliRunner().invoke(cli, ["proxy", *flags])
+    assert done.exit_code == 0, done.output
+    (process,) = started
+    breaker = process.roles[0].config.breaker_config()  # type: ignore[attr-defined]
+    assert breaker is not None and breaker.success_rate is not None
+    assert (breaker.consecutive_failures_max, breaker.success_rate.success_rate_min) == (0, 0.7)
+    assert (breaker.success_rate.ready_endpoints_min, breaker.success_rate.bucket_ns) == (2, 300_000_000)
+
+
+def test_cli_breaker_flag_out_of_range_exits_2_naming_the_flag() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tether.adapters.cli", "proxy", "--breaker-success-rate-min", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--breaker-success-rate-min" in done.stderr and "0.0<=x<=1.0" in done.stderr
+
+
+def test_every_limit_key_and_breaker_flag_is_documented() -> None:
+    reference = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert [key for key in LIMIT_KEYS if f"`{key}`" not in reference] == []
+    flags = [param.opts[0] for param in cli.commands["proxy"].params if param.name and "breaker" in param.name]
+    assert len(flags) == 10 and [flag for flag in flags if f"`{flag}`" not in reference] == []

@@ -65,6 +65,18 @@ def test_scenario_fields_build_what_they_describe(tmp_path: Path) -> None:
     assert world.clients[0].spec.arrivals == "uniform"
 
 
+def test_scenario_proxy_config_turns_on_the_success_rate_breaker(tmp_path: Path) -> None:
+    breaker_keys = "breaker_success_rate_min: 0.9, breaker_success_rate_window_ms: 2000, breaker_backoff_max_ms: 8000"
+    text = GOOD.replace("config: {balancer: least-loaded}", f"config: {{balancer: least-loaded, {breaker_keys}}}")
+    config = load_scenario(write(tmp_path, text)).build(1).proxies["p"].proxy.config.breaker_config()
+    assert config is not None and config.success_rate is not None
+    assert (config.success_rate.success_rate_min, config.success_rate.bucket_ns * config.success_rate.buckets) == (
+        0.9,
+        2 * S,
+    )
+    assert (config.backoff_max_ns, config.consecutive_failures_max) == (8 * S, 7)
+
+
 def test_scenario_balancer_applies_unless_the_proxy_or_the_command_line_says_otherwise(tmp_path: Path) -> None:
     scenario = load_scenario(write(tmp_path, "balancer: round-robin\n" + GOOD))
     world = scenario.build(1)
@@ -115,6 +127,18 @@ HOSTILE = [
     ("authority: b,", "authority: b, retries: 3,", "servers[1].calls.retries", "use one of"),
     ("arrivals: uniform", "arrivals: bursty", "clients[0].arrivals", "poisson, uniform"),
     ("balancer: least-loaded", "balancer: fastest", "proxies[0].config.balancer", "p2c-ewma"),
+    (
+        "balancer: least-loaded",
+        "balancer: least-loaded, breaker_success_rate_min: 80",
+        "proxies[0].config.breaker_success_rate_min",
+        "at most 1.0",
+    ),
+    (
+        "balancer: least-loaded",
+        "balancer: least-loaded, breaker_backoff_min_ms: 5000, breaker_backoff_max_ms: 2000",
+        "proxies[0].config.breaker_backoff_max_ms",
+        "at least breaker_backoff_min",
+    ),
     ("kind: HTTPRoute", "kind: Ingress", "proxies[1].route_config", "HTTPRoute"),
     ("spec: {rules:", "spec: {colour: red, rules:", "spec.colour", "unknown"),
     (INLINE_ROUTE, "    route_config: 42\n", "proxies[1].route_config", "give a path, a document"),
