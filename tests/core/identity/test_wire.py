@@ -200,6 +200,17 @@ def ours(decode: Any, data: bytes) -> Any:
         return "error"
 
 
+def upb_quirk(decode: Any, data: bytes) -> bool:
+    """True when we refuse ``data`` for a field number 0 (which the protobuf encoding reserves), the one
+    place where protobuf's upb runtime is laxer: inside a group it skips a tag of 0 written as a multi-byte
+    varint (b"\\x0b\\x80\\x00\\x00\\x0c"), while it refuses a one-byte 0 tag anywhere. We refuse both."""
+    try:
+        decode(data)
+    except WireError as error:
+        return "field number 0 " in str(error)
+    return False
+
+
 def theirs(message_class: Any, data: bytes) -> Any:
     message = message_class()
     try:
@@ -225,6 +236,7 @@ def test_wire_decoders_raise_only_wire_error(data: bytes) -> None:
 @example(data=b"\x00")  # field number 0
 @example(data=b"\x08" + b"\xff" * 9 + b"\x7f")  # a ten-byte varint with bits past 64
 @example(data=b"\x1a\x02\x08\x05\x1a\x02\x10\x07")  # two partial timestamps merge
+@example(data=b"\x08\x00\x0b\x80\x00\x00\x0c")  # a multi-byte tag 0 in a group: upb skips it (upb_quirk)
 def test_wire_decoders_agree_with_protobuf(data: bytes) -> None:
     check_request_decoder(data)
     check_response_decoder(data)
@@ -234,6 +246,8 @@ def check_request_decoder(data: bytes) -> None:
     mine, reference = ours(decode_certify_request, data), theirs(PbRequest, data)
     if reference == "error":
         assert mine == "error", mine
+        return
+    if upb_quirk(decode_certify_request, data):
         return
     assert mine != "error", data
     assert mine == CertifyRequest(
@@ -247,6 +261,8 @@ def check_response_decoder(data: bytes) -> None:
     mine, reference = ours(decode_certify_response, data), theirs(PbResponse, data)
     if reference == "error":
         assert mine == "error", mine
+        return
+    if upb_quirk(decode_certify_response, data):
         return
     assert mine != "error", data
     stamp = reference.valid_until
