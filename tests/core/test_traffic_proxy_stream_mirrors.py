@@ -57,11 +57,13 @@ def peer_at(h, address: Address, *, window: int | None = None, nth: int = 0) -> 
     return peer
 
 
-def upload(client: H2Peer, stream: int, body: bytes, *peers: H2Peer, end: bool = True) -> None:
+def upload(
+    client: H2Peer, stream: int, body: bytes, *peers: H2Peer, end: bool = True, piece_bytes: int = 16_384
+) -> None:
     """Send ``body`` as the client's windows allow; the ``peers`` read (and acknowledge) when they are shut."""
     sent = 0
     while sent < len(body):
-        window = min(client.h2.local_flow_control_window(stream), client.h2.max_outbound_frame_size)
+        window = min(client.h2.local_flow_control_window(stream), piece_bytes)
         if window == 0:
             for peer in peers:
                 peer.read()
@@ -193,7 +195,7 @@ def test_a_copy_the_shadow_does_not_take_is_abandoned_past_the_gate_backlog(make
     stream = client.request("/", end=False)
     shadow, primary = peer_at(h, SHADOW, window=0), peer_at(h, A)
     body = b"q" * 20_000
-    upload(client, stream, body)
+    upload(client, stream, body, piece_bytes=1000)  # each piece within the backlog: only their sum is not
     shadow.read()
     (shadow_stream,) = shadow.streams
     assert shadow.streams[shadow_stream].reset == ErrorCodes.CANCEL
