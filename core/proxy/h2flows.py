@@ -315,7 +315,7 @@ class H2Flows(H2Traffic):
     def _sink_response_data(self, exchange: StreamExchange, data: bytes) -> None:
         downstream = self._downstream.get(exchange.source_id)
         if downstream is None or exchange.done or not data:
-            self._settle(exchange)  # a mirror's (mirrors.py): discarded, its window reopened at once
+            self._settle(exchange)  # a mirror's (mirrors.py): discarded, its window reopened at once; else a no-op
             return
         if exchange.route is not None:
             self._stream_activity(exchange)
