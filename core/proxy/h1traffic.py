@@ -26,7 +26,8 @@ waits in ``pending_body`` (refilled from the replay buffer) as it does before a 
 Mirrors are exchanges of their own whose client connection does not exist: every write towards the client
 is skipped, so their responses vanish. The primary's body bytes are copied to them while the gate keeps
 them (at most 64 KiB of body, 64 KiB unsent); a copy that outgrows either is abandoned (reset). Nothing of
-a mirror ever holds the primary back.
+a mirror ever holds the primary back. Admission, body accounting and tickets are shared with the stream
+copies (mirrors.py).
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ from tether.core.proxy.balancing import HTTP, Balancing, error_outcome, http_out
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
+from tether.core.proxy.mirrors import Mirrors, MirrorStart
 from tether.core.proxy.pool import EndpointPool
-from tether.core.proxy.routing import RouteState, Routing, Waiting, answer_error, backend_authority, timeout_error
+from tether.core.proxy.routing import RouteState, Waiting, answer_error, timeout_error
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
-from tether.core.traffic.faults import MirrorGate
 from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome
 from tether.core.traffic.routes import apply_header_modifier
 from tether.core.traffic.timeouts import TimeoutKind, format_duration
@@ -71,9 +72,7 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-class H1Traffic(Routing, Balancing):
-    _mirror_gate: MirrorGate
-    _mirror_tickets: dict[int, list[int]]  # mirror exchange id -> [gate ticket, body bytes copied]
+class H1Traffic(Mirrors, Balancing):
     _traffic_on: bool
 
     if TYPE_CHECKING:  # defined by the other flows
@@ -125,12 +124,10 @@ class H1Traffic(Routing, Balancing):
         exchange.request = self._rewritten(exchange.request, routed)
         if routed.refusal is not None:
             return routed.refusal  # answered at once (an abort, no backend): nothing to mirror
-        for mirror in routed.matched.rule.mirrors:
-            decision = self._mirror_gate.admit(mirror, self._rng, content_length=_content_length(forwarded))
-            routed.counters.record_mirror(decision)
-            if decision.ticket is not None and decision.backend is not None:
-                authority = backend_authority(decision.backend, routed.labels.parent_namespace)
-                self._h1_start_mirror(exchange, routed, decision.ticket, authority)
+        for policy in routed.matched.rule.mirrors:
+            start = self._admit_mirror(routed, policy, _content_length(forwarded))  # mirrors.py
+            if start is not None:
+                self._h1_start_mirror(exchange, routed, start)
         return routed.refusal
 
     def _rewritten(self, request: h11.Request, state: RouteState | None) -> h11.Request:
@@ -330,19 +327,15 @@ class H1Traffic(Routing, Balancing):
 
     # ---------------------------------------------------------------- mirrors
 
-    def _h1_start_mirror(self, primary: Exchange, state: RouteState, ticket: int, authority: str) -> None:
-        endpoint_set = self.resolver.resolve(authority)
-        if endpoint_set is None or not endpoint_set.endpoints:
-            self._mirror_gate.release(ticket, abandoned=True)
-            return
+    def _h1_start_mirror(self, primary: Exchange, state: RouteState, start: MirrorStart) -> None:
+        endpoint_set = start.endpoint_set
         # A client connection id that never exists: every write towards the mirror's client is skipped.
         mirror = Exchange(self._new_id(), self._new_id(), primary.request, endpoint_set.name, self._now_ns)
         self._exchanges[mirror.exchange_id] = mirror
-        self._mirror_tickets[mirror.exchange_id] = [ticket, 0]
-        state.mirror_ids.append(mirror.exchange_id)
+        self._track_mirror(state, mirror.exchange_id, start.ticket)
         refusal = self._h1_choose(mirror, endpoint_set)
         target_addr = str(mirror.endpoint) if mirror.endpoint is not None else ""
-        mirror.labels = self.telemetry.http_labels(authority, target_addr)
+        mirror.labels = self.telemetry.http_labels(start.authority, target_addr)
         self.telemetry.request_started(mirror.service, mirror.labels)
         if refusal is not None:
             self._abandon(mirror, self._now_ns)
@@ -351,27 +344,17 @@ class H1Traffic(Routing, Balancing):
 
     def _h1_mirror_body(self, mirror_id: int, data: bytes) -> None:
         mirror = self._exchanges.get(mirror_id)
-        entry = self._mirror_tickets.get(mirror_id)
-        if mirror is None or entry is None or not mirror.live or mirror.response_started:
+        if mirror is None or mirror_id not in self._mirror_tickets or not mirror.live or mirror.response_started:
             return
-        entry[1] += len(data)
         upstream = self._upstream.get(mirror.upstream_id) if mirror.upstream_id is not None else None
         unsent = upstream.unsent_bytes if upstream is not None else mirror.pending_body_bytes
-        if not self._mirror_gate.keep(entry[0], body_bytes=entry[1], unsent_bytes=unsent + len(data)):
-            self._mirror_tickets.pop(mirror_id, None)
-            self._mirror_gate.release(entry[0], abandoned=True)
+        if not self._mirror_keeps(mirror_id, len(data), unsent + len(data)):
             self._abandon(mirror, self._now_ns)
         elif upstream is not None and upstream.state is UpstreamState.BUSY:
             self._send(upstream, upstream.h11.send(h11.Data(data=data)))
         else:
             mirror.pending_body.append(data)
             mirror.pending_body_bytes += len(data)
-
-    def _release_mirror(self, exchange_id: int) -> None:
-        """An exchange ended; if it was a mirror, its gate ticket is free again."""
-        entry = self._mirror_tickets.pop(exchange_id, None)
-        if entry is not None:
-            self._mirror_gate.release(entry[0])
 
     def _h1_exchange_over(self, exchange: Exchange) -> None:
         """The exchange ends for good (answered, failed or abandoned): timers off, mirror ticket back."""

@@ -59,6 +59,8 @@ class H2Flows(H2Traffic):
         def _sink_connection(self, exchange: StreamExchange) -> Upstream | None: ...
         def _sink_queued(self, exchange: StreamExchange) -> int: ...
         def _flush_h2(self, connection: Downstream | Upstream) -> None: ...
+        def _sink_connection_lost(self, upstream: Upstream, reason: str, *, already_closed: bool = False) -> None: ...
+        def _sync_h1_sink_reading(self, upstream: Upstream) -> None: ...
         def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
         def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
         def _drop_lease(
@@ -245,6 +247,8 @@ class H2Flows(H2Traffic):
             return
         exchange.request_ended = True
         self._end_sink_request(exchange)
+        if exchange.route is not None and exchange.route.mirror_ids:
+            self._stream_mirrors_ended(exchange)  # mirrors.py
         if not exchange.response_started and self.config.response_timeout_ns:
             self._deadlines.set(("response", exchange.exchange_id), now_ns + self.config.response_timeout_ns)
 
@@ -283,8 +287,8 @@ class H2Flows(H2Traffic):
         self.telemetry.response_started(exchange.service, exchange.labels, status, latency_ms, count=not exchange.grpc)
         downstream = self._downstream.get(exchange.source_id)
         if downstream is None:
-            return
-        if exchange.source_stream is not None:
+            pass  # a mirror's (mirrors.py): discarded
+        elif exchange.source_stream is not None:
             assert downstream.h2 is not None
             downstream.h2.send_headers(
                 exchange.source_stream, tr.h2_response_headers(status, headers), end_stream=ended
@@ -311,6 +315,7 @@ class H2Flows(H2Traffic):
     def _sink_response_data(self, exchange: StreamExchange, data: bytes) -> None:
         downstream = self._downstream.get(exchange.source_id)
         if downstream is None or exchange.done or not data:
+            self._settle(exchange)  # a mirror's (mirrors.py): discarded, its window reopened at once; else a no-op
             return
         if exchange.route is not None:
             self._stream_activity(exchange)
@@ -463,6 +468,8 @@ class H2Flows(H2Traffic):
         self._drop_lease(exchange, exchange.exchange_id, Outcome.CANCELLED)  # whatever is still held
         if exchange.route is not None:
             self._stream_exchange_over(exchange)
+        if self._mirror_tickets:
+            self._release_mirror(exchange.exchange_id)  # mirrors.py
         exchange.done = True
         self._credit_all(exchange)
         self._streams.pop(exchange.exchange_id, None)
@@ -592,8 +599,3 @@ class H2Flows(H2Traffic):
         if connection.ping_due:
             connection.ping_due = False
             self._deadlines.set(("ping", connection.conn_id), now_ns + self.config.h2_keepalive_interval_ns)
-
-    if TYPE_CHECKING:  # defined by the other flows
-
-        def _sink_connection_lost(self, upstream: Upstream, reason: str, *, already_closed: bool = False) -> None: ...
-        def _sync_h1_sink_reading(self, upstream: Upstream) -> None: ...

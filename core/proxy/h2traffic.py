@@ -9,7 +9,7 @@ The same hooks as h1traffic.py, at the stream flows' points (h2flows.py, h2upstr
   without ``l5d-retry-*`` and with the rule's modifications; the endpoint set the stream goes to becomes the
   chosen backend's.
 - attempt started (a sink stream opened, or an HTTP/1.1 sink bound): response and attempt timeouts start.
-- request body bytes: kept for replay (64 KiB) and the idle timeout restarts.
+- request body bytes: kept for replay (64 KiB), copied to mirrors, and the idle timeout restarts.
 - response head (``_stream_routed_head``): retried when the policy names its status, or, for gRPC, the
   grpc-status of a trailers-only response (a gRPC response with a body carries its status in trailers,
   after the head went to the client, so it is not retried, as in Linkerd). The endpoint's stream is
@@ -20,7 +20,12 @@ The same hooks as h1traffic.py, at the stream flows' points (h2flows.py, h2upstr
 - the route timer: route timeouts (504 / trailers-only DEADLINE_EXCEEDED, never retried; after the head the
   client's stream is reset), the attempt timeout, the end of a fault delay or a backoff.
 
-Mirrors are HTTP/1.1 only (h1traffic.py): a stream's rule with a mirror counts the mirror as skipped.
+Mirrors (mirrors.py ``StreamMirrors``): after the head's rewrite each of the rule's mirrors is drawn
+through the proxy's ``MirrorGate``; an admitted copy is a StreamExchange of its own with no client, sent the
+way its primary would go (an HTTP/2 stream to an h2c or meshed endpoint; HTTP/1.1 for an HTTP/1.1 client's
+copy to a backend outside the mesh). The primary's body bytes are copied while the gate keeps the copy, its
+end (and trailers) ends the copies' requests, and a primary that ends first cuts its unfinished copies. A
+copy's response is read, acknowledged and discarded; a copy never holds back or fails its primary.
 """
 
 from __future__ import annotations
@@ -42,11 +47,11 @@ from tether.core.proxy.balancing import (
 )
 from tether.core.proxy.connections import Downstream
 from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
-from tether.core.proxy.routing import RouteState, Routing, Waiting, answer_error, timeout_error
+from tether.core.proxy.mirrors import StreamMirrors
+from tether.core.proxy.routing import RouteState, Waiting, answer_error, timeout_error
 from tether.core.proxy.streams import StreamExchange
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
-from tether.core.traffic.faults import MirrorDecision, MirrorSkip
 from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome
 from tether.core.traffic.routes import apply_header_modifier
 from tether.core.traffic.timeouts import TimeoutKind, format_duration
@@ -62,7 +67,7 @@ def _bytes(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1").lower(), value.encode("latin-1")) for name, value in headers]
 
 
-class H2Traffic(Routing, Balancing):
+class H2Traffic(StreamMirrors, Balancing):
     _traffic_on: bool
 
     if TYPE_CHECKING:  # defined by the other flows
@@ -113,11 +118,11 @@ class H2Traffic(Routing, Balancing):
         headers = [(name, value) for name, value in _text(head.headers) if name not in RETRY_HEADERS]
         modifier = routed.matched.rule.request_headers
         head.headers = _bytes(apply_header_modifier(modifier, headers) if modifier is not None else headers)
-        for _mirror in routed.matched.rule.mirrors:  # HTTP/1.1 only: counted as skipped
-            routed.counters.record_mirror(MirrorDecision(ticket=None, skipped=MirrorSkip.AT_CAPACITY))
         if routed.refusal is not None:
             exchange.refusal = routed.refusal
-            return None
+            return None  # answered at once (an abort, no backend): nothing to mirror
+        if routed.matched.rule.mirrors:
+            self._stream_start_mirrors(exchange, routed, content_length)  # mirrors.py
         exchange.endpoint_set = routed.backend_set
         return routed.backend_set if routed.waiting is None else None
 
@@ -163,6 +168,8 @@ class H2Traffic(Routing, Balancing):
         assert state is not None
         if state.replay is not None:
             state.replay.append(data)
+        if state.mirror_ids:
+            self._stream_mirror_body(state, data)
         self._stream_activity(exchange)
 
     def _stream_activity(self, exchange: StreamExchange) -> None:
@@ -305,3 +312,5 @@ class H2Traffic(Routing, Balancing):
         assert state is not None
         self._route_answered(state, None, "cancelled")  # a no-op once its answer was recorded
         self._route_done(exchange.exchange_id, state)
+        if state.mirror_ids:
+            self._stream_mirrors_orphaned(state)

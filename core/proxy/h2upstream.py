@@ -5,7 +5,8 @@ Theory of operation
 Where a stream goes (``_dispatch_stream``):
 
 - a request that arrived over HTTP/2 with ``l5d-orig-proto: HTTP/1.1`` (a meshed peer upgraded it) is
-  restored to HTTP/1.1 towards the workload, on a pool of HTTP/1.1 connections per endpoint;
+  restored to HTTP/1.1 towards the workload, on a pool of HTTP/1.1 connections per endpoint, as is an
+  HTTP/1.1 client's request bound for an endpoint outside the mesh (a mirror's copy, a route's backend);
 - a request to a meshed peer rides a multiplexed HTTP/2 connection to the peer's inbound port, opened
   with a transport header that names the workload port and says HTTP/2 (transport_header.py);
 - any other HTTP/2 request keeps its protocol: HTTP/2 (h2c) to the endpoint.
@@ -93,7 +94,9 @@ class H2Upstream(ProxyParts):
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.NO_ENDPOINTS, reason))
             return
         meshed_port = endpoint_set.meshed_inbound_port if endpoint_set is not None else None
-        if exchange.source_stream is not None and exchange.head.orig_proto == tr.HTTP11 and meshed_port is None:
+        # HTTP/1.1 off the mesh: a request a meshed peer upgraded; an HTTP/1.1 client's copy to a mirror (mirrors.py)
+        h1 = exchange.source_stream is None or exchange.head.orig_proto == tr.HTTP11
+        if h1 and meshed_port is None:
             exchange.sink_is_h2 = False
             self._h1_sink_dispatch(exchange, endpoint)
             return
