@@ -40,7 +40,14 @@ def test_basic_scenario_holds_invariants_and_serves() -> None:
 
 # The traffic experiments run an open loop at hundreds of requests per second for up to a minute; here
 # they are shortened (tests/sim/test_experiments.py runs them in depth). The others run up to 15 s.
-EXPERIMENTS = {"slow-endpoint": 4, "retry-storm": 4, "failing-endpoint": 4, "flaky-endpoint": 4, "canary": 2}
+EXPERIMENTS = {
+    "slow-endpoint": 4,
+    "slow-endpoint-linkerd": 4,
+    "retry-storm": 4,
+    "failing-endpoint": 4,
+    "flaky-endpoint": 4,
+    "canary": 2,
+}
 
 
 def test_every_shipped_scenario_runs_clean() -> None:

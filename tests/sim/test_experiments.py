@@ -1,4 +1,5 @@
-"""Short versions of the four traffic experiments, each asserting the property it shows.
+"""Short versions of the four traffic experiments (and of slow-endpoint under Linkerd's conditions), each
+asserting the property it shows.
 
 The shipped scenarios (sim/scenarios/) run for a minute of virtual time; these take the same files and
 shrink them (fewer seconds, a lower rate, the window moved to fit) so the whole module stays within a
@@ -89,6 +90,82 @@ def test_slow_endpoint_least_loaded_degrades_only_above_p99(slow_endpoint: dict[
     assert least_loaded.percentiles_ms["p99"] <= 0.5 * round_robin.percentiles_ms["p99"]
     assert least_loaded.success_rate is not None and round_robin.success_rate is not None
     assert least_loaded.success_rate > round_robin.success_rate
+
+
+# ---------------------------------------------------------------- (a') beyond round robin, Linkerd's conditions
+
+LINKERD_SLOW_FROM_S, LINKERD_SLOW_UNTIL_S = 4, 14
+SLOW_MS = 2000  # web-11's latency in its window: its first slow answer comes this long after the window opens
+
+
+def _short_slow_endpoint_linkerd(data: dict[str, Any]) -> None:
+    # 20 s at 200/s, web-11 slow for half of it as in the full run: round robin sends it 4.5 % of requests.
+    data["duration_s"] = 20
+    data["clients"][0]["rate_per_s"] = 200
+    window = {
+        "from_s": LINKERD_SLOW_FROM_S,
+        "until_s": LINKERD_SLOW_UNTIL_S,
+        "latency": {"kind": "fixed", "ms": SLOW_MS},
+    }
+    server(data, "web-11")["windows"] = [window]
+
+
+@pytest.fixture(scope="module")
+def slow_endpoint_linkerd() -> dict[str, Run]:
+    scenario = shrunk("slow-endpoint-linkerd", _short_slow_endpoint_linkerd)
+    runs = run_balancers(scenario, ["round-robin", "least-loaded", "p2c-ewma"], within_ms=1000)
+    return {run.balancer: run for run in runs}
+
+
+def over_one_second(run: Run, first: int = 0) -> int:
+    """Requests started from virtual second ``first`` on that did not succeed within 1 s."""
+    assert run.within is not None
+    rows = run.result.timeline[first:]
+    return sum(int(row["requests"] or 0) for row in rows) - sum(run.within.by_second[first:])
+
+
+def test_slow_endpoint_linkerd_each_balancer_degrades_where_the_issue_expects(
+    slow_endpoint_linkerd: dict[str, Run],
+) -> None:
+    """Nothing times out in the path, so every request succeeds; read with Linkerd's 1 s bound, round robin
+    degrades above p95 and least-loaded above p99, as in the 2016 experiment."""
+    for run in slow_endpoint_linkerd.values():
+        assert run.result.violations == []
+        assert run.result.success_rate == 1.0
+    round_robin = slow_endpoint_linkerd["round-robin"].result.percentiles_ms
+    least_loaded = slow_endpoint_linkerd["least-loaded"].result.percentiles_ms
+    p2c = slow_endpoint_linkerd["p2c-ewma"].result.percentiles_ms
+    assert round_robin["p95"] is not None and round_robin["p95"] < 1000
+    assert round_robin["p99"] is not None and round_robin["p99"] >= SLOW_MS
+    assert least_loaded["p99"] is not None and least_loaded["p99"] < 1000
+    assert least_loaded["p999"] is not None and least_loaded["p999"] >= SLOW_MS
+    assert p2c["p99"] is not None and p2c["p99"] <= 0.3 * round_robin["p99"]
+
+
+def test_slow_endpoint_linkerd_the_latency_aware_balancers_send_the_slow_endpoint_less(
+    slow_endpoint_linkerd: dict[str, Run],
+) -> None:
+    def web_11_share(balancer: str) -> float:
+        counts = slow_endpoint_linkerd[balancer].result.endpoint_requests
+        return counts["web-11"] / sum(counts.values())
+
+    assert web_11_share("p2c-ewma") < web_11_share("least-loaded") < web_11_share("round-robin")
+    slow = {balancer: over_one_second(run) for balancer, run in slow_endpoint_linkerd.items()}
+    assert slow["p2c-ewma"] < slow["least-loaded"] < slow["round-robin"], slow
+
+
+def test_slow_endpoint_linkerd_p2c_ewma_keeps_p999_once_the_slow_answers_are_seen(
+    slow_endpoint_linkerd: dict[str, Run],
+) -> None:
+    """Before web-11's first slow answer only its pending count can steer P2C away, and that costs a few
+    requests (in proportion to the rate): more than 0.1 % of a run this short, under 0.1 % of the full
+    minute. From the first slow answer on, P2C's requests over 1 s stay under 0.1 %: its p99.9 is healthy."""
+    p2c = slow_endpoint_linkerd["p2c-ewma"]
+    seen = LINKERD_SLOW_FROM_S + SLOW_MS // 1000
+    requests = sum(int(row["requests"] or 0) for row in p2c.result.timeline[seen:])
+    assert over_one_second(p2c, seen) <= 0.001 * requests
+    least_loaded = slow_endpoint_linkerd["least-loaded"]
+    assert over_one_second(least_loaded, seen) > 0.001 * requests  # the bound tells the balancers apart
 
 
 # ---------------------------------------------------------------- (b) retry storm

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tether.sim import apps
 from tether.sim.apps import RequestRecord
 from tether.sim.cli import sim_command
-from tether.sim.experiments import experiments_command, markdown_table, run_balancers
+from tether.sim.experiments import experiments_command, markdown_table, run_balancers, successes_within
 from tether.sim.results import percentiles, succeeded, timeline
 from tether.sim.scenario import load_scenario
 
@@ -119,6 +119,30 @@ def record(
         status=status,
         error=error,
     )
+
+
+def test_successes_within_count_only_successes_no_slower_than_the_bound() -> None:
+    records = [
+        record(0.1, 0.3),  # 200 ms: within
+        record(0.5, 1.5),  # exactly 1 s: within
+        record(0.6, 1.7),  # 1.1 s: over
+        record(1.2, 1.3, status=503),  # fast, failed
+        record(1.4, None),  # never ended
+        record(2.5, 2.6),  # started after the timeline's seconds: counted in all only
+    ]
+    within = successes_within(records, 1000, 2)
+    assert (within.ms, within.successes, within.by_second) == (1000, 3, [2, 0])
+
+
+def test_experiments_within_ms_adds_a_column(tiny: Path, tmp_path: Path) -> None:
+    table = tmp_path / "out.md"
+    args = [str(tiny), "--balancers", "round-robin", "--within-ms", "4", "--table", str(table)]
+    done = CliRunner().invoke(experiments_command, args)
+    assert done.exit_code == 0, done.output
+    header, _, row = table.read_text().splitlines()[:3]
+    assert header.startswith("| balancer | requests | success | success within 4 ms | p50 ms |")
+    success, within = (float(cell.rstrip(" %")) for cell in row.split(" | ")[2:4])
+    assert within < success  # b-1 is log-normal around 5 ms: most of its answers take longer than 4 ms
 
 
 def test_results_success_is_a_status_below_500_without_error() -> None:
