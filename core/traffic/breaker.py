@@ -35,6 +35,16 @@ ejection is 90 s. The jitter comes from the injected ``random.Random`` and nothi
 
 What a failure is (a 5xx, a gRPC error status, a connect error, a timeout) is the caller's call;
 ``Outcome.CANCELLED`` (the client went away, the request was never answered) counts for nothing.
+
+Chains of services (client -> A -> B -> C, one breaker per caller's proxy): nothing here can tell a callee's
+own failure from one it passes on, so a fault at C ejects C at B's proxy, then the healthy B at A's proxy
+(B answers 5xx while its proxy fails fast), then the healthy A at the edge, and a probe of B sent while C
+is still ejected fails and doubles B's backoff (Linkerd's failure accrual does the same). Two rules keep
+such a chain live once C heals: a backoff always ends by the timer, and a PROBING endpoint stays PROBING,
+admitting a request, for as long as no request comes (only a probe's own failure ejects it again). Each
+tier therefore admits again within one backoff of the last failure it sees, and the whole chain within the
+sum of its tiers' backoffs (at most ``backoff_max x (1 + jitter_ratio)`` each) plus a failfast timeout per
+tier (tests/core/traffic/test_chain_recovery.py, sim/scenarios/chain-heal.yaml).
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ also runs the balancer's backoff timers, so a probe-able endpoint takes the head
 FAILFAST: entered when the oldest waiting request reaches its deadline with no endpoint ready. Every waiting
 request fails with 503 and ``l5d-proxy-error: <backend>: service in fail-fast`` (Linkerd's text), and so does
 every new request, at once, until an endpoint is ready again; the first request after that is dispatched.
+"Ready" includes an ejected endpoint whose backoff has ended (PROBING, its probe not yet sent): the queue
+leaves FAILFAST at the backoff's end (the breaker's timer is part of ``next_deadline_ns``), or at the first
+input after it, so the next request can be the probe; leaving only once an endpoint is CLOSED again would
+never end, since only a probe closes it.
 Linkerd's "common errors" page says requests queued when failfast begins get a 504; its proxy answers an
 unavailable service with 503, which is what this queue reports (the status is a field, for the proxy to map).
 

@@ -137,6 +137,32 @@ def test_when_every_endpoint_is_ejected_the_probe_takes_the_head_of_the_queue_at
     assert dispatched(queue.poll(S + 2 * MS)) == [(3, A)]
 
 
+def test_failfast_ends_at_the_backoff_end_with_no_request_and_a_failed_probe_brings_it_back() -> None:
+    """An ejected endpoint's backoff end is a timer of the queue's: it leaves failfast then, before any
+    request comes (the probe need not be sent for the service to be serving again)."""
+    balancer, queue = make(breaker=BreakerConfig(consecutive_failures_max=1, jitter_ratio=0))
+    balancer.update_endpoints({A: 1}, 0)
+    (first,) = queue.submit(1, 0)
+    assert isinstance(first, Dispatched)
+    balancer.finished(first.handle, Outcome.FAILURE, 0)  # ejected until 1 s
+    queue.submit(2, 0)
+    assert queue.next_deadline_ns() == S  # the backoff end, before request 2's failfast deadline
+    outputs = queue.on_timer(S)
+    assert dispatched(outputs) == [(2, A)]
+    probe = outputs[0]
+    assert isinstance(probe, Dispatched) and probe.handle.probe
+    assert queue.submit(3, S) == []  # one probe at a time: request 3 waits
+    assert rejected(queue.on_timer(4 * S)) == [(3, RejectReason.FAILFAST)]
+    assert queue.state is QueueState.FAILFAST and queue.next_deadline_ns() is None  # the probe is out
+    balancer.finished(probe.handle, Outcome.FAILURE, 5 * S)  # the probe fails: ejected 2 s more
+    assert queue.poll(5 * S) == [] and queue.state is QueueState.FAILFAST
+    assert queue.next_deadline_ns() == 7 * S
+    assert queue.on_timer(7 * S) == [] and queue.state is QueueState.SERVING  # PROBING again, nothing sent
+    assert balancer.in_flight == 0
+    (second_probe,) = queue.submit(4, 30 * S)  # however long after, the next request is the probe
+    assert isinstance(second_probe, Dispatched) and second_probe.handle.probe
+
+
 def test_cancel_takes_a_waiting_request_out_and_says_whether_it_was_there() -> None:
     balancer, queue = make()
     queue.submit(1, 0)
