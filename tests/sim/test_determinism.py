@@ -47,6 +47,7 @@ EXPERIMENTS = {
     "failing-endpoint": 4,
     "flaky-endpoint": 4,
     "canary": 2,
+    "chain-heal": 4,
 }
 
 
