@@ -1,0 +1,187 @@
+"""HTTP/1.1 heads for the fast path (h1fast.py) and the lane (h1lane.py): parsing them, writing them out.
+
+Parsing accepts only the common case (see ``parse_fields``): anything else returns None and goes to h11,
+which is the judge of everything uncommon. Writing follows h11's own layout byte for byte (Host first, then
+the other fields in order), so that a head written here and one written by h11 cannot be told apart.
+tests/core/test_h1fast.py holds both to h11.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import h11
+
+# RFC 9110 section 5.6.2 (token) and 5.5 (field-value, here without obs-text: such a head takes the slow path).
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE = rb"(?:[\x21-\x7e](?:[ \t]*[\x21-\x7e])*)?"
+HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*")
+# A head's field lines are checked in one pass (_FIELD_BLOCK) and then split in one more (_FIELD_LINE): two
+# calls into the regex engine per head instead of two per line.
+_FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
+_FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n)*")
+REQUEST_LINE = re.compile(rb"([A-Z]+) ([\x21-\x7e]+) HTTP/1\.1")
+STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: ([\t\x20-\x7e]*))?")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+CHUNKED = -1  # body framing: chunked, else the bytes a Content-Length body still has to go
+
+FullItems = list[tuple[bytes, bytes, bytes]]  # (name as sent, lower-case name, value): h11's own header rows
+_set = object.__setattr__
+
+
+def request_event(method: bytes, target: bytes, items: FullItems) -> h11.Request:
+    """An ``h11.Request`` from parts already checked (by this module's parser or by h11 upstream of us).
+
+    h11's constructor validates again and walks the headers through the ``Sequence`` protocol even for parsed
+    events, several µs per head; the differential test holds these events equal to h11's."""
+    event = object.__new__(h11.Request)
+    _set(event, "method", method)
+    _set(event, "target", target)
+    _set(event, "headers", h11._headers.Headers(items))
+    _set(event, "http_version", b"1.1")
+    return event
+
+
+def response_event(status: int, reason: bytes, items: FullItems) -> h11.Response:
+    """An ``h11.Response`` from checked parts; see ``request_event``."""
+    event = object.__new__(h11.Response)
+    _set(event, "status_code", status)
+    _set(event, "reason", reason)
+    _set(event, "headers", h11._headers.Headers(items))
+    _set(event, "http_version", b"1.1")
+    return event
+
+
+class Head:
+    """A common-case head as this module parses it: what h11's event would carry, its framing, and its size.
+
+    ``fields`` are h11's own header rows (name as sent, lower-case name, value). ``host`` is a request's Host
+    value (the fast path takes a request only with exactly one). ``length`` counts the head's bytes on the
+    wire, blank line included. ``framing`` is the body's Content-Length, or ``CHUNKED``."""
+
+    __slots__ = ("method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "length")
+
+    def __init__(self, fields: FullItems, framing: int, keep_alive: bool, host: bytes) -> None:
+        self.fields = fields
+        self.framing = framing
+        self.keep_alive = keep_alive
+        self.host = host
+        self.method = self.target = self.reason = b""
+        self.status = 0  # a request's; a response's is 200-599
+        self.length = 0
+
+    def event(self) -> h11.Request | h11.Response:
+        """The h11 event ``next_event`` returns for this head."""
+        if self.status:
+            return response_event(self.status, self.reason, self.fields)
+        return request_event(self.method, self.target, self.fields)
+
+
+_SPECIAL_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect", b"host"})
+
+
+def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool) -> Head | None:
+    """The field lines ``data[start:end]`` (each ending in CRLF) -> a Head, or None when anything is out of
+    the common case (the slow path decides)."""
+    if _FIELD_BLOCK.fullmatch(data, start, end) is None:
+        return None
+    fields: FullItems = [
+        (raw_name, raw_name.lower(), value) for raw_name, value in _FIELD_LINE.findall(data, start, end)
+    ]
+    content_length: bytes | None = None
+    chunked = False
+    keep_alive = True
+    hosts = 0
+    host = b""
+    for index, (raw_name, name, value) in enumerate(fields):
+        if name not in _SPECIAL_FIELDS:
+            continue
+        if name == b"content-length":
+            if content_length is not None or _DIGITS.fullmatch(value) is None:
+                return None
+            content_length = value
+        elif name == b"transfer-encoding":
+            if chunked or value.lower() != b"chunked":
+                return None
+            chunked = True
+            fields[index] = (raw_name, name, b"chunked")  # h11 keeps this header's value in lower case
+        elif name == b"connection":
+            tokens = {token.strip().lower() for token in value.split(b",")}
+            if not tokens <= {b"keep-alive", b"close"} or (request and b"close" in tokens):
+                return None
+            keep_alive = keep_alive and b"close" not in tokens
+        elif name == b"host":
+            hosts += 1
+            host = value
+        else:
+            return None  # Upgrade, Expect
+    if request and hosts != 1:
+        return None
+    if chunked:
+        if content_length is not None or request:
+            return None  # both framings at once is for h11 to refuse; chunked uploads are rare
+        return Head(fields, CHUNKED, keep_alive, host)
+    if content_length is None:
+        if not request:
+            return None  # a body delimited by the connection's close
+        return Head(fields, 0, keep_alive, host)
+    return Head(fields, int(content_length), keep_alive, host)
+
+
+def outgoing_framing(headers: Any, *, request: bool) -> tuple[int, bool, bool] | None:
+    """(framing, keep-alive, whether h11 would add Transfer-Encoding: chunked) of a head we send, or None
+    when it is not a common-case head. Our heads were validated on the way in, so only names matter here."""
+    content_length = -2
+    chunked = False
+    keep_alive = True
+    hosts = 0
+    for name, value in headers:
+        if name == b"content-length":
+            if content_length != -2 or _DIGITS.fullmatch(value) is None:
+                return None
+            content_length = int(value)
+        elif name == b"transfer-encoding":
+            if chunked or value != b"chunked" or request:
+                return None
+            chunked = True
+        elif name == b"connection":
+            tokens = {token.strip() for token in value.split(b",")}
+            if not tokens <= {b"keep-alive", b"close"} or (request and b"close" in tokens):
+                return None
+            keep_alive = keep_alive and b"close" not in tokens
+        elif name == b"upgrade" or name == b"expect":
+            return None
+        elif name == b"host":
+            hosts += 1
+    if request:
+        return (max(content_length, 0), True, False) if hosts == 1 else None
+    if chunked:
+        return None if content_length != -2 else (CHUNKED, keep_alive, True)
+    if content_length == -2:
+        return CHUNKED, keep_alive, True  # h11 frames a body of unknown length with chunked encoding
+    return content_length, keep_alive, False
+
+
+def send_headers(out: list[bytes], headers: Any) -> None:
+    """Header lines as h11 writes them: Host first, then the rest in order, then the blank line."""
+    raw = headers._full_items if hasattr(headers, "_full_items") else [(n, n.lower(), v) for n, v in headers]
+    for raw_name, name, value in raw:
+        if name == b"host":
+            out.append(b"%s: %s\r\n" % (raw_name, value))
+    for raw_name, name, value in raw:
+        if name != b"host":
+            out.append(b"%s: %s\r\n" % (raw_name, value))
+    out.append(b"\r\n")
+
+
+def write_head(start_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A head as ``send`` writes it, for header rows written with the names given (lower case in the proxy):
+    the start line (with its CRLF), Host first, the rest in order, the blank line."""
+    lines = [start_line]
+    rest = []
+    for name, value in headers:
+        (lines if name == b"host" else rest).append(b"%s: %s\r\n" % (name, value))
+    lines += rest
+    lines.append(b"\r\n")
+    return b"".join(lines)
