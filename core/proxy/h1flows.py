@@ -482,7 +482,8 @@ class H1Flows(H1Traffic):
         phrase = HTTPStatus(error.status).phrase.encode() if error.status in HTTPStatus._value2member_map_ else b""
         head = h11.Response(status_code=error.status, reason=phrase, headers=error_response_headers(error, close=close))
         self._send(downstream, parser.send(head))
-        self._send(downstream, parser.send(h11.Data(data=error_body(error))))
+        if not parser.answering_head:  # a HEAD's answer keeps the Content-Length and drops the body
+            self._send(downstream, parser.send(h11.Data(data=error_body(error))))
         self._send(downstream, parser.send(h11.EndOfMessage()))
 
     def _fail_after_request(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None:
