@@ -101,6 +101,9 @@ class Exchange:
     handle: Handle | None = None
     awaiting_endpoint: bool = False
     route: RouteState | None = None  # set when a route rule matched (routing.py, h1traffic.py)
+    # The lane (h1lane.py) writes the upstream head out once: (the request it belongs to, its bytes, its
+    # Content-Length). Used while ``request`` is still that request.
+    prepared: tuple[h11.Request, bytes, int] | None = None
 
     def advance(self, step: Step) -> ExchangeState:
         try:

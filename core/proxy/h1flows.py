@@ -36,6 +36,7 @@ from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
+from tether.core.proxy.h1fast import END_OF_MESSAGE
 from tether.core.proxy.h1traffic import H1Traffic
 from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import StreamExchange
@@ -62,6 +63,7 @@ class H1Flows(H1Traffic):
         def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
         def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
         def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
+        def _request_head_bytes(self, exchange: Exchange, upstream: Upstream) -> bytes: ...
 
     # ---------------------------------------------------------------- client side
 
@@ -75,7 +77,8 @@ class H1Flows(H1Traffic):
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
             if isinstance(event, h11.Request):
-                self._request_started(downstream, event, now_ns)
+                authority = downstream.target or http1.request_authority(event)
+                self._request_started(downstream, event, authority, self.resolver.resolve(authority), now_ns)
             elif isinstance(event, h11.Data):
                 self._request_body(downstream, bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -128,10 +131,15 @@ class H1Flows(H1Traffic):
             self._route_rearm(exchange.exchange_id, exchange.route)  # an injected delay, or waiting
         # else: it waits in the backend's failfast queue (``_h1_endpoint_ready`` or ``_h1_endpoint_refused``)
 
-    def _request_started(self, downstream: Downstream, request: h11.Request, now_ns: int) -> None:
+    def _request_started(
+        self,
+        downstream: Downstream,
+        request: h11.Request,
+        authority: str,
+        endpoint_set: EndpointSet | None,
+        now_ns: int,
+    ) -> None:
         """A request head: HTTP/1.1 all the way (exchange.py), or over HTTP/2 to a meshed peer (streams.py)."""
-        authority = downstream.target or http1.request_authority(request)
-        endpoint_set = self.resolver.resolve(authority)
         if (
             endpoint_set is not None
             and endpoint_set.meshed_inbound_port is not None
@@ -260,7 +268,7 @@ class H1Flows(H1Traffic):
         exchange.upstream_id = upstream.conn_id
         upstream.exchange_id = exchange.exchange_id
         upstream.state = UpstreamState.BUSY
-        self._send(upstream, upstream.h11.send(exchange.request))
+        self._send(upstream, self._request_head_bytes(exchange, upstream))  # h1lane.py
         while exchange.pending_body:
             self._send(upstream, upstream.h11.send(h11.Data(data=exchange.pending_body.popleft())))
         exchange.pending_body_bytes = 0
@@ -271,7 +279,7 @@ class H1Flows(H1Traffic):
             self._sync_reading_downstream(downstream)
 
     def _finish_request_upstream(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None:
-        self._send(upstream, upstream.h11.send(h11.EndOfMessage()))
+        self._send(upstream, upstream.h11.send(END_OF_MESSAGE))
         exchange.advance(Step.REQUEST_DONE)
         if exchange.state is ExchangeState.AWAITING and self.config.response_timeout_ns:
             self._deadlines.set(("response", exchange.exchange_id), now_ns + self.config.response_timeout_ns)
@@ -484,7 +492,7 @@ class H1Flows(H1Traffic):
         self._send(downstream, parser.send(head))
         if not parser.answering_head:  # a HEAD's answer keeps the Content-Length and drops the body
             self._send(downstream, parser.send(h11.Data(data=error_body(error))))
-        self._send(downstream, parser.send(h11.EndOfMessage()))
+        self._send(downstream, parser.send(END_OF_MESSAGE))
 
     def _fail_after_request(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None:
         """Answer with ``error`` once the request has been read, so the connection can be kept.
