@@ -523,7 +523,10 @@ class H1Flows(H1Traffic):
             return
         parser.start_next_cycle()
         self._deadlines.set(("idle", downstream.conn_id), now_ns + self.config.idle_timeout_ns)
-        self._pump_downstream(downstream, now_ns)  # a pipelined request may already be buffered
+        if parser.nothing_to_read():
+            self._sync_reading_downstream(downstream)  # all that pumping would do
+        else:
+            self._pump_downstream(downstream, now_ns)  # a pipelined request is already buffered
 
     def _abandon(self, exchange: Exchange, now_ns: int) -> None:
         """The exchange ends without a response reaching its client (the client left, or the endpoint died
