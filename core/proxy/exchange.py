@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 
 class ExchangeState(enum.Enum):
+    # Members are singletons: identity hashing, in C, instead of Enum's hash of the name in Python (the
+    # transition table and LIVE_STATES are looked up several times per request).
+    __hash__ = object.__hash__
+
     QUEUED = "queued"  # waiting for an upstream connection (opening, or a pool slot)
     SENDING = "sending"  # the request head went upstream; body bytes still arriving
     AWAITING = "awaiting"  # the whole request went upstream; the response timeout runs
@@ -40,6 +44,8 @@ class ExchangeState(enum.Enum):
 
 
 class Step(enum.Enum):
+    __hash__ = object.__hash__  # see ExchangeState
+
     BOUND = "bound"
     REQUEST_DONE = "request_done"
     RESPONSE_HEAD = "response_head"
