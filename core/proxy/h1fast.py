@@ -149,7 +149,7 @@ class H1Connection:
         if kind is h11.Data and self._our is h11.SEND_BODY:
             return self._send_data(event.data)
         if kind is h11.EndOfMessage and self._our is h11.SEND_BODY:
-            if event.headers and self._send_framing != CHUNKED:
+            if event is not END_OF_MESSAGE and event.headers and self._send_framing != CHUNKED:
                 return self._go_slow().send(event)  # h11 refuses trailers on a Content-Length body
             return self._send_end(event)
         if kind is h11.Response and self._server and self._our is h11.SEND_RESPONSE and event.http_version == b"1.1":
@@ -208,7 +208,8 @@ class H1Connection:
             del buffer[:remaining]
             self._receive_framing = 0
             self._body_received += remaining
-        self._message_complete(END_OF_MESSAGE)
+        self._message_received = True  # _message_complete
+        self._their = h11.DONE if self._keep_alive else h11.MUST_CLOSE
         return body
 
     def send_prepared(self, head: Any, wire: bytes, framing: int, *, keep_alive: bool = True) -> bytes:
@@ -279,7 +280,6 @@ class H1Connection:
             if head is None:
                 return None
             head.method, head.target = match.groups()
-            self._start_receiving(head)
             self._our = h11.SEND_RESPONSE
         else:
             match = STATUS_LINE.fullmatch(data, 0, line_end)
@@ -292,19 +292,15 @@ class H1Connection:
             head.reason = match.group(2) or b""
             if head.status in (204, 304):
                 head.framing = 0
-            self._start_receiving(head)
+        self._their = h11.SEND_BODY
+        self._receive_framing = head.framing
+        self._reading_trailers = self._chunk_crlf_due = False
+        self._chunk_left = 0
+        if not head.keep_alive:
+            self._disable_keep_alive()
         head.length = end + 4
         self._head_received = bytes(data[: end + 4])
         return head
-
-    def _start_receiving(self, fields: Head) -> None:
-        self._their = h11.SEND_BODY
-        self._receive_framing = fields.framing
-        self._reading_trailers = False
-        self._chunk_crlf_due = False
-        self._chunk_left = 0
-        if not fields.keep_alive:
-            self._disable_keep_alive()
 
     def _read_body(self) -> Any:
         if self._receive_framing == CHUNKED:

@@ -35,7 +35,7 @@ from tether.core.proxy import http1
 from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
-from tether.core.proxy.exchange import Exchange, ExchangeState, Step
+from tether.core.proxy.exchange import LIVE_STATES, Exchange, ExchangeState, Step
 from tether.core.proxy.h1fast import END_OF_MESSAGE
 from tether.core.proxy.h1traffic import H1Traffic
 from tether.core.proxy.pool import EndpointPool, pool_for
@@ -279,7 +279,7 @@ class H1Flows(H1Traffic):
             self._sync_reading_downstream(downstream)
 
     def _finish_request_upstream(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None:
-        self._send(upstream, upstream.h11.send(END_OF_MESSAGE))
+        self._send(upstream, upstream.h11.send(END_OF_MESSAGE))  # b"" but for a chunked upload
         exchange.advance(Step.REQUEST_DONE)
         if exchange.state is ExchangeState.AWAITING and self.config.response_timeout_ns:
             self._deadlines.set(("response", exchange.exchange_id), now_ns + self.config.response_timeout_ns)
@@ -311,7 +311,7 @@ class H1Flows(H1Traffic):
                 waiting.upstream_id = upstream.conn_id
 
     def _pool(self, endpoint: Address) -> EndpointPool:
-        return pool_for(self._pools, endpoint, self.config)
+        return self._pools.get(endpoint) or pool_for(self._pools, endpoint, self.config)
 
     # ---------------------------------------------------------------- endpoint side
 
@@ -560,11 +560,11 @@ class H1Flows(H1Traffic):
         if downstream.exchange_id in self._streams:
             self._sync_h1_source_reading(downstream)
             return
-        exchange = self._exchange(downstream.exchange_id)
+        exchange = self._exchanges.get(downstream.exchange_id)  # type: ignore[arg-type]  (None: no exchange)
         limit = self.config.max_buffered_bytes
         if exchange is None:
             wanted = True
-        elif exchange.request_received and exchange.live:
+        elif exchange.request_received and exchange.state in LIVE_STATES:
             # HTTP/1.1 answers in order: a pipelined request waits in the parser until this one is answered.
             # Reading on (up to the limit) spares the driver a pause and a resume for every request.
             wanted = downstream.h11.buffered_bytes < limit
@@ -575,32 +575,33 @@ class H1Flows(H1Traffic):
         else:
             upstream = self._upstream.get(exchange.upstream_id) if exchange.upstream_id is not None else None
             wanted = upstream is None or upstream.unsent_bytes < limit
-        self._set_reading(downstream, wanted)
+        if downstream.reading is not wanted:
+            self._set_reading(downstream, wanted)
 
     def _sync_reading_upstream(self, upstream: Upstream) -> None:
         if upstream.state is not UpstreamState.BUSY:
             return
-        exchange = self._exchange(upstream.exchange_id)
+        exchange = self._exchanges.get(upstream.exchange_id)  # type: ignore[arg-type]
         downstream = self._downstream.get(exchange.downstream_id) if exchange is not None else None
         wanted = downstream is None or downstream.unsent_bytes < self.config.max_buffered_bytes
-        self._set_reading(upstream, wanted)
+        if upstream.reading is not wanted:
+            self._set_reading(upstream, wanted)
 
-    def _sync_reading_all_for(self, conn_id: int) -> None:
-        """``conn_id`` drained some bytes: the connection feeding it may be read again."""
-        downstream = self._downstream.get(conn_id)
-        upstream = self._upstream.get(conn_id)
-        if upstream is not None and upstream.tunnel_downstream_id is not None:
-            downstream = self._downstream.get(upstream.tunnel_downstream_id)
-        if downstream is not None and downstream.mode is Mode.OPAQUE:
-            self._sync_tunnel_reading(downstream)
-            return
+    def _sync_reading_all_for(self, connection: Downstream | Upstream) -> None:
+        """``connection`` drained some bytes: the connection feeding it may be read again."""
+        downstream = connection if isinstance(connection, Downstream) else None
+        if isinstance(connection, Upstream) and connection.tunnel_downstream_id is not None:
+            downstream = self._downstream.get(connection.tunnel_downstream_id)
         if downstream is not None:
-            exchange = self._exchange(downstream.exchange_id)
-            if exchange is not None and exchange.upstream_id in self._upstream:
-                self._sync_reading_upstream(self._upstream[exchange.upstream_id])
+            if downstream.mode is Mode.OPAQUE:
+                self._sync_tunnel_reading(downstream)
+                return
+            exchange = self._exchanges.get(downstream.exchange_id)  # type: ignore[arg-type]  (None: none)
+            upstream = self._upstream.get(exchange.upstream_id) if exchange is not None else None  # type: ignore[arg-type]
+            if upstream is not None:
+                self._sync_reading_upstream(upstream)
             return
-        upstream = self._upstream.get(conn_id)
-        if upstream is not None:
-            exchange = self._exchange(upstream.exchange_id)
-            if exchange is not None and exchange.downstream_id in self._downstream:
-                self._sync_reading_downstream(self._downstream[exchange.downstream_id])
+        exchange = self._exchanges.get(connection.exchange_id)  # type: ignore[arg-type]
+        downstream = self._downstream.get(exchange.downstream_id) if exchange is not None else None
+        if downstream is not None:
+            self._sync_reading_downstream(downstream)

@@ -104,6 +104,11 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
     if block.replace(b"\r\n", b"").translate(None, _LINE_BYTES):
         return None
     fields: FullItems = []
+    content_length: bytes | None = None
+    chunked = False
+    keep_alive = True
+    hosts = 0
+    host = b""
     for line in lines:
         raw_name, colon, value = line.partition(b":")
         name = _COMMON_NAMES.get(raw_name)
@@ -113,34 +118,28 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
             name = raw_name.lower()
         elif not colon:
             return None
-        fields.append((raw_name, name, value.strip(b" \t")))  # blanks around a value are not part of it
-    content_length: bytes | None = None
-    chunked = False
-    keep_alive = True
-    hosts = 0
-    host = b""
-    for index, (raw_name, name, value) in enumerate(fields):
-        if name not in _SPECIAL_FIELDS:
-            continue
-        if name == b"content-length":
-            if content_length is not None or _DIGITS.fullmatch(value) is None:
-                return None
-            content_length = value
-        elif name == b"transfer-encoding":
-            if chunked or value.lower() != b"chunked":
-                return None
-            chunked = True
-            fields[index] = (raw_name, name, b"chunked")  # h11 keeps this header's value in lower case
-        elif name == b"connection":
-            tokens = {token.strip().lower() for token in value.split(b",")}
-            if not tokens <= {b"keep-alive", b"close"} or (request and b"close" in tokens):
-                return None
-            keep_alive = keep_alive and b"close" not in tokens
-        elif name == b"host":
-            hosts += 1
-            host = value
-        else:
-            return None  # Upgrade, Expect
+        value = value.strip(b" \t")  # blanks around a value are not part of it
+        if name in _SPECIAL_FIELDS:
+            if name == b"content-length":
+                if content_length is not None or _DIGITS.fullmatch(value) is None:
+                    return None
+                content_length = value
+            elif name == b"transfer-encoding":
+                if chunked or value.lower() != b"chunked":
+                    return None
+                chunked = True
+                value = b"chunked"  # h11 keeps this header's value in lower case
+            elif name == b"connection":
+                tokens = {token.strip().lower() for token in value.split(b",")}
+                if not tokens <= {b"keep-alive", b"close"} or (request and b"close" in tokens):
+                    return None
+                keep_alive = keep_alive and b"close" not in tokens
+            elif name == b"host":
+                hosts += 1
+                host = value
+            else:
+                return None  # Upgrade, Expect
+        fields.append((raw_name, name, value))
     if request and hosts != 1:
         return None
     if chunked:
@@ -191,22 +190,22 @@ def outgoing_framing(headers: Any, *, request: bool) -> tuple[int, bool, bool] |
 def send_headers(out: list[bytes], headers: Any) -> None:
     """Header lines as h11 writes them: Host first, then the rest in order, then the blank line."""
     raw = headers._full_items if hasattr(headers, "_full_items") else [(n, n.lower(), v) for n, v in headers]
-    for raw_name, name, value in raw:
+    _write_rows(out, raw)
+
+
+def _write_rows(out: list[bytes], rows: FullItems) -> None:
+    for raw_name, name, value in rows:
         if name == b"host":
             out.append(b"%s: %s\r\n" % (raw_name, value))
-    for raw_name, name, value in raw:
+    for raw_name, name, value in rows:
         if name != b"host":
             out.append(b"%s: %s\r\n" % (raw_name, value))
     out.append(b"\r\n")
 
 
-def write_head(start_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A head as ``send`` writes it, for header rows written with the names given (lower case in the proxy):
-    the start line (with its CRLF), Host first, the rest in order, the blank line."""
-    lines = [start_line]
-    rest = []
-    for name, value in headers:
-        (lines if name == b"host" else rest).append(b"%s: %s\r\n" % (name, value))
-    lines += rest
-    lines.append(b"\r\n")
-    return b"".join(lines)
+def write_head(start_line: bytes, rows: FullItems) -> bytes:
+    """A head as ``send`` writes it from h11-style header rows (name as written, lower-case name, value): the
+    start line (with its CRLF), Host first, the rest in order, the blank line."""
+    out = [start_line]
+    _write_rows(out, rows)
+    return b"".join(out)

@@ -37,7 +37,7 @@ import h11
 from tether.core.discovery import EndpointSet
 from tether.core.proxy.connections import Downstream, Upstream
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
-from tether.core.proxy.h1heads import Head, request_event, response_event, write_head
+from tether.core.proxy.h1heads import FullItems, Head, request_event, response_event, write_head
 from tether.core.proxy.http1 import HOP_BY_HOP, NEVER_HOP_BY_HOP
 from tether.core.proxy.parts import ProxyParts
 from tether.core.traffic.breaker import Outcome
@@ -118,7 +118,7 @@ class H1Lane(ProxyParts):
         # http1.upstream_request: a lane request names no header in Connection but keep-alive, and has a Host.
         forwarded = [(name, name, value) for _, name, value in head.fields if name not in HOP_BY_HOP]
         request = request_event(head.method, head.target, forwarded)
-        wire = write_head(b"%s %s HTTP/1.1\r\n" % (head.method, head.target), [(n, v) for _, n, v in forwarded])
+        wire = write_head(b"%s %s HTTP/1.1\r\n" % (head.method, head.target), forwarded)
         service = endpoint_set.name
         exchange = Exchange(self._new_id(), downstream.conn_id, request, service, now_ns)
         exchange.prepared = (request, wire, head.framing)
@@ -200,12 +200,12 @@ class H1Lane(ProxyParts):
             close = downstream.closing or self._draining
             forwarded = _forwarded(head)
             if close:
-                forwarded.append((b"connection", b"close"))
+                forwarded.append((b"connection", b"connection", b"close"))
             wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, head.reason), forwarded)
             keep = not close
 
             def event() -> h11.Response:  # for h11, should the client's connection ever need it
-                return response_event(status, head.reason, [(name, name, value) for name, value in forwarded])
+                return response_event(status, head.reason, forwarded)
 
             data = downstream.h11.send_whole(event, wire, body, keep_alive=keep)
             if self._tls and body and downstream.conn_id in self._tls:
@@ -229,11 +229,12 @@ class H1Lane(ProxyParts):
             self._exchanges.pop(exchange.exchange_id, None)
 
 
-def _forwarded(head: Head) -> list[tuple[bytes, bytes]]:
+def _forwarded(head: Head) -> FullItems:
     """http1.forwarded_headers for a lane response (framed by Content-Length: no Transfer-Encoding)."""
     named: set[bytes] = set()
     for _, name, value in head.fields:
         if name == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
+            for token in value.split(b","):
+                named.add(token.strip().lower())
     dropped = HOP_BY_HOP | (named - NEVER_HOP_BY_HOP) if named else HOP_BY_HOP
-    return [(name, value) for _, name, value in head.fields if name not in dropped]
+    return [(name, name, value) for _, name, value in head.fields if name not in dropped]

@@ -184,7 +184,7 @@ class Proxy(MeshTls, H1Lane, H1Flows, TunnelFlows, H2Flows, H2Upstream):
             if was_backed_up:
                 self._stream_connection_drained(connection)
             return
-        self._sync_reading_all_for(conn_id)
+        self._sync_reading_all_for(connection)
 
     def connected(self, conn_id: int, now_ns: int) -> None:
         self._now_ns = now_ns

@@ -376,7 +376,7 @@ def test_send_whole_writes_what_send_writes(
         body = b""  # the answer to a HEAD has the head only
     event = h11.Response(status_code=status, reason=reason, headers=headers)
     keep_alive = (b"connection", b"close") not in headers
-    wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
+    wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), [(n, n, v) for n, v in headers])
     written = whole.send_whole(lambda: event, wire, body, keep_alive=keep_alive)
     expected = events.send(event) + events.send(h11.Data(data=body)) + events.send(h11.EndOfMessage())
     assert written == expected
@@ -388,7 +388,7 @@ def test_send_prepared_writes_what_send_writes_for_a_request() -> None:
     whole, events = H1Connection(h11.CLIENT), H1Connection(h11.CLIENT)
     headers = [(b"x-a", b"1"), (b"host", b"h"), (b"content-length", b"3")]
     event = h11.Request(method=b"POST", target=b"/p", headers=headers)
-    wire = write_head(b"POST /p HTTP/1.1\r\n", headers)
+    wire = write_head(b"POST /p HTTP/1.1\r\n", [(n, n, v) for n, v in headers])
     assert whole.send_prepared(event, wire, 3) == events.send(event)
     assert whole.send(h11.Data(data=b"abc")) + whole.send(h11.EndOfMessage()) == events.send(
         h11.Data(data=b"abc")
