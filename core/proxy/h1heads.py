@@ -73,13 +73,16 @@ class Head:
     value (the fast path takes a request only with exactly one). ``length`` counts the head's bytes on the
     wire, blank line included. ``framing`` is the body's Content-Length, or ``CHUNKED``."""
 
-    __slots__ = ("method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "length")
+    __slots__ = (
+        "method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "connection", "length"
+    )  # fmt: skip
 
-    def __init__(self, fields: FullItems, framing: int, keep_alive: bool, host: bytes) -> None:
+    def __init__(self, fields: FullItems, framing: int, keep_alive: bool, host: bytes, connection: set[bytes]) -> None:
         self.fields = fields
         self.framing = framing
         self.keep_alive = keep_alive
         self.host = host
+        self.connection = connection  # the Connection header's tokens, lower case (keep-alive, close)
         self.method = self.target = self.reason = b""
         self.status = 0  # a request's; a response's is 200-599
         self.length = 0
@@ -109,6 +112,7 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
     keep_alive = True
     hosts = 0
     host = b""
+    connection: set[bytes] = set()
     for line in lines:
         raw_name, colon, value = line.partition(b":")
         name = _COMMON_NAMES.get(raw_name)
@@ -121,8 +125,8 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
         value = value.strip(b" \t")  # blanks around a value are not part of it
         if name in _SPECIAL_FIELDS:
             if name == b"content-length":
-                if content_length is not None or _DIGITS.fullmatch(value) is None:
-                    return None
+                if content_length is not None or not value.isdigit() or len(value) > 18:
+                    return None  # one run of at most 18 ASCII digits (bytes.isdigit is ASCII only)
                 content_length = value
             elif name == b"transfer-encoding":
                 if chunked or value.lower() != b"chunked":
@@ -130,10 +134,12 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
                 chunked = True
                 value = b"chunked"  # h11 keeps this header's value in lower case
             elif name == b"connection":
-                tokens = {token.strip().lower() for token in value.split(b",")}
+                lowered = value.lower()
+                tokens = {lowered} if lowered == b"keep-alive" else {t.strip() for t in lowered.split(b",")}
                 if not tokens <= {b"keep-alive", b"close"} or (request and b"close" in tokens):
                     return None
                 keep_alive = keep_alive and b"close" not in tokens
+                connection |= tokens
             elif name == b"host":
                 hosts += 1
                 host = value
@@ -145,12 +151,12 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
     if chunked:
         if content_length is not None or request:
             return None  # both framings at once is for h11 to refuse; chunked uploads are rare
-        return Head(fields, CHUNKED, keep_alive, host)
+        return Head(fields, CHUNKED, keep_alive, host, connection)
     if content_length is None:
         if not request:
             return None  # a body delimited by the connection's close
-        return Head(fields, 0, keep_alive, host)
-    return Head(fields, int(content_length), keep_alive, host)
+        return Head(fields, 0, keep_alive, host, connection)
+    return Head(fields, int(content_length), keep_alive, host, connection)
 
 
 def outgoing_framing(headers: Any, *, request: bool) -> tuple[int, bool, bool] | None:

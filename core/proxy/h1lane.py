@@ -231,10 +231,6 @@ class H1Lane(ProxyParts):
 
 def _forwarded(head: Head) -> FullItems:
     """http1.forwarded_headers for a lane response (framed by Content-Length: no Transfer-Encoding)."""
-    named: set[bytes] = set()
-    for _, name, value in head.fields:
-        if name == b"connection":
-            for token in value.split(b","):
-                named.add(token.strip().lower())
+    named = head.connection  # names the Connection header makes hop-by-hop (only keep-alive and close here)
     dropped = HOP_BY_HOP | (named - NEVER_HOP_BY_HOP) if named else HOP_BY_HOP
     return [(name, name, value) for _, name, value in head.fields if name not in dropped]
