@@ -13,10 +13,11 @@ checked against the exchange's state and written out on its own. This module han
   limit), the exchange is made and dispatched with its upstream head already written out (``Exchange.prepared``,
   used by ``_bind``). Otherwise the head goes on as the ``h11.Request`` event it is, to ``_request_started``,
   and the parser takes it from there: nothing the lane declines is handled differently.
-- ``_lane_response``: an endpoint's bytes when its connection waits for a response to a lane-shaped exchange
-  (awaiting its response, no route, no mirrors, the client's connection in the fast path). The same split:
-  a whole Content-Length response is forwarded in one write and the exchange ends; any other head goes on
-  as its ``h11.Response`` event to ``_response_started``, then ``_pump_upstream``.
+- ``_lane_response``: an endpoint's bytes when its connection waits for the response to an exchange that
+  sent its whole request, has no route and no mirrors, and whose client is still connected (whichever path
+  its request took). The same split: a whole Content-Length response goes to the client in one write and
+  the exchange ends; any other head goes on as its ``h11.Response`` event to ``_response_started``, then
+  ``_pump_upstream``.
 
 Everything observable stays as the event path makes it, in the same order: the effects (a head and its body
 still merge into one ``Send``; under TLS they stay two records), the deadlines, the metrics, the balancer's
