@@ -265,15 +265,21 @@ class ProxyDriver:
 
     def _rearm_timer(self) -> None:
         deadline = self.proxy.next_deadline_ns()
-        if deadline == self._timer_deadline_ns:
+        armed = self._timer_deadline_ns
+        if armed is not None and (deadline is None or armed <= deadline):
+            # The armed timer fires no later than needed; _timer_fired looks again then. Most inputs push the
+            # earliest deadline back (an idle timer re-armed by every request): no new loop timer for them.
+            return
+        if deadline == armed:
             return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_deadline_ns = deadline
+        self._timer_deadline_ns = None
         if deadline is not None and self._loop is not None:
             delay = max(0.0, (deadline - self._clock_ns()) / 1e9)
             self._timer = self._loop.call_later(delay, self._timer_fired)
+            self._timer_deadline_ns = deadline
 
     def _timer_fired(self) -> None:
         self._timer = None

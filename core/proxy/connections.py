@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 class Mode(enum.Enum):
     """What a downstream connection carries; DETECT until its first bytes decide (see detect.py)."""
 
+    __hash__ = object.__hash__  # identity, in C (see ExchangeState)
+
     DETECT = "detect"
     HTTP1 = "http1"
     OPAQUE = "opaque"
@@ -57,6 +59,8 @@ class Downstream:
 
 
 class UpstreamState(enum.Enum):
+    __hash__ = object.__hash__  # identity, in C (see ExchangeState)
+
     CONNECTING = "connecting"
     IDLE = "idle"
     BUSY = "busy"

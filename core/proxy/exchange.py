@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 
 class ExchangeState(enum.Enum):
+    # Members are singletons: identity hashing, in C, instead of Enum's hash of the name in Python (the
+    # transition table and LIVE_STATES are looked up several times per request).
+    __hash__ = object.__hash__
+
     QUEUED = "queued"  # waiting for an upstream connection (opening, or a pool slot)
     SENDING = "sending"  # the request head went upstream; body bytes still arriving
     AWAITING = "awaiting"  # the whole request went upstream; the response timeout runs
@@ -40,6 +44,8 @@ class ExchangeState(enum.Enum):
 
 
 class Step(enum.Enum):
+    __hash__ = object.__hash__  # see ExchangeState
+
     BOUND = "bound"
     REQUEST_DONE = "request_done"
     RESPONSE_HEAD = "response_head"
@@ -101,6 +107,9 @@ class Exchange:
     handle: Handle | None = None
     awaiting_endpoint: bool = False
     route: RouteState | None = None  # set when a route rule matched (routing.py, h1traffic.py)
+    # The lane (h1lane.py) writes the upstream head out once: (the request it belongs to, its bytes, its
+    # Content-Length). Used while ``request`` is still that request.
+    prepared: tuple[h11.Request, bytes, int] | None = None
 
     def advance(self, step: Step) -> ExchangeState:
         try:

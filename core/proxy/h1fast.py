@@ -19,6 +19,11 @@ streams, split at arbitrary points, and compares events, bytes, states and error
 
 Inside a body the fast path decides alone: a Content-Length or chunked body that breaks its framing is an
 error here too, with our own message (the test compares that both fail, not the wording).
+
+Heads are parsed and written in h1heads.py. For the proxy's lane (h1lane.py) a connection also takes and
+gives whole heads without events: ``receive_head`` and ``take_body`` read exactly what ``next_event`` would,
+``send_prepared`` and ``send_whole`` write what ``send`` would from bytes the caller already holds. They
+change the same state as the event calls, so the two can be mixed within a cycle.
 """
 
 from __future__ import annotations
@@ -28,145 +33,36 @@ from typing import Any
 
 import h11
 
-# RFC 9110 section 5.6.2 (token) and 5.5 (field-value, here without obs-text: such a head takes the slow path).
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e](?:[ \t]*[\x21-\x7e])*)?)[ \t]*")
-_REQUEST_LINE = re.compile(rb"([A-Z]+) ([\x21-\x7e]+) HTTP/1\.1")
-_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: ([\t\x20-\x7e]*))?")
+from tether.core.proxy.h1heads import (
+    CHUNKED,
+    HEADER_LINE,
+    REQUEST_LINE,
+    STATUS_LINE,
+    Head,
+    outgoing_framing,
+    parse_fields,
+    request_event,
+    response_event,
+    send_headers,
+    write_head,
+)
+
+__all__ = ["END_OF_MESSAGE", "H1Connection", "Head", "request_event", "response_event", "write_head"]
+
 _CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
-_CHUNKED = -1  # body framing: chunked, else the bytes a Content-Length body still has to go
+END_OF_MESSAGE = h11.EndOfMessage()  # events are frozen: one serves every message
 _SLOW_METHODS = frozenset({b"HEAD", b"CONNECT"})  # both change how the response is framed
 
 Headers = list[tuple[bytes, bytes]]
-_FullItems = list[tuple[bytes, bytes, bytes]]  # (name as sent, lower-case name, value): h11's own header rows
-_set = object.__setattr__
 
 
-def request_event(method: bytes, target: bytes, items: _FullItems) -> h11.Request:
-    """An ``h11.Request`` from parts already checked (by this module's parser or by h11 upstream of us).
-
-    h11's constructor validates again and walks the headers through the ``Sequence`` protocol even for parsed
-    events, several µs per head; the differential test holds these events equal to h11's."""
-    event = object.__new__(h11.Request)
-    _set(event, "method", method)
-    _set(event, "target", target)
-    _set(event, "headers", h11._headers.Headers(items))
-    _set(event, "http_version", b"1.1")
-    return event
-
-
-def response_event(status: int, reason: bytes, items: _FullItems) -> h11.Response:
-    """An ``h11.Response`` from checked parts; see ``request_event``."""
-    event = object.__new__(h11.Response)
-    _set(event, "status_code", status)
-    _set(event, "reason", reason)
-    _set(event, "headers", h11._headers.Headers(items))
-    _set(event, "http_version", b"1.1")
-    return event
-
-
-class _Head:
-    """What the fast path needs to know of a parsed head: its framing, and whether it keeps the connection."""
-
-    __slots__ = ("headers", "framing", "keep_alive")
-
-    def __init__(self, headers: _FullItems, framing: int, keep_alive: bool) -> None:
-        self.headers = headers
-        self.framing = framing
-        self.keep_alive = keep_alive
-
-
-def _parse_fields(lines: list[bytes], *, request: bool) -> _Head | None:
-    """Header lines -> a _Head, or None when anything is out of the common case (the slow path decides)."""
-    headers: _FullItems = []
-    content_length: bytes | None = None
-    chunked = False
-    keep_alive = True
-    hosts = 0
-    for line in lines:
-        match = _HEADER_LINE.fullmatch(line)
-        if match is None:
-            return None
-        raw_name, value = match.groups()
-        name = raw_name.lower()
-        if name == b"content-length":
-            if content_length is not None or _DIGITS.fullmatch(value) is None:
-                return None
-            content_length = value
-        elif name == b"transfer-encoding":
-            if chunked or value.lower() != b"chunked":
-                return None
-            chunked = True
-            value = b"chunked"  # h11 keeps this header's value in lower case
-        elif name == b"connection":
-            tokens = {token.strip().lower() for token in value.split(b",")}
-            if not tokens <= {b"keep-alive", b"close"} or (request and b"close" in tokens):
-                return None
-            keep_alive = keep_alive and b"close" not in tokens
-        elif name in (b"upgrade", b"expect"):
-            return None
-        elif name == b"host":
-            hosts += 1
-        headers.append((raw_name, name, value))
-    if request and hosts != 1:
-        return None
-    if chunked:
-        if content_length is not None or request:
-            return None  # both framings at once is for h11 to refuse; chunked uploads are rare
-        return _Head(headers, _CHUNKED, keep_alive)
-    if content_length is None:
-        if not request:
-            return None  # a body delimited by the connection's close
-        return _Head(headers, 0, keep_alive)
-    return _Head(headers, int(content_length), keep_alive)
-
-
-def _outgoing_framing(headers: Any, *, request: bool) -> tuple[int, bool, bool] | None:
-    """(framing, keep-alive, whether h11 would add Transfer-Encoding: chunked) of a head we send, or None
-    when it is not a common-case head. Our heads were validated on the way in, so only names matter here."""
-    content_length = -2
-    chunked = False
-    keep_alive = True
-    hosts = 0
-    for name, value in headers:
-        if name == b"content-length":
-            if content_length != -2 or _DIGITS.fullmatch(value) is None:
-                return None
-            content_length = int(value)
-        elif name == b"transfer-encoding":
-            if chunked or value != b"chunked" or request:
-                return None
-            chunked = True
-        elif name == b"connection":
-            tokens = {token.strip() for token in value.split(b",")}
-            if not tokens <= {b"keep-alive", b"close"} or (request and b"close" in tokens):
-                return None
-            keep_alive = keep_alive and b"close" not in tokens
-        elif name == b"upgrade" or name == b"expect":
-            return None
-        elif name == b"host":
-            hosts += 1
-    if request:
-        return (max(content_length, 0), True, False) if hosts == 1 else None
-    if chunked:
-        return None if content_length != -2 else (_CHUNKED, keep_alive, True)
-    if content_length == -2:
-        return _CHUNKED, keep_alive, True  # h11 frames a body of unknown length with chunked encoding
-    return content_length, keep_alive, False
-
-
-def _send_headers(out: list[bytes], headers: Any) -> None:
-    """Header lines as h11 writes them: Host first, then the rest in order, then the blank line."""
-    raw = headers._full_items if hasattr(headers, "_full_items") else [(n, n.lower(), v) for n, v in headers]
-    for raw_name, name, value in raw:
-        if name == b"host":
-            out.append(b"%s: %s\r\n" % (raw_name, value))
-    for raw_name, name, value in raw:
-        if name != b"host":
-            out.append(b"%s: %s\r\n" % (raw_name, value))
-    out.append(b"\r\n")
+def _replayed(sent: Any) -> Any:
+    """An entry of ``H1Connection._sent`` as the event h11 is given: a body's length, a head's maker, or the
+    event itself."""
+    if type(sent) is int:
+        return h11.Data(data=b"x" * sent)  # h11 only counts body bytes
+    return sent() if callable(sent) else sent
 
 
 class H1Connection:
@@ -187,7 +83,8 @@ class H1Connection:
         self._reading_trailers = False
         self._chunk_crlf_due = False
         self._chunk_left = 0  # bytes of the current chunk still to come
-        # This cycle so far, for a replay into h11: what we sent, the head received, its body bytes received.
+        # This cycle so far, for a replay into h11: what we sent (events, a head's maker, a body's length), the
+        # head received, its body bytes received.
         self._sent: list[Any] = []
         self._head_received = b""
         self._body_received = 0
@@ -202,6 +99,12 @@ class H1Connection:
     @property
     def their_state(self) -> type[h11._util.Sentinel]:
         return self._slow.their_state if self._slow is not None else self._their
+
+    @property
+    def answering_head(self) -> bool:
+        """Whether the request being answered is a HEAD, whose response has a head and no body. The fast path
+        never takes a HEAD, so only h11 can be answering one."""
+        return self._slow is not None and self._slow._request_method == b"HEAD"
 
     @property
     def buffered_bytes(self) -> int:
@@ -246,7 +149,7 @@ class H1Connection:
         if kind is h11.Data and self._our is h11.SEND_BODY:
             return self._send_data(event.data)
         if kind is h11.EndOfMessage and self._our is h11.SEND_BODY:
-            if event.headers and self._send_framing != _CHUNKED:
+            if event is not END_OF_MESSAGE and event.headers and self._send_framing != CHUNKED:
                 return self._go_slow().send(event)  # h11 refuses trailers on a Content-Length body
             return self._send_end(event)
         if kind is h11.Response and self._server and self._our is h11.SEND_RESPONSE and event.http_version == b"1.1":
@@ -274,6 +177,76 @@ class H1Connection:
         self._body_received = 0
         self._message_received = False
 
+    # ------------------------------------------------------------------ whole heads, without events
+
+    def receive_head(self, data: bytes) -> Head | None:
+        """``receive_data(data)`` and the head ``next_event`` would return, for a connection waiting for a head
+        with nothing buffered when ``data`` starts with a whole common-case head (the rest stays buffered).
+        None: nothing changed, and ``data`` goes to ``receive_data`` as usual."""
+        if self._slow is not None or self._buffer or self._closed or not data:
+            return None
+        if self._their is not (h11.IDLE if self._server else h11.SEND_RESPONSE):
+            return None
+        if (self._server and not 0x41 <= data[0] <= 0x5A) or (not self._server and data[0] != 0x48):
+            return None
+        end = data.find(b"\r\n\r\n")
+        head = self._take_head(data, end) if end >= 0 else None
+        if head is not None and len(data) > head.length:
+            self._buffer += memoryview(data)[head.length :]
+        return head
+
+    def take_body(self) -> bytes | None:
+        """After a head: its whole Content-Length body if all of it is buffered, read as ``next_event`` would
+        (the message is then complete). None: not all there, or not such a body; nothing changed."""
+        remaining = self._receive_framing
+        buffer = self._buffer
+        if self._slow is not None or self._their is not h11.SEND_BODY or remaining < 0 or len(buffer) < remaining:
+            return None
+        body = b""
+        if remaining:
+            body = bytes(buffer[:remaining])
+            del buffer[:remaining]
+            self._receive_framing = 0
+            self._body_received += remaining
+        self._message_received = True  # _message_complete
+        self._their = h11.DONE if self._keep_alive else h11.MUST_CLOSE
+        return body
+
+    def send_prepared(self, head: Any, wire: bytes, framing: int, *, keep_alive: bool = True) -> bytes:
+        """``send(head)`` for a head already written out as ``send`` would write it (``wire``: see
+        ``write_head``): a request other than HEAD or CONNECT, or a final response other than 204 and 304,
+        framed by a Content-Length of ``framing`` (or none, for 0), with ``Connection: close`` exactly when not
+        ``keep_alive``. ``head`` may be a callable making the event: h11 needs it only if this connection is
+        ever handed over. Anywhere the fast path would not write such a head, it goes through ``send``."""
+        if self._slow is not None or not (
+            self._our is h11.SEND_RESPONSE if self._server else self._our is h11.IDLE and self._their is h11.IDLE
+        ):
+            return self.send(head() if callable(head) else head)
+        self._sent.append(head)
+        self._send_framing = framing
+        self._our = h11.SEND_BODY
+        if not self._server:
+            self._their = h11.SEND_RESPONSE
+        elif not keep_alive:
+            self._disable_keep_alive()
+        return wire
+
+    def send_whole(self, head: Any, wire: bytes, body: bytes, *, keep_alive: bool = True) -> bytes:
+        """``send_prepared(head, wire, len(body))``, then ``body`` and the end of the message."""
+        data = self.send_prepared(head, wire, len(body), keep_alive=keep_alive)
+        if self._slow is not None:
+            return data + self._slow.send(h11.Data(data=body)) + self._slow.send(END_OF_MESSAGE)
+        self._sent += (len(body), END_OF_MESSAGE)
+        self._send_framing = 0
+        self._our = h11.DONE if self._keep_alive else h11.MUST_CLOSE
+        return data + body
+
+    def nothing_to_read(self) -> bool:
+        """No bytes wait to be parsed and the peer has not closed: ``next_event`` has nothing new to say."""
+        if self._slow is not None:
+            return self._slow.trailing_data == (b"", False)
+        return not self._buffer and not self._closed
+
     # ------------------------------------------------------------------ receiving
 
     def _read_head(self) -> Any:
@@ -282,59 +255,55 @@ class H1Connection:
             return self._go_slow().next_event() if self._closed else h11.NEED_DATA
         # A request starts with an upper-case method, a response with its version; anything else (a
         # leading blank line, garbage) is for h11 to judge, and so is a head with bare LF line ends.
-        if (self._server and not 0x41 <= buffer[0] <= 0x5A) or (not self._server and buffer[:1] != b"H"):
+        if (self._server and not 0x41 <= buffer[0] <= 0x5A) or (not self._server and buffer[0] != 0x48):
             return self._go_slow().next_event()
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(buffer) > self._max_incomplete or b"\n\n" in buffer or b"\n\r\n" in buffer:
                 return self._go_slow().next_event()
             return h11.NEED_DATA
-        head = bytes(buffer[:end])
-        lines = head.split(b"\r\n")
-        event = self._parse_request(lines) if self._server else self._parse_response(lines)
-        if event is None:
+        head = self._take_head(buffer, end)
+        if head is None:
             return self._go_slow().next_event()
-        del buffer[: end + 4]
-        self._head_received = head + b"\r\n\r\n"
-        return event
+        del buffer[: head.length]
+        return head.event()
 
-    def _parse_request(self, lines: list[bytes]) -> h11.Request | None:
-        match = _REQUEST_LINE.fullmatch(lines[0])
-        if match is None or b"\n" in lines[0]:
-            return None
-        method, target = match.groups()
-        fields = _parse_fields(lines[1:], request=True)
-        if fields is None or method in _SLOW_METHODS:
-            return None
-        self._start_receiving(fields)
-        self._our = h11.SEND_RESPONSE
-        return request_event(method, target, fields.headers)
-
-    def _parse_response(self, lines: list[bytes]) -> h11.Response | None:
-        match = _STATUS_LINE.fullmatch(lines[0])
-        if match is None:
-            return None
-        status = int(match.group(1))
-        fields = _parse_fields(lines[1:], request=False)
-        if fields is None:
-            return None
-        if status in (204, 304):
-            fields.framing = 0
-        self._start_receiving(fields)
-        reason = match.group(2) or b""
-        return response_event(status, reason, fields.headers)
-
-    def _start_receiving(self, fields: _Head) -> None:
+    def _take_head(self, data: bytes | bytearray, end: int) -> Head | None:
+        """The head ``data[:end + 4]`` (``end``: where its blank line starts) if it is common-case, with this
+        connection's state moved past it as h11 would; None: nothing changed."""
+        line_end = data.find(b"\r\n", 0, end + 2)
+        if self._server:
+            match = REQUEST_LINE.fullmatch(data, 0, line_end)
+            if match is None or match.group(1) in _SLOW_METHODS:
+                return None
+            head = parse_fields(data, line_end + 2, end + 2, request=True)
+            if head is None:
+                return None
+            head.method, head.target = match.groups()
+            self._our = h11.SEND_RESPONSE
+        else:
+            match = STATUS_LINE.fullmatch(data, 0, line_end)
+            if match is None:
+                return None
+            head = parse_fields(data, line_end + 2, end + 2, request=False)
+            if head is None:
+                return None
+            head.status = int(match.group(1))
+            head.reason = match.group(2) or b""
+            if head.status in (204, 304):
+                head.framing = 0
         self._their = h11.SEND_BODY
-        self._receive_framing = fields.framing
-        self._reading_trailers = False
-        self._chunk_crlf_due = False
+        self._receive_framing = head.framing
+        self._reading_trailers = self._chunk_crlf_due = False
         self._chunk_left = 0
-        if not fields.keep_alive:
+        if not head.keep_alive:
             self._disable_keep_alive()
+        head.length = end + 4
+        self._head_received = bytes(data[: end + 4])
+        return head
 
     def _read_body(self) -> Any:
-        if self._receive_framing == _CHUNKED:
+        if self._receive_framing == CHUNKED:
             return self._read_chunked()
         remaining = self._receive_framing
         if remaining == 0:
@@ -393,7 +362,7 @@ class H1Connection:
             return self._need_body_bytes(len(buffer) <= self._max_incomplete)
         trailers: Headers = []
         for line in bytes(buffer[: match.start()]).split(b"\n"):
-            field = _HEADER_LINE.fullmatch(line[:-1] if line.endswith(b"\r") else line)
+            field = HEADER_LINE.fullmatch(line[:-1] if line.endswith(b"\r") else line)
             if field is None:
                 self._fail("illegal trailer line")  # obs-fold included: RFC 9112 section 5.2 allows refusing it
             trailers.append(field.groups())
@@ -419,7 +388,7 @@ class H1Connection:
     # ------------------------------------------------------------------ sending
 
     def _send_head(self, event: Any, start_line: bytes) -> bytes:
-        framing = _outgoing_framing(event.headers, request=not self._server)
+        framing = outgoing_framing(event.headers, request=not self._server)
         if framing is None:
             return self._go_slow().send(event)
         framing_value, keep_alive, add_chunked = framing
@@ -433,9 +402,9 @@ class H1Connection:
                 (raw_name, value) for raw_name, name, value in event.headers._full_items if name != b"transfer-encoding"
             ]
             raw.append((b"Transfer-Encoding", b"chunked"))
-            _send_headers(out, raw)
+            send_headers(out, raw)
         else:
-            _send_headers(out, event.headers)
+            send_headers(out, event.headers)
         self._send_framing = framing_value
         self._our = h11.SEND_BODY
         if self._server:
@@ -447,19 +416,19 @@ class H1Connection:
 
     def _send_data(self, data: bytes) -> bytes:
         framing = self._send_framing
-        if framing == _CHUNKED:
-            self._sent.append(h11.Data(data=b"x" * len(data)) if data else h11.Data(data=b""))
+        if framing == CHUNKED:
+            self._sent.append(len(data))
             return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
         if len(data) > framing:
             raise h11.LocalProtocolError("Too much data for declared Content-Length")
         self._send_framing = framing - len(data)
-        self._sent.append(h11.Data(data=b"x" * len(data)))
+        self._sent.append(len(data))
         return bytes(data)
 
     def _send_end(self, event: h11.EndOfMessage) -> bytes:
-        if self._send_framing == _CHUNKED:
+        if self._send_framing == CHUNKED:
             out = [b"0\r\n"]
-            _send_headers(out, event.headers)
+            send_headers(out, event.headers)
             data = b"".join(out)
         elif self._send_framing:
             raise h11.LocalProtocolError(f"Too little data for declared Content-Length: {self._send_framing} missing")
@@ -488,10 +457,10 @@ class H1Connection:
         if self._server:
             self._replay_received(slow)
             for event in self._sent:
-                slow.send(event)
+                slow.send(_replayed(event))
         else:
             for event in self._sent:
-                slow.send(event)
+                slow.send(_replayed(event))
             self._replay_received(slow)
         if self._buffer:
             slow.receive_data(bytes(self._buffer))
@@ -504,7 +473,7 @@ class H1Connection:
     def _replay_received(self, slow: h11.Connection) -> None:
         if not self._head_received:
             return
-        chunked = self._receive_framing == _CHUNKED
+        chunked = self._receive_framing == CHUNKED
         if chunked:
             if not self._message_received:
                 # Only a caller's mistake (a send h11 would refuse) gets here in the middle of a response.

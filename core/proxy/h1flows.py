@@ -35,7 +35,8 @@ from tether.core.proxy import http1
 from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome
 from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
-from tether.core.proxy.exchange import Exchange, ExchangeState, Step
+from tether.core.proxy.exchange import LIVE_STATES, Exchange, ExchangeState, Step
+from tether.core.proxy.h1fast import END_OF_MESSAGE
 from tether.core.proxy.h1traffic import H1Traffic
 from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import StreamExchange
@@ -62,6 +63,7 @@ class H1Flows(H1Traffic):
         def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
         def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
         def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
+        def _request_head_bytes(self, exchange: Exchange, upstream: Upstream) -> bytes: ...
 
     # ---------------------------------------------------------------- client side
 
@@ -75,7 +77,8 @@ class H1Flows(H1Traffic):
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
             if isinstance(event, h11.Request):
-                self._request_started(downstream, event, now_ns)
+                authority = downstream.target or http1.request_authority(event)
+                self._request_started(downstream, event, authority, self.resolver.resolve(authority), now_ns)
             elif isinstance(event, h11.Data):
                 self._request_body(downstream, bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -128,10 +131,15 @@ class H1Flows(H1Traffic):
             self._route_rearm(exchange.exchange_id, exchange.route)  # an injected delay, or waiting
         # else: it waits in the backend's failfast queue (``_h1_endpoint_ready`` or ``_h1_endpoint_refused``)
 
-    def _request_started(self, downstream: Downstream, request: h11.Request, now_ns: int) -> None:
+    def _request_started(
+        self,
+        downstream: Downstream,
+        request: h11.Request,
+        authority: str,
+        endpoint_set: EndpointSet | None,
+        now_ns: int,
+    ) -> None:
         """A request head: HTTP/1.1 all the way (exchange.py), or over HTTP/2 to a meshed peer (streams.py)."""
-        authority = downstream.target or http1.request_authority(request)
-        endpoint_set = self.resolver.resolve(authority)
         if (
             endpoint_set is not None
             and endpoint_set.meshed_inbound_port is not None
@@ -260,7 +268,7 @@ class H1Flows(H1Traffic):
         exchange.upstream_id = upstream.conn_id
         upstream.exchange_id = exchange.exchange_id
         upstream.state = UpstreamState.BUSY
-        self._send(upstream, upstream.h11.send(exchange.request))
+        self._send(upstream, self._request_head_bytes(exchange, upstream))  # h1lane.py
         while exchange.pending_body:
             self._send(upstream, upstream.h11.send(h11.Data(data=exchange.pending_body.popleft())))
         exchange.pending_body_bytes = 0
@@ -271,7 +279,7 @@ class H1Flows(H1Traffic):
             self._sync_reading_downstream(downstream)
 
     def _finish_request_upstream(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None:
-        self._send(upstream, upstream.h11.send(h11.EndOfMessage()))
+        self._send(upstream, upstream.h11.send(END_OF_MESSAGE))  # b"" but for a chunked upload
         exchange.advance(Step.REQUEST_DONE)
         if exchange.state is ExchangeState.AWAITING and self.config.response_timeout_ns:
             self._deadlines.set(("response", exchange.exchange_id), now_ns + self.config.response_timeout_ns)
@@ -303,7 +311,7 @@ class H1Flows(H1Traffic):
                 waiting.upstream_id = upstream.conn_id
 
     def _pool(self, endpoint: Address) -> EndpointPool:
-        return pool_for(self._pools, endpoint, self.config)
+        return self._pools.get(endpoint) or pool_for(self._pools, endpoint, self.config)
 
     # ---------------------------------------------------------------- endpoint side
 
@@ -482,8 +490,9 @@ class H1Flows(H1Traffic):
         phrase = HTTPStatus(error.status).phrase.encode() if error.status in HTTPStatus._value2member_map_ else b""
         head = h11.Response(status_code=error.status, reason=phrase, headers=error_response_headers(error, close=close))
         self._send(downstream, parser.send(head))
-        self._send(downstream, parser.send(h11.Data(data=error_body(error))))
-        self._send(downstream, parser.send(h11.EndOfMessage()))
+        if not parser.answering_head:  # a HEAD's answer keeps the Content-Length and drops the body
+            self._send(downstream, parser.send(h11.Data(data=error_body(error))))
+        self._send(downstream, parser.send(END_OF_MESSAGE))
 
     def _fail_after_request(self, exchange: Exchange, error: ProxyError, now_ns: int) -> None:
         """Answer with ``error`` once the request has been read, so the connection can be kept.
@@ -514,7 +523,10 @@ class H1Flows(H1Traffic):
             return
         parser.start_next_cycle()
         self._deadlines.set(("idle", downstream.conn_id), now_ns + self.config.idle_timeout_ns)
-        self._pump_downstream(downstream, now_ns)  # a pipelined request may already be buffered
+        if parser.nothing_to_read():
+            self._sync_reading_downstream(downstream)  # all that pumping would do
+        else:
+            self._pump_downstream(downstream, now_ns)  # a pipelined request is already buffered
 
     def _abandon(self, exchange: Exchange, now_ns: int) -> None:
         """The exchange ends without a response reaching its client (the client left, or the endpoint died
@@ -548,11 +560,11 @@ class H1Flows(H1Traffic):
         if downstream.exchange_id in self._streams:
             self._sync_h1_source_reading(downstream)
             return
-        exchange = self._exchange(downstream.exchange_id)
+        exchange = self._exchanges.get(downstream.exchange_id)  # type: ignore[arg-type]  (None: no exchange)
         limit = self.config.max_buffered_bytes
         if exchange is None:
             wanted = True
-        elif exchange.request_received and exchange.live:
+        elif exchange.request_received and exchange.state in LIVE_STATES:
             # HTTP/1.1 answers in order: a pipelined request waits in the parser until this one is answered.
             # Reading on (up to the limit) spares the driver a pause and a resume for every request.
             wanted = downstream.h11.buffered_bytes < limit
@@ -563,32 +575,33 @@ class H1Flows(H1Traffic):
         else:
             upstream = self._upstream.get(exchange.upstream_id) if exchange.upstream_id is not None else None
             wanted = upstream is None or upstream.unsent_bytes < limit
-        self._set_reading(downstream, wanted)
+        if downstream.reading is not wanted:
+            self._set_reading(downstream, wanted)
 
     def _sync_reading_upstream(self, upstream: Upstream) -> None:
         if upstream.state is not UpstreamState.BUSY:
             return
-        exchange = self._exchange(upstream.exchange_id)
+        exchange = self._exchanges.get(upstream.exchange_id)  # type: ignore[arg-type]
         downstream = self._downstream.get(exchange.downstream_id) if exchange is not None else None
         wanted = downstream is None or downstream.unsent_bytes < self.config.max_buffered_bytes
-        self._set_reading(upstream, wanted)
+        if upstream.reading is not wanted:
+            self._set_reading(upstream, wanted)
 
-    def _sync_reading_all_for(self, conn_id: int) -> None:
-        """``conn_id`` drained some bytes: the connection feeding it may be read again."""
-        downstream = self._downstream.get(conn_id)
-        upstream = self._upstream.get(conn_id)
-        if upstream is not None and upstream.tunnel_downstream_id is not None:
-            downstream = self._downstream.get(upstream.tunnel_downstream_id)
-        if downstream is not None and downstream.mode is Mode.OPAQUE:
-            self._sync_tunnel_reading(downstream)
-            return
+    def _sync_reading_all_for(self, connection: Downstream | Upstream) -> None:
+        """``connection`` drained some bytes: the connection feeding it may be read again."""
+        downstream = connection if isinstance(connection, Downstream) else None
+        if isinstance(connection, Upstream) and connection.tunnel_downstream_id is not None:
+            downstream = self._downstream.get(connection.tunnel_downstream_id)
         if downstream is not None:
-            exchange = self._exchange(downstream.exchange_id)
-            if exchange is not None and exchange.upstream_id in self._upstream:
-                self._sync_reading_upstream(self._upstream[exchange.upstream_id])
+            if downstream.mode is Mode.OPAQUE:
+                self._sync_tunnel_reading(downstream)
+                return
+            exchange = self._exchanges.get(downstream.exchange_id)  # type: ignore[arg-type]  (None: none)
+            upstream = self._upstream.get(exchange.upstream_id) if exchange is not None else None  # type: ignore[arg-type]
+            if upstream is not None:
+                self._sync_reading_upstream(upstream)
             return
-        upstream = self._upstream.get(conn_id)
-        if upstream is not None:
-            exchange = self._exchange(upstream.exchange_id)
-            if exchange is not None and exchange.downstream_id in self._downstream:
-                self._sync_reading_downstream(self._downstream[exchange.downstream_id])
+        exchange = self._exchanges.get(connection.exchange_id)  # type: ignore[arg-type]
+        downstream = self._downstream.get(exchange.downstream_id) if exchange is not None else None
+        if downstream is not None:
+            self._sync_reading_downstream(downstream)

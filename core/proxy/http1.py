@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import h11
 
-from tether.core.proxy.h1fast import request_event, response_event
+from tether.core.proxy.h1heads import request_event, response_event
 
 # RFC 9110 section 7.6.1: these describe one connection, never the message, so a proxy drops them.
 # Framing headers (content-length, transfer-encoding) stay: h11 re-frames each side from them.

@@ -8,7 +8,8 @@ to endpoints (the ``Connect`` effect). This module routes each driver input to t
 connection, and keeps the bookkeeping every flow shares (ids, effects, deadlines, byte counts):
 
 - tunnel.py: protocol detection, opaque TCP tunnels, and upgrades (WebSocket, CONNECT);
-- h1flows.py: HTTP/1.1 to HTTP/1.1, one ``Exchange`` per request (exchange.py);
+- h1flows.py: HTTP/1.1 to HTTP/1.1, one ``Exchange`` per request (exchange.py); h1lane.py takes the common
+  case (a whole request in one read, a whole response in one read) without h11 events;
 - h2flows.py and h2upstream.py: every request that touches HTTP/2, one ``StreamExchange`` per request
   (streams.py): HTTP/2 clients, HTTP/1.1 clients of meshed peers, and HTTP/2 or restored HTTP/1.1 endpoints.
 
@@ -37,6 +38,7 @@ from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState
 from tether.core.proxy.h1fast import H1Connection
 from tether.core.proxy.h1flows import H1Flows
+from tether.core.proxy.h1lane import H1Lane
 from tether.core.proxy.h2flows import H2Flows
 from tether.core.proxy.h2upstream import H2Upstream
 from tether.core.proxy.mtls import LOOPBACK, CertificateExpired, CertificateUpdate, MeshTls
@@ -56,7 +58,7 @@ NS_PER_MS = 1_000_000
 MERGE_LIMIT = 16 * 1024  # consecutive Sends to one connection merge up to this size; larger ones stay apart
 
 
-class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
+class Proxy(MeshTls, H1Lane, H1Flows, TunnelFlows, H2Flows, H2Upstream):
     """All connections of one proxy; see the module docstring."""
 
     def __init__(
@@ -140,8 +142,9 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         downstream = self._downstream.get(conn_id)
         if downstream is not None:
             if downstream.mode is Mode.HTTP1:
-                downstream.h11.receive_data(data)
-                self._pump_downstream(downstream, now_ns)
+                if downstream.exchange_id is not None or not self._lane_request(downstream, data, now_ns):
+                    downstream.h11.receive_data(data)
+                    self._pump_downstream(downstream, now_ns)
             elif downstream.mode is Mode.HTTP2:
                 self._h2_downstream_received(downstream, data, now_ns)
             elif downstream.mode is Mode.DETECT:
@@ -163,6 +166,8 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
             self._close_upstream(upstream, reset=bool(data))
             return
         upstream.eof = upstream.eof or not data
+        if data and upstream.state is UpstreamState.BUSY and self._lane_response(upstream, data, now_ns):
+            return
         upstream.h11.receive_data(data)
         self._pump_upstream(upstream, now_ns)
 
@@ -179,7 +184,7 @@ class Proxy(MeshTls, H1Flows, TunnelFlows, H2Flows, H2Upstream):
             if was_backed_up:
                 self._stream_connection_drained(connection)
             return
-        self._sync_reading_all_for(conn_id)
+        self._sync_reading_all_for(connection)
 
     def connected(self, conn_id: int, now_ns: int) -> None:
         self._now_ns = now_ns

@@ -7,6 +7,7 @@ the proxy fails counts at the moment it failed. Buckets are Linkerd's, in millis
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS_MS: tuple[int, ...] = (
@@ -27,11 +28,8 @@ class LatencyHistogram:
         assert latency_ms >= 0, latency_ms
         self.count += 1
         self.sum_ms += latency_ms
-        for index, bound in enumerate(LATENCY_BUCKETS_MS):
-            if latency_ms <= bound:
-                self.counts[index] += 1
-                return
-        self.counts[-1] += 1
+        # The first bucket whose bound is >= the latency; past the largest bound, the last slot.
+        self.counts[bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
 
     def quantile_ms(self, q: float) -> float | None:
         """The q-quantile, linearly interpolated inside its bucket as Prometheus's histogram_quantile."""

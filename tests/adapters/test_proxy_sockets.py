@@ -166,3 +166,19 @@ def test_sigterm_drains_request_in_flight(tether_proxy_to, unused_port: int) -> 
     listener.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+
+
+def test_idle_timeout_counts_from_the_last_response_on_a_busy_connection(nginx, tether_proxy_to) -> None:
+    """The driver keeps one loop timer armed at the first idle deadline while requests push it back: that
+    timer firing early must re-arm, never close a connection that was used since."""
+    (nginx.root / "hello.txt").write_text("hello\n")
+    proxy = tether_proxy_to(nginx.port, extra=["--idle-timeout-ms", "600"])
+    request = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        for _ in range(4):  # the connection's first idle deadline passes while it is in use
+            time.sleep(0.3)
+            sock.sendall(request)
+            assert sock.recv(4096).endswith(b"hello\n")
+        answered = time.monotonic()
+        assert sock.recv(100) == b"", "an idle connection is closed in the end"
+        assert time.monotonic() - answered >= 0.5, "closed before its idle timeout since the last response"

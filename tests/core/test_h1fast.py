@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tether.core.proxy.h1fast import H1Connection
+from tether.core.proxy.h1fast import H1Connection, write_head
 
 EXAMPLES = int(os.environ.get("TETHER_H1FAST_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -284,3 +284,114 @@ def test_uncommon_heads_are_left_to_h11(head: bytes) -> None:
     server.receive_data(head)
     server.next_event()
     assert server._slow is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole-head calls the proxy's lane uses (h1lane.py) against the event calls they stand for.
+
+
+def _whole_or_events(whole: H1Connection, events: H1Connection, data: bytes) -> None:
+    """Feed ``data`` to ``whole`` as the lane does and to ``events`` as h1flows does; compare what each saw."""
+    head = whole.receive_head(data)
+    events.receive_data(data)
+    if head is None:
+        whole.receive_data(data)  # declined: nothing happened, the bytes go in as usual
+        assert drain(whole) == drain(events)
+        return
+    assert normal(head.event()) == normal(events.next_event())
+    body = whole.take_body()
+    if body is None:  # not all of the body is here (or it is chunked): the events go on as usual
+        assert drain(whole) == drain(events)
+        return
+    seen, error = drain(events)
+    after, error_after = drain(whole)  # what follows the message, for both
+    message_events = [("Data", body)] if body else []
+    assert (seen, error) == ([*message_events, ("EndOfMessage", []), *after], error_after)
+    assert (whole.our_state, whole.their_state, whole.trailing_data) == (
+        events.our_state,
+        events.their_state,
+        events.trailing_data,
+    )
+
+
+@SETTINGS
+@given(requests=st.lists(message(request=True), min_size=1, max_size=3), tail=st.binary(max_size=6))
+def test_receive_head_and_take_body_match_next_event(requests: list[bytes], tail: bytes) -> None:
+    whole, events = H1Connection(h11.SERVER), H1Connection(h11.SERVER)
+    for data in requests:
+        try:
+            _whole_or_events(whole, events, data + tail)
+        except h11.RemoteProtocolError:
+            return  # both failed alike inside drain, or the hostile bytes came out in next_event
+        if events.our_state is not h11.SEND_RESPONSE or events.their_state is not h11.DONE:
+            return
+        for connection in (whole, events):
+            connection.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+            connection.send(h11.EndOfMessage())
+            connection.start_next_cycle()
+        tail = b""
+
+
+@SETTINGS
+@given(answers=st.lists(message(request=False), min_size=1, max_size=3))
+def test_receive_head_matches_next_event_for_responses(answers: list[bytes]) -> None:
+    whole, events = H1Connection(h11.CLIENT), H1Connection(h11.CLIENT)
+    for data in answers:
+        for connection in (whole, events):
+            connection.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+            connection.send(h11.EndOfMessage())
+        try:
+            _whole_or_events(whole, events, data)
+        except h11.RemoteProtocolError:
+            return
+        if events.our_state is not h11.DONE or events.their_state is not h11.DONE:
+            return
+        whole.start_next_cycle()
+        events.start_next_cycle()
+
+
+PREPARED_RESPONSES = [
+    (200, b"OK", [(b"server", b"t"), (b"content-length", b"5")], b"hello"),
+    (503, b"", [(b"host", b"h"), (b"content-length", b"0")], b""),
+    (200, b"OK", [(b"content-length", b"2"), (b"connection", b"close")], b"ok"),
+]
+FIRST_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", FIRST_REQUESTS)
+@pytest.mark.parametrize(("status", "reason", "headers", "body"), PREPARED_RESPONSES)
+def test_send_whole_writes_what_send_writes(
+    request_bytes: bytes, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """The same bytes and states as the three events, on the fast path and on h11 (HTTP/1.0, HEAD)."""
+    whole, events = H1Connection(h11.SERVER), H1Connection(h11.SERVER)
+    for connection in (whole, events):
+        connection.receive_data(request_bytes)
+        drain(connection)
+    if request_bytes.startswith(b"HEAD"):
+        body = b""  # the answer to a HEAD has the head only
+    event = h11.Response(status_code=status, reason=reason, headers=headers)
+    keep_alive = (b"connection", b"close") not in headers
+    wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), [(n, n, v) for n, v in headers])
+    written = whole.send_whole(lambda: event, wire, body, keep_alive=keep_alive)
+    expected = events.send(event) + events.send(h11.Data(data=body)) + events.send(h11.EndOfMessage())
+    assert written == expected
+    assert (whole.our_state, whole.their_state) == (events.our_state, events.their_state)
+    whole._go_slow()  # what was sent replays into h11 without complaint
+
+
+def test_send_prepared_writes_what_send_writes_for_a_request() -> None:
+    whole, events = H1Connection(h11.CLIENT), H1Connection(h11.CLIENT)
+    headers = [(b"x-a", b"1"), (b"host", b"h"), (b"content-length", b"3")]
+    event = h11.Request(method=b"POST", target=b"/p", headers=headers)
+    wire = write_head(b"POST /p HTTP/1.1\r\n", [(n, n, v) for n, v in headers])
+    assert whole.send_prepared(event, wire, 3) == events.send(event)
+    assert whole.send(h11.Data(data=b"abc")) + whole.send(h11.EndOfMessage()) == events.send(
+        h11.Data(data=b"abc")
+    ) + events.send(h11.EndOfMessage())
+    assert (whole.our_state, whole.their_state) == (events.our_state, events.their_state)
+    whole._go_slow()

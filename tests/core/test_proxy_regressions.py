@@ -142,3 +142,22 @@ def test_malformed_samples_are_malformed(name: str) -> None:
                 parser.receive_data(garbage[start : start + size])
                 while parser.next_event() not in (h11.NEED_DATA, h11.PAUSED):
                     pass
+
+
+def test_proxy_answers_head_request_with_error_head_and_no_body() -> None:
+    """A HEAD whose endpoint cannot be reached gets the 502's head alone (the machine raised on the body)."""
+    wire = _Wire()
+    client = wire.accept()
+    wire.receive(client, b"HEAD / HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+    (upstream,) = wire.connects
+    wire.proxy.connect_failed(upstream, "refused", 0)
+    wire._pump()
+    parser = h11.Connection(h11.CLIENT)
+    parser.send(h11.Request(method="HEAD", target="/", headers=[("host", "svc.test")]))
+    parser.send(h11.EndOfMessage())
+    parser.receive_data(bytes(wire.written[client]))
+    response = parser.next_event()
+    assert isinstance(response, h11.Response) and response.status_code == 502, response
+    assert isinstance(parser.next_event(), h11.EndOfMessage)
+    assert parser.next_event() is h11.NEED_DATA  # nothing after the head: a body would be the next response
+    assert client not in wire.closed

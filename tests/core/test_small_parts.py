@@ -109,3 +109,45 @@ def test_deadlines_set_and_cancelled_forever_keep_the_heap_small() -> None:
         deadlines.cancel(("response", request))
     assert len(deadlines) == 1 and len(deadlines._heap) <= 2 * 1 + 64 + 1  # noqa: SLF001
     assert deadlines.next_ns() == 10**12 and deadlines.pop_expired(10**12) == [("idle", 0)]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("set"), st.integers(0, 6), st.integers(0, 300)),
+            st.tuples(st.just("cancel"), st.integers(0, 6), st.just(0)),
+            st.tuples(st.just("advance"), st.just(0), st.integers(0, 60)),
+        ),
+        max_size=80,
+    )
+)
+def test_deadlines_fire_in_deadline_then_arming_order(ops: list[tuple[str, int, int]]) -> None:
+    """Against a dict of (deadline, arming order): keys re-armed later, earlier, cancelled and re-armed."""
+    deadlines = Deadlines()
+    model: dict[int, tuple[int, int]] = {}
+    now = 0
+    for armed, (op, key, value) in enumerate(ops):
+        if op == "set":
+            deadlines.set(key, now + value)
+            model[key] = (now + value, armed)
+        elif op == "cancel":
+            deadlines.cancel(key)
+            model.pop(key, None)
+        else:
+            now += value
+            due = sorted((when, order, key) for key, (when, order) in model.items() if when <= now)
+            assert deadlines.pop_expired(now) == [key for _, _, key in due]
+            for _, _, key in due:
+                del model[key]
+        assert deadlines.next_ns() == (min(when for when, _ in model.values()) if model else None)
+        assert len(deadlines) == len(model)
+
+
+def test_deadlines_pushed_back_by_every_request_stay_one_heap_entry() -> None:
+    deadlines = Deadlines()
+    for request in range(1000):  # an idle timer re-armed after each request, further out every time
+        deadlines.cancel(("idle", 1))
+        deadlines.set(("idle", 1), request + 60_000)
+    assert len(deadlines._heap) == 1  # noqa: SLF001
+    assert deadlines.pop_expired(60_998) == [] and deadlines.next_ns() == 60_999
+    assert deadlines.pop_expired(60_999) == [("idle", 1)] and deadlines.next_ns() is None
