@@ -191,11 +191,20 @@ class H2Session:
         return self._flush_stream(stream_id, outgoing)
 
     def end_stream(
-        self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None = None, *, reset_after: int | None = None
+        self,
+        stream_id: int,
+        trailers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        reset_after: int | None = None,
+        data: bytes = b"",
     ) -> None:
-        """End the stream (with trailers, if any) once everything queued before has been written; then
-        reset it with ``reset_after`` if given (a complete answer to an upload that is to stop)."""
+        """End the stream (with trailers, if any) once everything queued before, then ``data``, has been
+        written; then reset it with ``reset_after`` if given (a complete answer to an upload that is to stop).
+        Without trailers the end rides on the last DATA frame."""
         outgoing = self._outgoing.setdefault(stream_id, _Outgoing())
+        if data:
+            outgoing.chunks.append(data)
+            outgoing.size += len(data)
         outgoing.end = True
         outgoing.trailers = trailers
         outgoing.reset_after = reset_after
@@ -261,23 +270,27 @@ class H2Session:
 
     def _flush_stream(self, stream_id: int, outgoing: _Outgoing) -> int:
         written = 0
+        ended = False  # END_STREAM went out on the last DATA frame
+        chunks = outgoing.chunks
         try:
-            while outgoing.chunks:
+            while chunks:
                 window = self._h2.local_flow_control_window(stream_id)
                 if window <= 0:
                     break
-                chunk = outgoing.chunks.popleft()
+                chunk = chunks.popleft()
                 piece = min(window, self._h2.max_outbound_frame_size, len(chunk))
                 if piece < len(chunk):
-                    outgoing.chunks.appendleft(chunk[piece:])
-                self._h2.send_data(stream_id, chunk[:piece])
+                    chunks.appendleft(chunk[piece:])
+                    chunk = chunk[:piece]
+                ended = outgoing.end and not chunks and not outgoing.trailers
+                self._h2.send_data(stream_id, chunk, end_stream=ended)
                 outgoing.size -= piece
                 written += piece
-            if outgoing.end and not outgoing.chunks:
+            if outgoing.end and not chunks:
                 del self._outgoing[stream_id]
                 if outgoing.trailers:
                     self._h2.send_headers(stream_id, outgoing.trailers, end_stream=True)
-                else:
+                elif not ended:
                     self._h2.end_stream(stream_id)
                 if outgoing.reset_after is not None:
                     self._h2.reset_stream(stream_id, outgoing.reset_after)

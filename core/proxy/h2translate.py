@@ -121,6 +121,15 @@ def head_from_h1(request: h11.Request, authority: str) -> RequestHead:
     return RequestHead(request.method, b"http", authority.encode(), path, headers, HTTP11)
 
 
+def h1_has_body(request: h11.Request) -> bool:
+    """Whether an HTTP/1.1 request head announces a body (RFC 9112 section 6.3: a request without
+    Transfer-Encoding or Content-Length has none; h11 has already checked the Content-Length value)."""
+    for _raw, name, value in request.headers._full_items:  # noqa: SLF001 - as http1.pairs does
+        if name == b"transfer-encoding" or (name == b"content-length" and int(value) != 0):
+            return True
+    return False
+
+
 def h2_request_headers(head: RequestHead, *, orig_proto: bool) -> list[tuple[bytes, bytes]]:
     headers = [
         (b":method", head.method),
