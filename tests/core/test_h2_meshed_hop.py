@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from tether.core.address import Address
@@ -186,3 +189,21 @@ def test_meshed_keepalive_requests_share_one_connection(mesh: Mesh) -> None:
         )
         assert at_workload.startswith(b"GET " + path + b" ") and answer.endswith(b"\r\n\r\nx")
     assert len(mesh.outbound.connects) == 1 and len(mesh.inbound.connects) == 1
+
+
+def test_http1_client_gets_a_whole_message_when_the_meshed_peer_ends_its_response_on_headers(make_harness) -> None:
+    """A response that is one HEADERS frame with END_STREAM (from any HTTP/2 peer) ends the HTTP/1.1 message:
+    the client used to get a chunked head with no last chunk, and then a closed connection."""
+    outbound = make_harness(resolver=MESHED)
+    client = outbound.accept()
+    outbound.recv(client, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+    link = outbound.connects[-1].conn_id
+    outbound.connected(link)
+    wire = outbound.take(link)
+    peer = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    peer.initiate_connection()
+    (request,) = [e for e in peer.receive_data(wire[wire.index(PREFACE) :]) if isinstance(e, h2.events.RequestReceived)]
+    peer.send_headers(request.stream_id, [(b":status", b"200")], end_stream=True)
+    outbound.recv(link, peer.data_to_send())
+    assert outbound.take(client) == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert client not in outbound.closed
