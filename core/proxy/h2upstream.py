@@ -291,8 +291,7 @@ class H2Upstream(ProxyParts):
         if isinstance(event, h2.events.ResponseReceived) and exchange is not None:
             self._h2_response_head(exchange, list(event.headers), ended=event.stream_ended is not None)
         elif isinstance(event, h2.events.InformationalResponseReceived) and exchange is not None:
-            status, headers = tr.split_response(list(event.headers))
-            self._sink_informational(exchange, status, headers)
+            self._h2_informational(exchange, list(event.headers))
         elif isinstance(event, h2.events.DataReceived):
             session.acknowledge(stream_id, event.flow_controlled_length - len(event.data))
             if exchange is None:
@@ -304,7 +303,7 @@ class H2Upstream(ProxyParts):
                 else:
                     self._sink_response_data(exchange, event.data)
         elif isinstance(event, h2.events.TrailersReceived) and exchange is not None:
-            self._sink_response_end(exchange, list(event.headers))
+            self._h2_trailers(exchange, list(event.headers))
         elif isinstance(event, h2.events.StreamEnded) and exchange is not None and exchange.response_started:
             self._sink_response_end(exchange, None)
         elif isinstance(event, h2.events.StreamReset):
@@ -321,9 +320,27 @@ class H2Upstream(ProxyParts):
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._h2_upstream_goaway(upstream, event.last_stream_id)
 
+    def _h2_trailers(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        if exchange.source_stream is None:  # an HTTP/1.1 client: the trailers must fit HTTP/1.1
+            try:
+                tr.check_h1_fields(trailers)
+            except tr.TranslationError as error:
+                self._stream_abort(exchange, f"invalid trailers from {exchange.endpoint}: {error}")
+                return
+        self._sink_response_end(exchange, trailers)
+
+    def _h2_informational(self, exchange: StreamExchange, headers: list[tuple[bytes, bytes]]) -> None:
+        try:
+            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None)
+        except tr.TranslationError as error:
+            reason = f"invalid informational response from {exchange.endpoint}: {error}"
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.INVALID_RESPONSE, reason))
+            return
+        self._sink_informational(exchange, status, regular)
+
     def _h2_response_head(self, exchange: StreamExchange, headers: list[tuple[bytes, bytes]], *, ended: bool) -> None:
         try:
-            status, regular = tr.split_response(headers)
+            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None)
         except tr.TranslationError as error:
             reason = f"invalid response from {exchange.endpoint}: {error}"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.INVALID_RESPONSE, reason))
