@@ -36,6 +36,8 @@ import h2.stream
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, RstStreamFrame
 
+from tether.core.proxy.hpack_codec import StaticEncoder
+
 NS_PER_S = 1_000_000_000
 DEFAULT_WINDOW = 65_535
 
@@ -109,6 +111,7 @@ class H2Session:
             client_side=client, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
         )
         self._h2 = _Connection(config)
+        self._h2.encoder = StaticEncoder()  # no dynamic table: see hpack_codec.py
         keep_open_after_goaway(self._h2)
         self._limits = limits
         settings = {
