@@ -36,7 +36,7 @@ import h2.stream
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, RstStreamFrame
 
-from tether.core.proxy.hpack_codec import StaticEncoder
+from tether.core.proxy.hpack_codec import Decoder, StaticEncoder
 
 NS_PER_S = 1_000_000_000
 DEFAULT_WINDOW = 65_535
@@ -112,6 +112,10 @@ class H2Session:
         )
         self._h2 = _Connection(config)
         self._h2.encoder = StaticEncoder()  # no dynamic table: see hpack_codec.py
+        decoder = Decoder()  # hpack's decoding in one loop, with the limits h2 gave its own
+        decoder.max_header_list_size = self._h2.decoder.max_header_list_size
+        decoder.max_allowed_table_size = self._h2.decoder.max_allowed_table_size
+        self._h2.decoder = decoder
         keep_open_after_goaway(self._h2)
         self._limits = limits
         settings = {

@@ -1,4 +1,4 @@
-"""HPACK for the proxy's HTTP/2 connections: an encoder without a dynamic table, its fields memoised.
+"""HPACK for the proxy's HTTP/2 connections: an encoder without a dynamic table, a decoder in one loop.
 
 Theory of operation
 -------------------
@@ -16,14 +16,25 @@ proxy keeps no compression state shared by the requests of different clients on 
 offers no HPACK compression oracle (the attack RFC 7541 section 7.1 describes); credentials are also sent
 "never indexed" (section 6.2.3), so that no later hop indexes them either, and are not memoised.
 
-The decoder stays hpack's: it must accept any peer's encoder.
+``Decoder`` is hpack's decoding in one loop: hpack calls a few functions per field (with debug logging) and
+copies the rest of the block for each literal. It accepts everything hpack accepts, with the same results,
+table updates and errors (tests/core/test_hpack_codec.py compares the two on arbitrary blocks); a field
+comes out as a plain tuple, or a ``NeverIndexedHeaderTuple`` when the peer marked it so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hpack import Encoder
+from hpack import Decoder as HpackDecoder
+from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack.exceptions import (
+    HPACKDecodingError,
+    InvalidTableIndex,
+    InvalidTableSizeError,
+    OversizedHeaderListError,
+)
+from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 # RFC 7541 appendix A: name -> (index of the name's first entry, {value: index of that exact entry}).
@@ -101,3 +112,98 @@ def _encode_plain(header: tuple) -> bytes:
             _memo.clear()
         _memo[header] = field
     return field
+
+
+_STATIC_ENTRIES: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+_VARINT_BYTES_MAX = 5  # hpack's VARINT_MAX_LENGTH: longer integers are a decoding error
+
+
+class Decoder(HpackDecoder):
+    """hpack's ``Decoder`` (h2 calls ``decode(block, raw=True)`` and sets the size limits), in one loop."""
+
+    def decode(self, data: bytes, raw: bool = False) -> list:  # type: ignore[override]
+        if not raw:
+            return list(super().decode(data, raw))
+        if type(data) is not bytes:
+            data = bytes(data)
+        headers: list = []
+        inflated = 0
+        limit = self.max_header_list_size
+        position, end = 0, len(data)
+        while position < end:
+            first = data[position]
+            if first & 0x80:  # indexed field (RFC 7541 section 6.1)
+                index, position = _read_integer(data, position, 0x7F)
+                header = self._entry(index)
+            elif first & 0x40:  # literal with incremental indexing (6.2.1)
+                header, position = self._literal(data, position, 0x3F)
+                self.header_table.add(header[0], header[1])
+            elif first & 0x20:  # dynamic table size update (6.3), only before the first field
+                if headers:
+                    raise HPACKDecodingError("Table size update not at the start of the block")
+                size, position = _read_integer(data, position, 0x1F)
+                if size > self.max_allowed_table_size:
+                    raise InvalidTableSizeError("Encoder exceeded max allowable table size")
+                self.header_table_size = size
+                continue
+            else:  # literal without indexing (6.2.2) or never indexed (6.2.3)
+                header, position = self._literal(data, position, 0x0F)
+                if first & 0x10:
+                    header = NeverIndexedHeaderTuple(header[0], header[1])
+            headers.append(header)
+            inflated += 32 + len(header[0]) + len(header[1])  # RFC 7541 section 4.1's entry size
+            if inflated > limit:
+                raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
+        self._assert_valid_table_size()
+        return headers
+
+    def _entry(self, index: int) -> tuple[bytes, bytes]:
+        if 0 < index <= len(_STATIC_ENTRIES):
+            return _STATIC_ENTRIES[index - 1]
+        dynamic = self.header_table.dynamic_entries
+        if len(_STATIC_ENTRIES) < index <= len(_STATIC_ENTRIES) + len(dynamic):
+            return dynamic[index - len(_STATIC_ENTRIES) - 1]
+        raise InvalidTableIndex(f"Invalid table index {index}")
+
+    def _literal(self, data: bytes, position: int, name_mask: int) -> tuple[tuple[bytes, bytes], int]:
+        """A literal field at ``position``: its (name, value) and the position after it."""
+        if data[position] & name_mask:
+            index, position = _read_integer(data, position, name_mask)
+            name = self._entry(index)[0]
+        else:
+            name, position = _string(data, position + 1)
+        value, position = _string(data, position)
+        return (name, value), position
+
+
+def _read_integer(data: bytes, position: int, mask: int) -> tuple[int, int]:
+    """RFC 7541 section 5.1: the integer whose prefix is ``mask`` in the byte at ``position``, and the
+    position after it. hpack's limits: at most 5 bytes of continuation; running out is an error."""
+    try:
+        number = data[position] & mask
+        position += 1
+        if number != mask:
+            return number, position
+        shift = 0
+        for count in range(2, _VARINT_BYTES_MAX + 2):
+            byte = data[position]
+            position += 1
+            if byte < 128:
+                return number + (byte << shift), position
+            number += (byte - 128) << shift
+            shift += 7
+            if count > _VARINT_BYTES_MAX:
+                break
+    except IndexError:
+        raise HPACKDecodingError("Unable to decode HPACK integer representation") from None
+    raise HPACKDecodingError("Variable integer representation is too long")
+
+
+def _string(data: bytes, position: int) -> tuple[bytes, int]:
+    """RFC 7541 section 5.2: a string literal (Huffman coded or not) at ``position``."""
+    huffman = position < len(data) and data[position] & 0x80
+    length, position = _read_integer(data, position, 0x7F)
+    text = data[position : position + length]
+    if len(text) != length:
+        raise HPACKDecodingError("Truncated header block")
+    return (decode_huffman(text) if huffman else text), position + length
