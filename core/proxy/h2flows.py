@@ -523,7 +523,9 @@ class H2Flows(H2Traffic):
 
     def _write_h2(self, connection: Downstream | Upstream) -> None:
         if connection.h2 is not None:
-            self._send(connection, connection.h2.data_to_send())
+            data = connection.h2.data_to_send()
+            if data:
+                self._send(connection, data)
 
     def _sync_h2_reading(self, connection: Downstream | Upstream) -> None:
         """An HTTP/2 connection is read unless what we owe it is backed up (windows bound the rest)."""

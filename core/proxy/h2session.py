@@ -149,11 +149,12 @@ class H2Session:
             raise H2SessionError(f"HTTP/2 protocol error: {_describe(error)}") from None
         self._refuse_overlong_frame()
         for event in events:
-            if isinstance(event, h2.events.RequestReceived):
+            kind = type(event)  # h2's event classes have no subclasses
+            if kind is h2.events.RequestReceived:
                 self.last_peer_stream_id = max(self.last_peer_stream_id, event.stream_id)
-            elif isinstance(event, h2.events.ConnectionTerminated):
+            elif kind is h2.events.ConnectionTerminated:
                 self.goaway_received = True
-            if _is_control(event) and self._count_control(now_ns):
+            if kind in _MAYBE_CONTROL and _is_control(event) and self._count_control(now_ns):
                 self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
                 raise H2SessionError(
                     f"HTTP/2 flood: more than {self._limits.max_control_frames_per_second} SETTINGS, PING, "
@@ -305,6 +306,11 @@ class H2Session:
             # The stream was reset or closed under us; whatever was queued for it is moot.
             self._outgoing.pop(stream_id, None)
         return written
+
+
+_MAYBE_CONTROL = frozenset(
+    {h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.StreamReset, h2.events.DataReceived}
+)
 
 
 def _is_control(event: h2.events.Event) -> bool:

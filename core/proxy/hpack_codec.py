@@ -133,8 +133,12 @@ class Decoder(HpackDecoder):
         while position < end:
             first = data[position]
             if first & 0x80:  # indexed field (RFC 7541 section 6.1)
-                index, position = _read_integer(data, position, 0x7F)
-                header = self._entry(index)
+                if 0x80 < first <= 0x80 + len(_STATIC_ENTRIES):  # the static table, in one byte
+                    header = _STATIC_ENTRIES[first - 0x81]
+                    position += 1
+                else:
+                    index, position = _read_integer(data, position, 0x7F)
+                    header = self._entry(index)
             elif first & 0x40:  # literal with incremental indexing (6.2.1)
                 header, position = self._literal(data, position, 0x3F)
                 self.header_table.add(header[0], header[1])
@@ -167,7 +171,11 @@ class Decoder(HpackDecoder):
 
     def _literal(self, data: bytes, position: int, name_mask: int) -> tuple[tuple[bytes, bytes], int]:
         """A literal field at ``position``: its (name, value) and the position after it."""
-        if data[position] & name_mask:
+        index = data[position] & name_mask
+        if 0 < index <= len(_STATIC_ENTRIES) and index != name_mask:  # a static name, in one byte
+            name = _STATIC_ENTRIES[index - 1][0]
+            position += 1
+        elif index:
             index, position = _read_integer(data, position, name_mask)
             name = self._entry(index)[0]
         else:
@@ -201,6 +209,11 @@ def _read_integer(data: bytes, position: int, mask: int) -> tuple[int, int]:
 
 def _string(data: bytes, position: int) -> tuple[bytes, int]:
     """RFC 7541 section 5.2: a string literal (Huffman coded or not) at ``position``."""
+    if position < len(data) and data[position] < 0x7F:  # not Huffman coded, shorter than 127 bytes
+        end = position + 1 + data[position]
+        if end > len(data):
+            raise HPACKDecodingError("Truncated header block")
+        return data[position + 1 : end], end
     huffman = position < len(data) and data[position] & 0x80
     length, position = _read_integer(data, position, 0x7F)
     text = data[position : position + length]
