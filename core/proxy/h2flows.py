@@ -267,8 +267,16 @@ class H2Flows(H2Traffic):
     # ---------------------------------------------------------------- the response side
 
     def _sink_response_head(
-        self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]], *, ended: bool
+        self,
+        exchange: StreamExchange,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        ended: bool,
+        write: bool = True,
     ) -> None:
+        """The response head reached the exchange. ``write=False``: the caller writes the client's HTTP/2
+        connection itself, once the bytes that follow at once are queued too (one write instead of two)."""
         if exchange.done:
             return
         if exchange.route is not None:
@@ -291,7 +299,8 @@ class H2Flows(H2Traffic):
             downstream.h2.send_headers(
                 exchange.source_stream, tr.h2_response_headers(status, headers), end_stream=ended
             )
-            self._write_h2(downstream)
+            if write:
+                self._write_h2(downstream)
         else:
             exchange.response_chunked = not tr.has_content_length(headers)
             close = downstream.closing or self._draining

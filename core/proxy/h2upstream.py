@@ -59,7 +59,13 @@ class H2Upstream(ProxyParts):
         def _abandon_stream(self, exchange: StreamExchange, code: int) -> None: ...
         def _reset_source(self, exchange: StreamExchange, code: int) -> None: ...
         def _sink_response_head(
-            self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]], *, ended: bool
+            self,
+            exchange: StreamExchange,
+            status: int,
+            headers: list[tuple[bytes, bytes]],
+            *,
+            ended: bool,
+            write: bool = True,
         ) -> None: ...
         def _sink_informational(
             self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]]
@@ -548,6 +554,15 @@ class H2Upstream(ProxyParts):
             return
         upstream.eof = upstream.eof or not data
         upstream.h11.receive_data(data)
+        held: list[StreamExchange] = []  # exchanges whose response head waits for the body read with it
+        try:
+            self._h1_sink_events(upstream, held)
+        finally:
+            for exchange in held:  # whatever happened since, their HTTP/2 client gets its bytes now
+                self._write_source(exchange)
+        self._sync_h1_sink_reading(upstream)
+
+    def _h1_sink_events(self, upstream: Upstream, held: list[StreamExchange]) -> None:
         ahead: object = None  # the event after the current one, read early (below)
         while upstream.conn_id in self._upstream and upstream.state is UpstreamState.BUSY:
             exchange = self._streams.get(upstream.exchange_id or -1)
@@ -556,20 +571,29 @@ class H2Upstream(ProxyParts):
                 self._sink_connection_lost(upstream, f"invalid response from {upstream.endpoint}: {event}"[:300])
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
-                break
+                return
             if exchange is None:
                 self._close_upstream(upstream, reset=True)
                 return
+            write = True
             if type(event) is h11.Response or type(event) is h11.Data:
                 # A response head or body bytes followed by the end of the message: both go on together, so
-                # that an HTTP/2 client gets END_STREAM on the same frame (HEADERS, or the last DATA).
+                # that an HTTP/2 client gets END_STREAM on the same frame (HEADERS, or the last DATA). A head
+                # followed by body bytes leaves with them: one write (one TLS record) instead of two.
                 ahead = _next_h1_event(upstream)
                 if type(ahead) is h11.EndOfMessage and not ahead.headers:  # type: ignore[attr-defined]
                     ahead = None
                     self._h1_sink_last(upstream, exchange, event)
                     continue
-            self._h1_sink_event(upstream, exchange, event)
-        self._sync_h1_sink_reading(upstream)
+                if type(event) is h11.Response and type(ahead) is h11.Data and exchange.source_stream is not None:
+                    write = False
+                    held.append(exchange)
+            self._h1_sink_event(upstream, exchange, event, write=write)
+
+    def _write_source(self, exchange: StreamExchange) -> None:
+        downstream = self._downstream.get(exchange.source_id)
+        if downstream is not None and downstream.h2 is not None:
+            self._write_h2(downstream)
 
     def _h1_sink_last(self, upstream: Upstream, exchange: StreamExchange, event: h11.Response | h11.Data) -> None:
         """``event`` is the last of the response (its end was read too): the connection is released first,
@@ -585,7 +609,7 @@ class H2Upstream(ProxyParts):
         else:
             self._sink_response_end(exchange, None, bytes(event.data))  # type: ignore[union-attr]
 
-    def _h1_sink_event(self, upstream: Upstream, exchange: StreamExchange, event: object) -> None:
+    def _h1_sink_event(self, upstream: Upstream, exchange: StreamExchange, event: object, *, write: bool) -> None:
         if isinstance(event, h11.InformationalResponse):
             self._sink_informational(exchange, event.status_code, http1.pairs(event))
         elif isinstance(event, h11.Response):
@@ -593,7 +617,7 @@ class H2Upstream(ProxyParts):
                 reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
                 self._sink_connection_lost(upstream, reason)
                 return
-            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=False)
+            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=False, write=write)
         elif isinstance(event, h11.Data):
             self._sink_response_data(exchange, bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
