@@ -207,3 +207,18 @@ def test_http1_client_gets_a_whole_message_when_the_meshed_peer_ends_its_respons
     outbound.recv(link, peer.data_to_send())
     assert outbound.take(client) == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     assert client not in outbound.closed
+
+
+def test_meshed_head_request_gets_its_head_with_the_length_and_no_body(mesh: Mesh) -> None:
+    wire, at_workload, response_wire, answer = _round_trip(
+        mesh, b"HEAD /a HTTP/1.1\r\nHost: web\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    )
+    assert at_workload.startswith(b"HEAD /a HTTP/1.1\r\n") and b"transfer-encoding" not in at_workload.lower()
+    ((kind, flags, _),) = stream_frames(response_wire)
+    assert kind == HEADERS and flags & END_STREAM
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 5" in answer.lower()
+    assert answer.endswith(b"\r\n\r\n") and mesh.client not in mesh.outbound.closed
+    _, _, _, again = _round_trip(
+        mesh, b"GET / HTTP/1.1\r\nHost: web\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+    )
+    assert again.startswith(b"HTTP/1.1 200 OK\r\n") and again.endswith(b"\r\n\r\nx"), "the connection carries on"
