@@ -17,6 +17,8 @@ import cProfile
 import pstats
 import random
 import time
+from collections.abc import Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -50,7 +52,7 @@ class Bench:
         self.upstream: int | None = None
         self.sent = self.done = 0
 
-    def _call(self, method, *args):  # type: ignore[no-untyped-def]
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         if self.profiler is not None:
             self.profiler.enable()
         started = time.process_time()
