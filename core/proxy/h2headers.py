@@ -29,6 +29,9 @@ from hpack import NeverIndexedHeaderTuple
 _NAME = re.compile(rb":?[\x21-\x39\x3b-\x40\x5b-\x7e]*")
 _VALUE = re.compile(rb"[^\x00\n\r \t](?:[^\x00\n\r]*[^\x00\n\r \t])?")
 CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
+# Names already found valid: a memo of a pure check (what it holds never changes a verdict), bounded.
+_valid_names: set[bytes] = set()
+VALID_NAMES_MAX = 1024
 _PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":status", b":protocol"})
 _REQUEST_ONLY = frozenset({b":scheme", b":path", b":authority", b":method", b":protocol"})
 
@@ -66,8 +69,11 @@ def _check(fields: list, block: Block) -> None:
     request = block is Block.REQUEST
     for field in fields:
         name, value = field[0], field[1]
-        if not name or _NAME.fullmatch(name) is None:
-            raise MalformedHeaders(f"illegal header name {name[:100]!r}")
+        if name not in _valid_names:
+            if not name or _NAME.fullmatch(name) is None:
+                raise MalformedHeaders(f"illegal header name {name[:100]!r}")
+            if len(_valid_names) < VALID_NAMES_MAX:
+                _valid_names.add(name)
         if value and _VALUE.fullmatch(value) is None:
             raise MalformedHeaders(f"illegal value for header {name[:100]!r}")
         if name[0] == 0x3A:  # ':'

@@ -32,6 +32,9 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+# Names already found to be tokens: a memo of a pure check (what it holds never changes a verdict), bounded.
+_h1_names: set[bytes] = set()
+H1_NAMES_MAX = 1024
 # RFC 9113 section 8.2.2: connection-specific headers are malformed in HTTP/2.
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
@@ -130,8 +133,11 @@ def check_h1_fields(headers: list[tuple[bytes, bytes]]) -> None:
     Content-Length fields must agree (``_h1_rows`` keeps one)."""
     length = None
     for name, value in headers:
-        if _TOKEN.fullmatch(name) is None:
-            raise TranslationError(f"header name {name[:100]!r} cannot be carried by HTTP/1.1")
+        if name not in _h1_names:
+            if _TOKEN.fullmatch(name) is None:
+                raise TranslationError(f"header name {name[:100]!r} cannot be carried by HTTP/1.1")
+            if len(_h1_names) < H1_NAMES_MAX:
+                _h1_names.add(name)
         if _FIELD_VALUE.fullmatch(value) is None:
             raise TranslationError(f"the value of {name[:100]!r} cannot be carried by HTTP/1.1")
         if name == b"content-length":
@@ -198,13 +204,18 @@ def _h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, 
 
 def h2_response_headers(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """HTTP/2 response headers from an HTTP/1.1 (or HTTP/2) response head."""
-    out = [(b":status", str(status).encode())]
-    out.extend(
-        (name.lower(), value)
-        for name, value in forwarded_headers(headers)
-        if not name.startswith(b":") and name.lower() not in CONNECTION_SPECIFIC and name.lower() != b"te"
-    )
+    out = [(b":status", _STATUS_FIELDS.get(status) or str(status).encode())]
+    if any(name == b"connection" or name == b"transfer-encoding" for name, _ in headers):
+        headers = forwarded_headers(headers)  # what a Connection header names goes too (http1.py)
+    for name, value in headers:  # without them, hop-by-hop headers are among those dropped here
+        lower = name.lower()
+        if lower not in _NOT_IN_H2_RESPONSES and not lower.startswith(b":"):
+            out.append((lower, value))
     return out
+
+
+_NOT_IN_H2_RESPONSES = CONNECTION_SPECIFIC | {b"te"}
+_STATUS_FIELDS = {status: str(status).encode() for status in range(100, 600)}
 
 
 def split_response(
