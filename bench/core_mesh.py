@@ -154,7 +154,14 @@ def run(requests: int, *, mtls: bool) -> float:
     return (time.process_time() - started) / requests * 1e6
 
 
-GROUPS = (("/h2/", "h2 (HTTP/2 library)"), ("/hpack/", "hpack"), ("/h11/", "h11"), ("ssl", "ssl (TLS records)"))
+GROUPS = (
+    ("/h2/", "h2 (HTTP/2 library)"),
+    ("/hyperframe/", "hyperframe (h2 frames)"),
+    ("/hpack/", "hpack"),
+    ("/h11/", "h11"),
+    ("ssl", "ssl (TLS records)"),
+    ("/bench/", "this benchmark's driver"),
+)
 
 
 def profile(requests: int, *, mtls: bool) -> None:

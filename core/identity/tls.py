@@ -426,24 +426,40 @@ class TlsSession:
         )
 
     def _read_plaintext(self, events: list[TlsEvent], *, at_eof: bool) -> None:
-        while not self._close_notify_received:
+        """What the received records decrypt to, as one ``PlaintextReceived``: OpenSSL returns one record per
+        read, and a proxy handed each record on its own would parse HTTP/2 (and answer) once per record where
+        one read carried several requests, as it does on a plaintext connection."""
+        chunks: list[bytes] = []
+        try:
+            close_notify = not self._close_notify_received and self._read_records(chunks)
+        except TlsError:
+            if chunks:  # what came before the failure is real (see receive)
+                events.append(PlaintextReceived(data=b"".join(chunks)))
+            raise
+        if chunks:
+            events.append(PlaintextReceived(data=b"".join(chunks)))
+        if close_notify:
+            self._close_notify_received = True
+            events.append(CloseNotifyReceived())
+        if at_eof:
+            events.append(EndOfStream(clean=self._close_notify_received))
+
+    def _read_records(self, chunks: list[bytes]) -> bool:
+        """Decrypt every whole record received into ``chunks``; True when close_notify ended them."""
+        while True:
             try:
                 chunk = self._ssl.read(READ_CHUNK_BYTES)
             except ssl.SSLWantReadError:
-                break
+                return False
             except ssl.SSLZeroReturnError:
-                chunk = b""
+                return True
             except ssl.SSLEOFError:
-                break  # the transport ended without close_notify: reported below as an unclean end
+                return False  # the transport ended without close_notify: reported as an unclean end
             except ssl.SSLError as error:
                 raise self._classify(error) from None
             if not chunk:
-                self._close_notify_received = True
-                events.append(CloseNotifyReceived())
-                break
-            events.append(PlaintextReceived(data=chunk))
-        if at_eof:
-            events.append(EndOfStream(clean=self._close_notify_received))
+                return True
+            chunks.append(chunk)
 
     def _verify_peer(self) -> str:
         """The checks OpenSSL does not do for us: exactly one DNS SAN, equal to the expected identity for a

@@ -159,6 +159,7 @@ class H2Flows(H2Traffic):
         authority = downstream.target or head.authority.decode("ascii", "replace")
         endpoint_set = None if downstream.fixed_endpoint is not None else self.resolver.resolve(authority)
         exchange = self._new_stream_exchange(downstream, stream_id, head, authority, endpoint_set, now_ns)
+        exchange.request_has_body = event.stream_ended is None
         if failure is not None:
             self._stream_fail(exchange, failure)
         elif head.size() > self.config.max_header_bytes:
@@ -234,6 +235,7 @@ class H2Flows(H2Traffic):
     ) -> None:
         head = tr.head_from_h1(request, authority)
         exchange = self._new_stream_exchange(downstream, None, head, authority, endpoint_set, self._now_ns)
+        exchange.request_has_body = tr.h1_has_body(request)
         self._dispatch_stream(exchange, endpoint_set)
 
     def _h1_source_body(self, exchange: StreamExchange, data: bytes) -> None:
@@ -269,8 +271,16 @@ class H2Flows(H2Traffic):
     # ---------------------------------------------------------------- the response side
 
     def _sink_response_head(
-        self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]], *, ended: bool
+        self,
+        exchange: StreamExchange,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        ended: bool,
+        write: bool = True,
     ) -> None:
+        """The response head reached the exchange. ``write=False``: the caller writes the client's HTTP/2
+        connection itself, once the bytes that follow at once are queued too (one write instead of two)."""
         if exchange.done:
             return
         if exchange.route is not None:
@@ -293,11 +303,14 @@ class H2Flows(H2Traffic):
             downstream.h2.send_headers(
                 exchange.source_stream, tr.h2_response_headers(status, headers), end_stream=ended
             )
-            self._write_h2(downstream)
+            if write:
+                self._write_h2(downstream)
         else:
             exchange.response_chunked = not tr.has_content_length(headers)
             close = downstream.closing or self._draining
             self._send(downstream, downstream.h11.send(tr.h1_response(status, headers, close=close)))
+            if ended:  # a response without a body (HEADERS with END_STREAM): its HTTP/1.1 message ends here
+                self._send(downstream, downstream.h11.send(h11.EndOfMessage()))
         if ended:
             exchange.response_ended = True
             self._response_complete(exchange, headers)
@@ -327,20 +340,30 @@ class H2Flows(H2Traffic):
             self._send(downstream, downstream.h11.send(h11.Data(data=data)))
         self._settle(exchange)
 
-    def _sink_response_end(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]] | None) -> None:
+    def _sink_response_end(
+        self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]] | None, data: bytes = b""
+    ) -> None:
+        """The response ends, after ``data`` (its last bytes, given here so that they carry the end: one
+        DATA frame with END_STREAM towards an HTTP/2 client instead of two frames)."""
         downstream = self._downstream.get(exchange.source_id)
         if exchange.done or exchange.response_ended:
             return
         exchange.response_ended = True
+        if data and exchange.route is not None:
+            self._stream_activity(exchange)
         clean = [(n, v) for n, v in trailers or [] if not n.startswith(b":")] or None
         if downstream is not None and exchange.source_stream is not None:
             assert downstream.h2 is not None
-            downstream.h2.end_stream(exchange.source_stream, clean)
+            downstream.h2.end_stream(exchange.source_stream, clean, data=data)
             self._write_h2(downstream)
         elif downstream is not None:
+            if data:
+                self._send(downstream, downstream.h11.send(h11.Data(data=data)))
             end = h11.EndOfMessage(headers=clean or []) if exchange.response_chunked else h11.EndOfMessage()
             self._send(downstream, downstream.h11.send(end))
         self._response_complete(exchange, clean or [])
+        if data and not exchange.done:
+            self._settle(exchange)  # the bytes that left already are acknowledged, as _sink_response_data does
 
     def _response_complete(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]]) -> None:
         """The endpoint's whole response was handed to the client's side.
@@ -516,7 +539,9 @@ class H2Flows(H2Traffic):
 
     def _write_h2(self, connection: Downstream | Upstream) -> None:
         if connection.h2 is not None:
-            self._send(connection, connection.h2.data_to_send())
+            data = connection.h2.data_to_send()
+            if data:
+                self._send(connection, data)
 
     def _sync_h2_reading(self, connection: Downstream | Upstream) -> None:
         """An HTTP/2 connection is read unless what we owe it is backed up (windows bound the rest)."""

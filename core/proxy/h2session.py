@@ -34,6 +34,10 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.errors import ErrorCodes
+from hyperframe.frame import Frame, RstStreamFrame
+
+from tether.core.proxy.h2headers import Block, MalformedHeaders, received_fields
+from tether.core.proxy.hpack_codec import Decoder, StaticEncoder
 
 NS_PER_S = 1_000_000_000
 DEFAULT_WINDOW = 65_535
@@ -69,15 +73,56 @@ class _Connection(h2.connection.H2Connection):
     # and a stream closed thousands of streams ago gets no more frames from a sane peer.
     MAX_CLOSED_STREAMS = 1000
 
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        """h2's own, less its first line: ``logger.trace("Received frame: %s", repr(frame))`` formats every
+        frame (hex of its payload included) for a logger that discards it, a tenth of h2's receive path. The
+        rest is h2 4.x's code unchanged (tests/core/test_h2session.py compares the two on closed streams)."""
+        events: list[h2.events.Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as error:
+            # A frame on a stream we reset gets RST_STREAM back; on any other closed stream it is fatal.
+            if not self._stream_is_closed_by_reset(error.stream_id):
+                raise
+            reset = RstStreamFrame(error.stream_id)
+            reset.error_code = error.error_code
+            self._prepare_for_sending([reset])
+            events = error._events  # noqa: SLF001 - as h2 does
+        except h2.exceptions.StreamIDTooLowError as error:
+            # A stream id already used: a stream error if we reset it, else the connection's.
+            if self._stream_is_closed_by_reset(error.stream_id):
+                reset = RstStreamFrame(error.stream_id)
+                reset.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([reset])
+                events = []
+            elif self._stream_is_closed_by_end(error.stream_id):
+                raise h2.exceptions.StreamClosedError(error.stream_id) from error
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
+
 
 class H2Session:
     def __init__(self, *, client: bool, limits: H2Limits) -> None:
         # Outbound headers were validated on their way in (by h2 or h11) and are rewritten only by this
         # proxy, so h2 does not check them a second time: that check costs a fifth of a proxied stream.
+        # Received headers are checked (and split cookies joined) by h2headers.py in one pass, not by h2.
         config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+            client_side=client,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
         )
         self._h2 = _Connection(config)
+        self._h2.encoder = StaticEncoder()  # no dynamic table: see hpack_codec.py
+        decoder = Decoder()  # hpack's decoding in one loop, with the limits h2 gave its own
+        decoder.max_header_list_size = self._h2.decoder.max_header_list_size
+        decoder.max_allowed_table_size = self._h2.decoder.max_allowed_table_size
+        self._h2.decoder = decoder
         keep_open_after_goaway(self._h2)
         self._limits = limits
         settings = {
@@ -111,11 +156,19 @@ class H2Session:
             raise H2SessionError(f"HTTP/2 protocol error: {_describe(error)}") from None
         self._refuse_overlong_frame()
         for event in events:
-            if isinstance(event, h2.events.RequestReceived):
+            kind = type(event)  # h2's event classes have no subclasses
+            block = _HEADER_BLOCKS.get(kind)
+            if block is not None:
+                try:
+                    event.headers = received_fields(event.headers, block)
+                except MalformedHeaders as error:
+                    self.goaway(ErrorCodes.PROTOCOL_ERROR)  # what h2 does for a block it refuses itself
+                    raise H2SessionError(f"HTTP/2 protocol error: {error}") from None
+            if kind is h2.events.RequestReceived:
                 self.last_peer_stream_id = max(self.last_peer_stream_id, event.stream_id)
-            elif isinstance(event, h2.events.ConnectionTerminated):
+            elif kind is h2.events.ConnectionTerminated:
                 self.goaway_received = True
-            if _is_control(event) and self._count_control(now_ns):
+            if kind in _MAYBE_CONTROL and _is_control(event) and self._count_control(now_ns):
                 self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
                 raise H2SessionError(
                     f"HTTP/2 flood: more than {self._limits.max_control_frames_per_second} SETTINGS, PING, "
@@ -160,11 +213,20 @@ class H2Session:
         return self._flush_stream(stream_id, outgoing)
 
     def end_stream(
-        self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None = None, *, reset_after: int | None = None
+        self,
+        stream_id: int,
+        trailers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        reset_after: int | None = None,
+        data: bytes = b"",
     ) -> None:
-        """End the stream (with trailers, if any) once everything queued before has been written; then
-        reset it with ``reset_after`` if given (a complete answer to an upload that is to stop)."""
+        """End the stream (with trailers, if any) once everything queued before, then ``data``, has been
+        written; then reset it with ``reset_after`` if given (a complete answer to an upload that is to stop).
+        Without trailers the end rides on the last DATA frame."""
         outgoing = self._outgoing.setdefault(stream_id, _Outgoing())
+        if data:
+            outgoing.chunks.append(data)
+            outgoing.size += len(data)
         outgoing.end = True
         outgoing.trailers = trailers
         outgoing.reset_after = reset_after
@@ -230,23 +292,27 @@ class H2Session:
 
     def _flush_stream(self, stream_id: int, outgoing: _Outgoing) -> int:
         written = 0
+        ended = False  # END_STREAM went out on the last DATA frame
+        chunks = outgoing.chunks
         try:
-            while outgoing.chunks:
+            while chunks:
                 window = self._h2.local_flow_control_window(stream_id)
                 if window <= 0:
                     break
-                chunk = outgoing.chunks.popleft()
+                chunk = chunks.popleft()
                 piece = min(window, self._h2.max_outbound_frame_size, len(chunk))
                 if piece < len(chunk):
-                    outgoing.chunks.appendleft(chunk[piece:])
-                self._h2.send_data(stream_id, chunk[:piece])
+                    chunks.appendleft(chunk[piece:])
+                    chunk = chunk[:piece]
+                ended = outgoing.end and not chunks and not outgoing.trailers
+                self._h2.send_data(stream_id, chunk, end_stream=ended)
                 outgoing.size -= piece
                 written += piece
-            if outgoing.end and not outgoing.chunks:
+            if outgoing.end and not chunks:
                 del self._outgoing[stream_id]
                 if outgoing.trailers:
                     self._h2.send_headers(stream_id, outgoing.trailers, end_stream=True)
-                else:
+                elif not ended:
                     self._h2.end_stream(stream_id)
                 if outgoing.reset_after is not None:
                     self._h2.reset_stream(stream_id, outgoing.reset_after)
@@ -254,6 +320,18 @@ class H2Session:
             # The stream was reset or closed under us; whatever was queued for it is moot.
             self._outgoing.pop(stream_id, None)
         return written
+
+
+_HEADER_BLOCKS = {
+    h2.events.RequestReceived: Block.REQUEST,
+    h2.events.PushedStreamReceived: Block.REQUEST,
+    h2.events.ResponseReceived: Block.RESPONSE,
+    h2.events.InformationalResponseReceived: Block.RESPONSE,
+    h2.events.TrailersReceived: Block.TRAILERS,
+}
+_MAYBE_CONTROL = frozenset(
+    {h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.StreamReset, h2.events.DataReceived}
+)
 
 
 def _is_control(event: h2.events.Event) -> bool:

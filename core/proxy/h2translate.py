@@ -13,16 +13,28 @@ grpc-message (the gRPC over HTTP/2 spec), plus ``l5d-proxy-error``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import h11
 
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers, header_safe
+from tether.core.proxy.h1fast import request_event, response_event
 from tether.core.proxy.http1 import forwarded_headers, pairs
 
 ORIG_PROTO = b"l5d-orig-proto"
 HTTP11 = b"HTTP/1.1"
+# What HTTP/1.1 can carry, in h11's grammar (h11/_abnf.py). HTTP/2 (as h2 checks it) allows more: names with
+# any of "(),/;<=>?@[\]{}, values with \x0b or \x0c, any :method or :path. A message restored to HTTP/1.1 is
+# checked against these once, where it is translated; h11 would refuse it only as the proxy writes it.
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+# Names already found to be tokens: a memo of a pure check (what it holds never changes a verdict), bounded.
+_h1_names: set[bytes] = set()
+H1_NAMES_MAX = 1024
 # RFC 9113 section 8.2.2: connection-specific headers are malformed in HTTP/2.
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
@@ -107,7 +119,31 @@ def head_from_h2(headers: list[tuple[bytes, bytes]]) -> RequestHead:
     path = pseudo.get(b":path")
     if not path:
         raise TranslationError("request without :path")
+    if orig_proto == HTTP11:  # restored to HTTP/1.1 (h1_request): it must fit
+        if _TOKEN.fullmatch(method) is None or _TARGET.fullmatch(path) is None:
+            raise TranslationError("the method or path cannot be carried by HTTP/1.1")
+        if _FIELD_VALUE.fullmatch(authority) is None:
+            raise TranslationError("the authority cannot be carried by HTTP/1.1")
+        check_h1_fields(regular)
     return RequestHead(method, pseudo.get(b":scheme", b"http"), authority, path, regular, orig_proto)
+
+
+def check_h1_fields(headers: list[tuple[bytes, bytes]]) -> None:
+    """Raise TranslationError unless HTTP/1.1 can carry ``headers`` (lower-case names) as they are; several
+    Content-Length fields must agree (``_h1_rows`` keeps one)."""
+    length = None
+    for name, value in headers:
+        if name not in _h1_names:
+            if _TOKEN.fullmatch(name) is None:
+                raise TranslationError(f"header name {name[:100]!r} cannot be carried by HTTP/1.1")
+            if len(_h1_names) < H1_NAMES_MAX:
+                _h1_names.add(name)
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise TranslationError(f"the value of {name[:100]!r} cannot be carried by HTTP/1.1")
+        if name == b"content-length":
+            if _CONTENT_LENGTH.fullmatch(value) is None or (length is not None and value != length):
+                raise TranslationError("invalid or conflicting content-length")
+            length = value
 
 
 def head_from_h1(request: h11.Request, authority: str) -> RequestHead:
@@ -119,6 +155,15 @@ def head_from_h1(request: h11.Request, authority: str) -> RequestHead:
         rest = path.split(b"/", 3)
         path = b"/" + (rest[3] if len(rest) > 3 else b"")
     return RequestHead(request.method, b"http", authority.encode(), path, headers, HTTP11)
+
+
+def h1_has_body(request: h11.Request) -> bool:
+    """Whether an HTTP/1.1 request head announces a body (RFC 9112 section 6.3: a request without
+    Transfer-Encoding or Content-Length has none; h11 has already checked the Content-Length value)."""
+    for _raw, name, value in request.headers._full_items:  # noqa: SLF001 - as http1.pairs does
+        if name == b"transfer-encoding" or (name == b"content-length" and int(value) != 0):
+            return True
+    return False
 
 
 def h2_request_headers(head: RequestHead, *, orig_proto: bool) -> list[tuple[bytes, bytes]]:
@@ -135,27 +180,48 @@ def h2_request_headers(head: RequestHead, *, orig_proto: bool) -> list[tuple[byt
 
 
 def h1_request(head: RequestHead, *, has_body: bool) -> h11.Request:
-    """The HTTP/1.1 request for ``head``; a body with no declared length is sent chunked."""
-    headers = [(b"host", head.authority or b"localhost")]
-    headers.extend((name, value) for name, value in head.headers if name != b"te")
-    if has_body and not any(name == b"content-length" for name, _ in headers):
-        headers.append((b"transfer-encoding", b"chunked"))
-    return h11.Request(method=head.method, target=head.path, headers=headers)
+    """The HTTP/1.1 request for ``head``; a body with no declared length is sent chunked. ``head`` came from
+    ``head_from_h2``, which checked that HTTP/1.1 can carry it, so h11 does not validate it again."""
+    rows = [(b"host", b"host", head.authority or b"localhost")]
+    length = _h1_rows(head.headers, rows)
+    if has_body and not length:
+        rows.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
+    return request_event(head.method, head.path, rows)
+
+
+def _h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, bytes]]) -> bool:
+    """Append h11's rows (name as sent, lower-case name, value) for ``headers`` to ``rows``, less ``te`` and
+    ``l5d-orig-proto`` and with one Content-Length (as h11 keeps one of several equal ones); returns whether
+    there was a Content-Length."""
+    length = False
+    for name, value in headers:
+        if name == b"te" or name == ORIG_PROTO or (length and name == b"content-length"):
+            continue
+        length = length or name == b"content-length"
+        rows.append((name, name, value))
+    return length
 
 
 def h2_response_headers(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """HTTP/2 response headers from an HTTP/1.1 (or HTTP/2) response head."""
-    out = [(b":status", str(status).encode())]
-    out.extend(
-        (name.lower(), value)
-        for name, value in forwarded_headers(headers)
-        if not name.startswith(b":") and name.lower() not in CONNECTION_SPECIFIC and name.lower() != b"te"
-    )
+    out = [(b":status", _STATUS_FIELDS.get(status) or str(status).encode())]
+    if any(name == b"connection" or name == b"transfer-encoding" for name, _ in headers):
+        headers = forwarded_headers(headers)  # what a Connection header names goes too (http1.py)
+    for name, value in headers:  # without them, hop-by-hop headers are among those dropped here
+        lower = name.lower()
+        if lower not in _NOT_IN_H2_RESPONSES and not lower.startswith(b":"):
+            out.append((lower, value))
     return out
 
 
-def split_response(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
-    """The status and regular headers of an HTTP/2 response head."""
+_NOT_IN_H2_RESPONSES = CONNECTION_SPECIFIC | {b"te"}
+_STATUS_FIELDS = {status: str(status).encode() for status in range(100, 600)}
+
+
+def split_response(
+    headers: list[tuple[bytes, bytes]], *, for_h1: bool = False
+) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """The status and regular headers of an HTTP/2 response head; ``for_h1``: checked for an HTTP/1.1 client."""
     status = 0
     regular = []
     for name, value in headers:
@@ -165,16 +231,21 @@ def split_response(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[
             regular.append((name, value))
     if not 100 <= status <= 999:
         raise TranslationError("response without a valid :status")
+    if for_h1:
+        check_h1_fields(regular)
     return status, regular
 
 
 def h1_response(status: int, headers: list[tuple[bytes, bytes]], *, close: bool) -> h11.Response:
-    out = [(name, value) for name, value in headers if name != ORIG_PROTO and name != b"te"]
+    """The HTTP/1.1 response for an HTTP/2 one whose fields ``split_response(..., for_h1=True)`` checked."""
+    assert 200 <= status <= 999, status
+    rows: list[tuple[bytes, bytes, bytes]] = []
+    _h1_rows(headers, rows)
     if close:
-        out.append((b"connection", b"close"))
+        rows.append((b"connection", b"connection", b"close"))
     # HTTP/2 carries no reason phrase. An empty one is valid HTTP/1.1, but http-parser based clients (h2load,
     # older Node) then never report the status and count the response as failed: write the standard phrase.
-    return h11.Response(status_code=status, headers=out, reason=_REASONS.get(status, b""))
+    return response_event(status, _REASONS.get(status, b""), rows)
 
 
 _REASONS = {int(status): status.phrase.encode("ascii") for status in HTTPStatus}

@@ -60,13 +60,21 @@ class H2Upstream(ProxyParts):
         def _abandon_stream(self, exchange: StreamExchange, code: int) -> None: ...
         def _reset_source(self, exchange: StreamExchange, code: int) -> None: ...
         def _sink_response_head(
-            self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]], *, ended: bool
+            self,
+            exchange: StreamExchange,
+            status: int,
+            headers: list[tuple[bytes, bytes]],
+            *,
+            ended: bool,
+            write: bool = True,
         ) -> None: ...
         def _sink_informational(
             self, exchange: StreamExchange, status: int, headers: list[tuple[bytes, bytes]]
         ) -> None: ...
         def _sink_response_data(self, exchange: StreamExchange, data: bytes) -> None: ...
-        def _sink_response_end(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]] | None) -> None: ...
+        def _sink_response_end(
+            self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]] | None, data: bytes = b""
+        ) -> None: ...
         def _ping_answered(self, connection: Downstream | Upstream, now_ns: int) -> None: ...
         def _exchange_progress(self, exchange: StreamExchange) -> None: ...
         def _credit_all(self, exchange: StreamExchange) -> None: ...
@@ -182,7 +190,9 @@ class H2Upstream(ProxyParts):
         assert session is not None
         stream_id = session.new_stream_id()
         headers = tr.h2_request_headers(exchange.head, orig_proto=exchange.source_stream is None)
-        end_now = exchange.request_ended and not exchange.to_sink and not exchange.request_trailers
+        end_now = not exchange.request_has_body or (
+            exchange.request_ended and not exchange.to_sink and not exchange.request_trailers
+        )
         try:
             session.send_headers(stream_id, headers, end_stream=end_now)
         except h2.exceptions.ProtocolError as error:
@@ -290,17 +300,19 @@ class H2Upstream(ProxyParts):
         if isinstance(event, h2.events.ResponseReceived) and exchange is not None:
             self._h2_response_head(exchange, list(event.headers), ended=event.stream_ended is not None)
         elif isinstance(event, h2.events.InformationalResponseReceived) and exchange is not None:
-            status, headers = tr.split_response(list(event.headers))
-            self._sink_informational(exchange, status, headers)
+            self._h2_informational(exchange, list(event.headers))
         elif isinstance(event, h2.events.DataReceived):
             session.acknowledge(stream_id, event.flow_controlled_length - len(event.data))
             if exchange is None:
                 session.acknowledge(stream_id, len(event.data))
             elif event.data:
                 exchange.sink_unacked += len(event.data)
-                self._sink_response_data(exchange, event.data)
+                if event.stream_ended is not None and exchange.response_started:
+                    self._sink_response_end(exchange, None, event.data)  # the end rides on the same frame
+                else:
+                    self._sink_response_data(exchange, event.data)
         elif isinstance(event, h2.events.TrailersReceived) and exchange is not None:
-            self._sink_response_end(exchange, list(event.headers))
+            self._h2_trailers(exchange, list(event.headers))
         elif isinstance(event, h2.events.StreamEnded) and exchange is not None and exchange.response_started:
             self._sink_response_end(exchange, None)
         elif isinstance(event, h2.events.StreamReset):
@@ -317,9 +329,27 @@ class H2Upstream(ProxyParts):
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._h2_upstream_goaway(upstream, event.last_stream_id)
 
+    def _h2_trailers(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]]) -> None:
+        if exchange.source_stream is None:  # an HTTP/1.1 client: the trailers must fit HTTP/1.1
+            try:
+                tr.check_h1_fields(trailers)
+            except tr.TranslationError as error:
+                self._stream_abort(exchange, f"invalid trailers from {exchange.endpoint}: {error}")
+                return
+        self._sink_response_end(exchange, trailers)
+
+    def _h2_informational(self, exchange: StreamExchange, headers: list[tuple[bytes, bytes]]) -> None:
+        try:
+            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None)
+        except tr.TranslationError as error:
+            reason = f"invalid informational response from {exchange.endpoint}: {error}"
+            self._stream_fail(exchange, ProxyError(ProxyErrorKind.INVALID_RESPONSE, reason))
+            return
+        self._sink_informational(exchange, status, regular)
+
     def _h2_response_head(self, exchange: StreamExchange, headers: list[tuple[bytes, bytes]], *, ended: bool) -> None:
         try:
-            status, regular = tr.split_response(headers)
+            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None)
         except tr.TranslationError as error:
             reason = f"invalid response from {exchange.endpoint}: {error}"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.INVALID_RESPONSE, reason))
@@ -511,7 +541,7 @@ class H2Upstream(ProxyParts):
         upstream.state = UpstreamState.BUSY
         upstream.exchange_id = exchange.exchange_id
         exchange.sink_id = upstream.conn_id
-        has_body = not (exchange.request_ended and not exchange.to_sink)
+        has_body = exchange.request_has_body and not (exchange.request_ended and not exchange.to_sink)
         request = tr.h1_request(exchange.head, has_body=has_body)
         exchange.request_chunked = has_body and not tr.has_content_length(exchange.head.headers)
         self._send(upstream, upstream.h11.send(request))
@@ -527,22 +557,62 @@ class H2Upstream(ProxyParts):
             return
         upstream.eof = upstream.eof or not data
         upstream.h11.receive_data(data)
+        held: list[StreamExchange] = []  # exchanges whose response head waits for the body read with it
+        try:
+            self._h1_sink_events(upstream, held)
+        finally:
+            for exchange in held:  # whatever happened since, their HTTP/2 client gets its bytes now
+                self._write_source(exchange)
+        self._sync_h1_sink_reading(upstream)
+
+    def _h1_sink_events(self, upstream: Upstream, held: list[StreamExchange]) -> None:
+        ahead: object = None  # the event after the current one, read early (below)
         while upstream.conn_id in self._upstream and upstream.state is UpstreamState.BUSY:
             exchange = self._streams.get(upstream.exchange_id or -1)
-            try:
-                event = upstream.h11.next_event()
-            except h11.RemoteProtocolError as error:
-                self._sink_connection_lost(upstream, f"invalid response from {upstream.endpoint}: {error}"[:300])
+            event, ahead = (ahead if ahead is not None else _next_h1_event(upstream)), None
+            if isinstance(event, h11.RemoteProtocolError):
+                self._sink_connection_lost(upstream, f"invalid response from {upstream.endpoint}: {event}"[:300])
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
-                break
+                return
             if exchange is None:
                 self._close_upstream(upstream, reset=True)
                 return
-            self._h1_sink_event(upstream, exchange, event)
-        self._sync_h1_sink_reading(upstream)
+            write = True
+            if type(event) is h11.Response or type(event) is h11.Data:
+                # A response head or body bytes followed by the end of the message: both go on together, so
+                # that an HTTP/2 client gets END_STREAM on the same frame (HEADERS, or the last DATA). A head
+                # followed by body bytes leaves with them: one write (one TLS record) instead of two.
+                ahead = _next_h1_event(upstream)
+                if type(ahead) is h11.EndOfMessage and not ahead.headers:  # type: ignore[attr-defined]
+                    ahead = None
+                    self._h1_sink_last(upstream, exchange, event)
+                    continue
+                if type(event) is h11.Response and type(ahead) is h11.Data and exchange.source_stream is not None:
+                    write = False
+                    held.append(exchange)
+            self._h1_sink_event(upstream, exchange, event, write=write)
 
-    def _h1_sink_event(self, upstream: Upstream, exchange: StreamExchange, event: object) -> None:
+    def _write_source(self, exchange: StreamExchange) -> None:
+        downstream = self._downstream.get(exchange.source_id)
+        if downstream is not None and downstream.h2 is not None:
+            self._write_h2(downstream)
+
+    def _h1_sink_last(self, upstream: Upstream, exchange: StreamExchange, event: h11.Response | h11.Data) -> None:
+        """``event`` is the last of the response (its end was read too): the connection is released first,
+        as for an ``EndOfMessage``, since finishing the exchange would otherwise find its sink busy."""
+        if type(event) is h11.Response and http1.head_size(event) > self.config.max_header_bytes:
+            reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
+            self._sink_connection_lost(upstream, reason)
+            return
+        upstream.exchange_id = None
+        self._release_h1_sink(upstream)
+        if type(event) is h11.Response:
+            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=True)
+        else:
+            self._sink_response_end(exchange, None, bytes(event.data))  # type: ignore[union-attr]
+
+    def _h1_sink_event(self, upstream: Upstream, exchange: StreamExchange, event: object, *, write: bool) -> None:
         if isinstance(event, h11.InformationalResponse):
             self._sink_informational(exchange, event.status_code, http1.pairs(event))
         elif isinstance(event, h11.Response):
@@ -550,7 +620,7 @@ class H2Upstream(ProxyParts):
                 reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
                 self._sink_connection_lost(upstream, reason)
                 return
-            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=False)
+            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=False, write=write)
         elif isinstance(event, h11.Data):
             self._sink_response_data(exchange, bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
@@ -598,3 +668,11 @@ class H2Upstream(ProxyParts):
         if wanted and source is not None and source.h2 is not None and exchange is not None:
             wanted = source.h2.queued_bytes(exchange.source_stream or 0) < limit
         self._set_reading(upstream, wanted)
+
+
+def _next_h1_event(upstream: Upstream) -> object:
+    """The sink connection's next event, or the error its bytes make."""
+    try:
+        return upstream.h11.next_event()
+    except h11.RemoteProtocolError as error:
+        return error

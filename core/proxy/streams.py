@@ -44,6 +44,9 @@ class StreamExchange:
     sink_stream: int | None = None  # its HTTP/2 stream; None for an HTTP/1.1 sink
     sink_is_h2: bool = True
     request_ended: bool = False
+    # False when the head said no body follows (HEADERS with END_STREAM; an HTTP/1.1 head without body framing):
+    # the sink's request then ends on its head (HEADERS with END_STREAM, or HTTP/1.1 without chunked framing).
+    request_has_body: bool = True
     request_trailers: list[tuple[bytes, bytes]] | None = None
     sink_request_ended: bool = False  # the end (or trailers) went to the sink
     sink_body_bytes: int = 0  # request body bytes handed to an HTTP/2 sink (a GOAWAY can replay a stream with none)

@@ -286,6 +286,17 @@ def test_TlsSession_corrupt_record_after_plaintext_fails_on_the_next_receive(web
         server.session.receive(b"more")
 
 
+def test_TlsSession_records_read_together_come_out_as_one_plaintext(web: TlsContexts, api: TlsContexts):
+    """A proxy parses what one read carried in one go, as on a plaintext connection, not record by record."""
+    client, server = connect(api, web)
+    for part in (b"one ", b"two ", b"three"):
+        client.session.send(part)  # a record each
+    client.session.close()
+    events = server.session.receive(client.session.data_to_send())
+    assert events == [PlaintextReceived(data=b"one two three"), CloseNotifyReceived()]
+    assert server.session.receive(b"") == [EndOfStream(clean=True)]
+
+
 def test_TlsSession_send_before_the_handshake_is_a_usage_error(web: TlsContexts):
     with pytest.raises(TlsUsageError):
         TlsSession.client(web, API, NOW_S).send(b"too early")
