@@ -106,6 +106,7 @@ class H2Flows(H2Traffic):
         if downstream.conn_id in self._downstream:
             self._write_h2(downstream)
             self._close_finished_h2(downstream)
+        if downstream.conn_id in self._downstream:  # (a GOAWAY may just have closed it: nothing more to ask)
             self._sync_h2_reading(downstream)
 
     def _h2_downstream_event(self, downstream: Downstream, event: h2.events.Event, now_ns: int) -> None:

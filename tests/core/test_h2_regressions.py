@@ -17,6 +17,7 @@ from h2_peers import H2Peer, client_for, endpoint_for
 
 from tether.core.address import Address
 from tether.core.discovery import StaticResolver
+from tether.core.effects import Close
 
 S = 1_000_000_000
 MESHED = StaticResolver(by_host={"web": [Address("10.0.0.9", 8080)]}, meshed_hosts={"web": 4143})
@@ -58,6 +59,35 @@ def _meshed_endpoint(h, upstream_id: int) -> tuple[h2.connection.H2Connection, l
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
     server.initiate_connection()
     return server, server.receive_data(wire[wire.index(H2_PREFACE) :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Found by test_h2_stateful.py on 902308e (protocol "http1", pool (1, 1), tight limits, chaos with client GOAWAYs)
+
+
+def test_client_goaway_that_closes_a_backed_up_connection_asks_nothing_more_of_it(make_harness) -> None:
+    """setreading-after-close. A client whose last stream has ended sends GOAWAY while the proxy's writes to
+    it are still unacknowledged past ``max_buffered_bytes``. h2flows.py, ``_h2_downstream_received`` calls
+    ``_close_finished_h2``, which closes the connection, then ``_sync_h2_reading`` on it: the backed-up
+    connection is no longer in ``_downstream``, but ``_set_reading`` still emits SetReading(enabled=False)
+    for a connection the driver was just told to close."""
+    h = make_harness(max_buffered_bytes=1024)
+    client = client_for(h)
+    stream = client.request("/")
+    endpoint = endpoint_for(h)
+    (upstream_stream,) = endpoint.streams
+    h.auto_ack = False  # the proxy's writes to the client stay in the kernel's buffer from now on
+    endpoint.respond(upstream_stream, 200, b"x" * 4000)
+    assert h.proxy._downstream[client.conn_id].unsent_bytes > 1024, "the test needs a backed-up client"
+    client.h2.close_connection()  # the client is done (it has not read the response yet)
+    h.proxy.received(client.conn_id, client.h2.data_to_send(), h.now_ns)
+    effects = [e for e in h.proxy.effects() if getattr(e, "conn_id", None) == client.conn_id]
+    closes = [i for i, effect in enumerate(effects) if isinstance(effect, Close)]
+    assert closes, f"the connection should close once its last stream is done: {effects}"
+    assert closes[0] == len(effects) - 1, f"effects after the Close: {effects[closes[0] + 1 :]}"
+    h.auto_ack = True
+    client.h2.receive_data(bytes(h.written.get(client.conn_id, b"")))
+    assert client.h2.streams[stream].closed
 
 
 # ---------------------------------------------------------------------------------------------------------
