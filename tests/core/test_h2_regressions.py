@@ -90,6 +90,45 @@ def test_client_goaway_that_closes_a_backed_up_connection_asks_nothing_more_of_i
     assert client.h2.streams[stream].closed
 
 
+def test_endpoint_reset_mid_response_gives_back_the_connection_window_its_queued_bytes_used(make_harness) -> None:
+    """reset-leaks-connection-window. The endpoint resets a stream whose response bytes still wait for the
+    client's window (unacknowledged, so counted in ``sink_unacked``). h2upstream.py, ``_sink_reset`` clears
+    ``sink_id`` before ``_abandon_stream``, so ``_credit_all`` finds no sink connection and zeroes
+    ``sink_unacked`` without acknowledging it: the pooled connection's window shrinks by those bytes for
+    good, and once it is spent every later response on that connection stalls with every peer reading."""
+    h = make_harness(h2_connection_window=65_535)
+    client = client_for(h)
+    client.auto_ack = False  # a client that does not reopen its window
+    first = client.request("/a")
+    endpoint = endpoint_for(h)
+    (upstream_first,) = endpoint.streams
+    endpoint.h2.send_headers(upstream_first, [(b":status", b"200")])
+    for _ in range(2):  # a window to the client, then a window the proxy holds for it
+        for _ in range(4):
+            room = min(endpoint.h2.local_flow_control_window(upstream_first), 16_384)
+            endpoint.h2.send_data(upstream_first, b"x" * room)
+        endpoint.flush()
+        endpoint.read()
+    exchange = h.proxy._streams[h.proxy._downstream[client.conn_id].streams[first]]
+    assert exchange.sink_unacked > 30_000, "the test needs response bytes waiting for the client's window"
+    endpoint.h2.reset_stream(upstream_first, ErrorCodes.INTERNAL_ERROR)
+    endpoint.flush()
+    client.read()
+    assert client.streams[first].reset == ErrorCodes.INTERNAL_ERROR
+    client.h2.acknowledge_received_data(len(client.streams[first].data), first)  # it read what it got
+    client.auto_ack = True
+    second = client.request("/b")
+    endpoint.read()
+    assert len(h.connects) == 1, "the second request should ride the same pooled connection"
+    upstream_second = max(endpoint.streams)
+    assert endpoint.h2.local_flow_control_window(upstream_second) >= 10_000, (
+        f"connection window left to the endpoint: {endpoint.h2.outbound_flow_control_window}"
+    )
+    endpoint.respond(upstream_second, 200, b"y" * 10_000)
+    client.read()
+    assert client.streams[second].ended and bytes(client.streams[second].data) == b"y" * 10_000
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Fixed in 78f35de
 
