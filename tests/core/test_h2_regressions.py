@@ -62,7 +62,7 @@ def _meshed_endpoint(h, upstream_id: int) -> tuple[h2.connection.H2Connection, l
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Found by test_h2_stateful.py on 902308e (protocol "http1", pool (1, 1), tight limits, chaos with client GOAWAYs)
+# Fixed in adc6ae0 and 51460f3 (found by test_h2_stateful.py: protocol "http1", pool (1, 1), tight limits, chaos)
 
 
 def test_client_goaway_that_closes_a_backed_up_connection_asks_nothing_more_of_it(make_harness) -> None:
