@@ -106,6 +106,7 @@ class H2Flows(H2Traffic):
         if downstream.conn_id in self._downstream:
             self._write_h2(downstream)
             self._close_finished_h2(downstream)
+        if downstream.conn_id in self._downstream:  # (a GOAWAY may just have closed it: nothing more to ask)
             self._sync_h2_reading(downstream)
 
     def _h2_downstream_event(self, downstream: Downstream, event: h2.events.Event, now_ns: int) -> None:
@@ -469,16 +470,23 @@ class H2Flows(H2Traffic):
         """The exchange is ending: bytes still unacknowledged are credited back to both connections (the
         streams are done with, and the connections' windows must not shrink by what they carried)."""
         source = self._downstream.get(exchange.source_id)
-        sink = self._sink_connection(exchange)
         if exchange.source_unacked and source is not None and source.h2 is not None:
             assert exchange.source_stream is not None
             source.h2.acknowledge(exchange.source_stream, exchange.source_unacked)
             self._write_h2(source)
+        exchange.source_unacked = 0
+        self._credit_sink(exchange)
+
+    def _credit_sink(self, exchange: StreamExchange) -> None:
+        """Response bytes still unacknowledged are credited back to the sink's connection. Call it while
+        ``sink_id`` still names that connection: a stream the endpoint reset is gone, its connection's
+        window is not (h2 credits the connection window of a closed stream)."""
+        sink = self._sink_connection(exchange)
         if exchange.sink_unacked and sink is not None and sink.h2 is not None:
             assert exchange.sink_stream is not None
             sink.h2.acknowledge(exchange.sink_stream, exchange.sink_unacked)
             self._write_h2(sink)
-        exchange.source_unacked = exchange.sink_unacked = 0
+        exchange.sink_unacked = 0
 
     def _source_queued(self, exchange: StreamExchange) -> int:
         """Response bytes waiting for the client's HTTP/2 window."""

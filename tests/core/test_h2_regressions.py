@@ -17,6 +17,7 @@ from h2_peers import H2Peer, client_for, endpoint_for
 
 from tether.core.address import Address
 from tether.core.discovery import StaticResolver
+from tether.core.effects import Close
 
 S = 1_000_000_000
 MESHED = StaticResolver(by_host={"web": [Address("10.0.0.9", 8080)]}, meshed_hosts={"web": 4143})
@@ -58,6 +59,74 @@ def _meshed_endpoint(h, upstream_id: int) -> tuple[h2.connection.H2Connection, l
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
     server.initiate_connection()
     return server, server.receive_data(wire[wire.index(H2_PREFACE) :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixed in adc6ae0 and 51460f3 (found by test_h2_stateful.py: protocol "http1", pool (1, 1), tight limits, chaos)
+
+
+def test_client_goaway_that_closes_a_backed_up_connection_asks_nothing_more_of_it(make_harness) -> None:
+    """setreading-after-close. A client whose last stream has ended sends GOAWAY while the proxy's writes to
+    it are still unacknowledged past ``max_buffered_bytes``. h2flows.py, ``_h2_downstream_received`` calls
+    ``_close_finished_h2``, which closes the connection, then ``_sync_h2_reading`` on it: the backed-up
+    connection is no longer in ``_downstream``, but ``_set_reading`` still emits SetReading(enabled=False)
+    for a connection the driver was just told to close."""
+    h = make_harness(max_buffered_bytes=1024)
+    client = client_for(h)
+    stream = client.request("/")
+    endpoint = endpoint_for(h)
+    (upstream_stream,) = endpoint.streams
+    h.auto_ack = False  # the proxy's writes to the client stay in the kernel's buffer from now on
+    endpoint.respond(upstream_stream, 200, b"x" * 4000)
+    assert h.proxy._downstream[client.conn_id].unsent_bytes > 1024, "the test needs a backed-up client"
+    client.h2.close_connection()  # the client is done (it has not read the response yet)
+    h.proxy.received(client.conn_id, client.h2.data_to_send(), h.now_ns)
+    effects = [e for e in h.proxy.effects() if getattr(e, "conn_id", None) == client.conn_id]
+    closes = [i for i, effect in enumerate(effects) if isinstance(effect, Close)]
+    assert closes, f"the connection should close once its last stream is done: {effects}"
+    assert closes[0] == len(effects) - 1, f"effects after the Close: {effects[closes[0] + 1 :]}"
+    h.auto_ack = True
+    client.h2.receive_data(bytes(h.written.get(client.conn_id, b"")))
+    assert client.h2.streams[stream].closed
+
+
+def test_endpoint_reset_mid_response_gives_back_the_connection_window_its_queued_bytes_used(make_harness) -> None:
+    """reset-leaks-connection-window. The endpoint resets a stream whose response bytes still wait for the
+    client's window (unacknowledged, so counted in ``sink_unacked``). h2upstream.py, ``_sink_reset`` clears
+    ``sink_id`` before ``_abandon_stream``, so ``_credit_all`` finds no sink connection and zeroes
+    ``sink_unacked`` without acknowledging it: the pooled connection's window shrinks by those bytes for
+    good, and once it is spent every later response on that connection stalls with every peer reading."""
+    h = make_harness(h2_connection_window=65_535)
+    client = client_for(h)
+    client.auto_ack = False  # a client that does not reopen its window
+    first = client.request("/a")
+    endpoint = endpoint_for(h)
+    (upstream_first,) = endpoint.streams
+    endpoint.h2.send_headers(upstream_first, [(b":status", b"200")])
+    for _ in range(2):  # a window to the client, then a window the proxy holds for it
+        for _ in range(4):
+            room = min(endpoint.h2.local_flow_control_window(upstream_first), 16_384)
+            endpoint.h2.send_data(upstream_first, b"x" * room)
+        endpoint.flush()
+        endpoint.read()
+    exchange = h.proxy._streams[h.proxy._downstream[client.conn_id].streams[first]]
+    assert exchange.sink_unacked > 30_000, "the test needs response bytes waiting for the client's window"
+    endpoint.h2.reset_stream(upstream_first, ErrorCodes.INTERNAL_ERROR)
+    endpoint.flush()
+    client.read()
+    assert client.streams[first].reset == ErrorCodes.INTERNAL_ERROR
+    client.h2.acknowledge_received_data(len(client.streams[first].data), first)  # it read what it got
+    client.auto_ack = True
+    second = client.request("/b")
+    endpoint.read()
+    assert len(h.connects) == 1, "the second request should ride the same pooled connection"
+    upstream_second = max(endpoint.streams)
+    assert endpoint.h2.local_flow_control_window(upstream_second) >= 10_000, (
+        f"connection window left to the endpoint: {endpoint.h2.outbound_flow_control_window}"
+    )
+    endpoint.respond(upstream_second, 200, b"y" * 10_000)
+    client.read()
+    assert client.streams[second].ended and bytes(client.streams[second].data) == b"y" * 10_000
 
 
 # ---------------------------------------------------------------------------------------------------------
