@@ -42,8 +42,8 @@ TEARDOWN_NS = 10 * 60 * S
 
 # Known, unfixed proxy bugs (reproduced in test_h2_regressions.py) whose trigger the machines avoid or tolerate
 # (``if avoided("name")``), so that they keep guarding everything else while a fix is pending;
-# TETHER_H2_STATEFUL_KNOWN_BUGS="all" (or a comma-separated list) explores them anyway. Empty now: the twelve bugs
-# found are fixed (b4a5131, 04636a1, 78f35de) and test_h2_regressions.py keeps their reproductions.
+# TETHER_H2_STATEFUL_KNOWN_BUGS="all" (or a comma-separated list) explores them anyway. Empty now: the fourteen bugs
+# found are fixed (b4a5131, 04636a1, 78f35de, adc6ae0, 51460f3) and test_h2_regressions.py keeps their reproductions.
 KNOWN_BUGS: frozenset[str] = frozenset()
 _EXPLORED = set(os.environ.get("TETHER_H2_STATEFUL_KNOWN_BUGS", "").replace(" ", "").split(","))
 
