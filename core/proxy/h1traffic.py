@@ -43,11 +43,11 @@ from tether.core.effects import LogError
 from tether.core.proxy import http1
 from tether.core.proxy.balancing import HTTP, Balancing, error_outcome, http_outcome
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
-from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
+from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
 from tether.core.proxy.mirrors import Mirrors, MirrorStart
 from tether.core.proxy.pool import EndpointPool
-from tether.core.proxy.routing import RouteState, Waiting, answer_error, timeout_error
+from tether.core.proxy.routing import RouteState, Waiting, answer_error, attempt_started_ns, timeout_error
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
 from tether.core.traffic.retry import RETRY_HEADERS, AttemptOutcome
@@ -205,8 +205,7 @@ class H1Traffic(Mirrors, Balancing):
         state = exchange.route
         assert state is not None
         status = response.status_code
-        started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-        self._attempt_answered(state, status, None, started_ns)
+        self._attempt_answered(state, status, None, attempt_started_ns(exchange))
         state.attempt_deadline_ns = None
         delay_ns = self._retry_delay(state, AttemptOutcome(http_status=status))
         if delay_ns is not None:
@@ -225,10 +224,7 @@ class H1Traffic(Mirrors, Balancing):
         the route's final answer (False)."""
         state = exchange.route
         assert state is not None
-        attempted = error.kind in ATTEMPT_FAILURES and exchange.endpoint is not None
-        if attempted:
-            started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-            self._attempt_answered(state, error.status, error.kind.label, started_ns)
+        attempted = self._attempt_failed(state, exchange, error)
         delay_ns = self._retry_delay(state, AttemptOutcome(http_status=error.status)) if attempted else None
         if delay_ns is not None:
             self._h1_retry(exchange, delay_ns, error_outcome(error))
@@ -316,8 +312,7 @@ class H1Traffic(Mirrors, Balancing):
         """The retry policy's attempt timeout cut the attempt: retried as a failure, or the 504 answer."""
         policy = state.policy
         assert policy is not None and policy.attempt_timeout_ns is not None
-        started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-        delay_ns = self._attempt_timeout_retry(state, started_ns)
+        delay_ns = self._attempt_timeout_retry(state, attempt_started_ns(exchange))
         if delay_ns is not None:
             self._h1_retry(exchange, delay_ns, Outcome.FAILURE)
             return

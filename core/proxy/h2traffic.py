@@ -46,9 +46,9 @@ from tether.core.proxy.balancing import (
     http_outcome,
 )
 from tether.core.proxy.connections import Downstream
-from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
+from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.mirrors import StreamMirrors
-from tether.core.proxy.routing import RouteState, Waiting, answer_error, timeout_error
+from tether.core.proxy.routing import RouteState, Waiting, answer_error, attempt_started_ns, timeout_error
 from tether.core.proxy.streams import StreamExchange
 from tether.core.traffic.balancer import Handle
 from tether.core.traffic.breaker import Outcome
@@ -184,8 +184,7 @@ class H2Traffic(StreamMirrors, Balancing):
         state = exchange.route
         assert state is not None
         grpc_status = tr.grpc_status(headers) if exchange.grpc and ended else None
-        started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-        self._attempt_answered(state, status, None, started_ns)
+        self._attempt_answered(state, status, None, attempt_started_ns(exchange))
         state.attempt_deadline_ns = None
         delay_ns = self._retry_delay(state, AttemptOutcome(http_status=status, grpc_status=grpc_status))
         if delay_ns is not None:
@@ -203,10 +202,7 @@ class H2Traffic(StreamMirrors, Balancing):
         """``_stream_fail`` is about to answer ``error``: retry instead if allowed (True)."""
         state = exchange.route
         assert state is not None
-        attempted = error.kind in ATTEMPT_FAILURES and exchange.endpoint is not None
-        if attempted:
-            started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-            self._attempt_answered(state, error.status, error.kind.label, started_ns)
+        attempted = self._attempt_failed(state, exchange, error)
         if attempted and not exchange.response_started:
             grpc_code = tr.grpc_code_for(error) if exchange.grpc else None
             delay_ns = self._retry_delay(state, AttemptOutcome(http_status=error.status, grpc_status=grpc_code))
@@ -297,8 +293,7 @@ class H2Traffic(StreamMirrors, Balancing):
     def _stream_attempt_timed_out(self, exchange: StreamExchange, state: RouteState) -> None:
         policy = state.policy
         assert policy is not None and policy.attempt_timeout_ns is not None
-        started_ns = exchange.handle.started_ns if exchange.handle is not None else None
-        delay_ns = self._attempt_timeout_retry(state, started_ns)
+        delay_ns = self._attempt_timeout_retry(state, attempt_started_ns(exchange))
         if delay_ns is not None:
             self._stream_retry(exchange, delay_ns, Outcome.FAILURE)
             return

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from tether.core.address import parse_authority
 from tether.core.discovery import EndpointSet
 from tether.core.effects import LogError
-from tether.core.proxy.errors import ProxyError, ProxyErrorKind
+from tether.core.proxy.errors import ATTEMPT_FAILURES, ProxyError, ProxyErrorKind
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.traffic_telemetry import BackendLabels, RouteLabels
 from tether.core.traffic.budget import DEFAULT_RETRY_BUDGET, RetryBudget, RetryBudgetConfig, RetryBudgets
@@ -66,6 +66,8 @@ from tether.core.traffic.routes import (
 from tether.core.traffic.timeouts import NO_TIMEOUTS, ProxyAnswer, RequestTimers, TimeoutKind, timeout_answer
 
 if TYPE_CHECKING:  # route_config.py pulls in the YAML parser, which the running proxy never needs
+    from tether.core.proxy.exchange import Exchange
+    from tether.core.proxy.streams import StreamExchange
     from tether.core.traffic.route_config import RouteConfig
 
 MAX_ROUTE_TABLES = 1024
@@ -394,6 +396,14 @@ class Routing(ProxyParts):
     def _attempt_sent(self, state: RouteState) -> None:
         self.telemetry.traffic.backend_requested(state.labels, state.backend_labels)
 
+    def _attempt_failed(self, state: RouteState, exchange: Exchange | StreamExchange, error: ProxyError) -> bool:
+        """Count a failed attempt on the backend when one was made (an endpoint was picked and the error is an
+        attempt's, not the route's own answer); True if so, for the caller's retry decision."""
+        attempted = error.kind in ATTEMPT_FAILURES and exchange.endpoint is not None
+        if attempted:
+            self._attempt_answered(state, error.status, error.kind.label, attempt_started_ns(exchange))
+        return attempted
+
     def _attempt_answered(
         self, state: RouteState, status: int | None, error_label: str | None, started_ns: int | None
     ) -> None:
@@ -412,3 +422,8 @@ class Routing(ProxyParts):
         scope = decision.limited_by or "total"
         self.telemetry.traffic.rate_limited[scope] = self.telemetry.traffic.rate_limited.get(scope, 0) + 1
         return answer_error(rate_limited_answer(decision))
+
+
+def attempt_started_ns(exchange: Exchange | StreamExchange) -> int | None:
+    """When the current attempt's balancer lease started, if it holds one (the route's start otherwise)."""
+    return exchange.handle.started_ns if exchange.handle is not None else None
