@@ -26,6 +26,9 @@ def balancer_of(world: World, service: str = "web"):
     return world.proxy.telemetry.traffic.balancers[(service, "http")]
 
 
+ACCRUAL = 7  # failure accrual with Linkerd's 7, stated so that these tests do not hang on the default
+
+
 def test_p2c_ewma_sends_few_requests_to_a_slow_endpoint() -> None:
     world = World({"web": [A, B, C]})
     world.behaviour[C] = Behaviour(latency_ns=60 * MS)
@@ -56,7 +59,7 @@ def test_an_explicit_picker_bypasses_the_balancers() -> None:
 
 
 def test_failing_endpoint_is_ejected_after_seven_failures_in_a_row_then_readmitted_once_healed() -> None:
-    world = World({"web": [A, B]})
+    world = World({"web": [A, B]}, config=ProxyConfig(breaker_consecutive_failures=ACCRUAL))
     world.behaviour[B] = Behaviour(status=503)
     open_loop(world, "web", count=100, gap_ns=10 * MS)  # 1 s of traffic
     world.run(until_ns=1 * S - 1)
@@ -73,7 +76,7 @@ def test_failing_endpoint_is_ejected_after_seven_failures_in_a_row_then_readmitt
 
 
 def test_requests_wait_while_no_endpoint_is_ready_then_fail_fast_with_503() -> None:
-    config = ProxyConfig(failfast_timeout_ns=500 * MS)
+    config = ProxyConfig(failfast_timeout_ns=500 * MS, breaker_consecutive_failures=ACCRUAL)
     world = World({"web": [A]}, config=config)
     world.behaviour[A] = Behaviour(refuse=True)
     for index in range(7):
@@ -97,7 +100,7 @@ def test_requests_wait_while_no_endpoint_is_ready_then_fail_fast_with_503() -> N
 
 
 def test_a_full_failfast_queue_sheds_load_at_once() -> None:
-    world = World({"web": [A]}, config=ProxyConfig(failfast_queue_capacity=2))
+    world = World({"web": [A]}, config=ProxyConfig(failfast_queue_capacity=2, breaker_consecutive_failures=ACCRUAL))
     world.behaviour[A] = Behaviour(refuse=True)
     for _ in range(7):
         world.send("web")
@@ -109,7 +112,7 @@ def test_a_full_failfast_queue_sheds_load_at_once() -> None:
 
 
 def test_a_client_that_leaves_while_waiting_leaves_the_queue() -> None:
-    world = World({"web": [A]}, config=ProxyConfig(failfast_timeout_ns=500 * MS))
+    world = World({"web": [A]}, config=ProxyConfig(failfast_timeout_ns=500 * MS, breaker_consecutive_failures=ACCRUAL))
     world.behaviour[A] = Behaviour(refuse=True)
     for _ in range(7):
         world.send("web")
@@ -123,7 +126,7 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue() -> None:
 
 
 def test_grpc_request_in_failfast_gets_trailers_only_unavailable(make_harness) -> None:
-    h = make_harness(failfast_timeout_ns=100 * MS)
+    h = make_harness(failfast_timeout_ns=100 * MS, breaker_consecutive_failures=ACCRUAL)
     for _ in range(7):  # seven refused connections eject the only endpoint
         client = client_for(h)
         client.request("/pkg.Svc/Call", extra=GRPC)

@@ -59,7 +59,9 @@ def test_a_503_is_discarded_and_the_request_replayed_with_its_body() -> None:
 
 
 def test_a_retry_is_a_new_balancer_pick() -> None:
-    world = World({"web": [A, B]}, routes=load_route_yaml(RETRY_5XX, "r.yaml"))
+    # Failure accrual stated (it is the default): once A is ejected every pick is B.
+    config = ProxyConfig(breaker_consecutive_failures=7)
+    world = World({"web": [A, B]}, config=config, routes=load_route_yaml(RETRY_5XX, "r.yaml"))
     world.behaviour[A] = Behaviour(status=503)
     answers = [world.send("web") for _ in range(20)]
     world.run()
@@ -87,7 +89,8 @@ def test_the_limit_bounds_retries_per_request() -> None:
 
 
 def test_a_refused_connection_is_retried_on_another_endpoint() -> None:
-    world = World({"web": [A, B]}, routes=load_route_yaml(RETRY_5XX, "r.yaml"))
+    config = ProxyConfig(breaker_consecutive_failures=7)  # failure accrual on: see the test above
+    world = World({"web": [A, B]}, config=config, routes=load_route_yaml(RETRY_5XX, "r.yaml"))
     world.behaviour[A] = Behaviour(refuse=True)
     answers = [world.send("web") for _ in range(10)]
     world.run()
