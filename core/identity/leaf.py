@@ -21,7 +21,7 @@ ones). Longer identities, which Linkerd's naming scheme allows, get an empty sub
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -33,6 +33,7 @@ from tether.core.identity import der
 
 ECDSA_WITH_SHA256 = "1.2.840.10045.4.3.2"
 COMMON_NAME_BYTES_MAX = 64  # RFC 5280 ub-common-name
+MEMO_ENTRIES_MAX = 1024  # per memo of LeafTemplate: a mesh's identities, at ~300 bytes each
 _VERSION_3 = der.context(0, der.integer(2), constructed=True)
 _SIGNATURE_ALGORITHM = der.sequence(der.oid(ECDSA_WITH_SHA256))
 _SAN_OID = der.oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME.dotted_string)
@@ -77,6 +78,11 @@ class LeafTemplate:
     key: ec.EllipticCurvePrivateKey
     issuer_name_der: bytes
     constant_extensions_der: bytes  # the four fixed extensions, encoded, in the builder's order
+    # Memos of pure encodings: identity -> (subject, extensions), and (not before, not after) -> validity. A
+    # proxy asks for the same identity every time, and every call within one second shares its validity.
+    # Each is emptied when full (a miss costs one encoding, ~10 us), which bounds memory without LRU upkeep.
+    _names: dict[str, tuple[bytes, bytes]] = field(default_factory=dict, compare=False, repr=False)
+    _validities: dict[tuple[int, int], bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> LeafTemplate:
@@ -92,7 +98,29 @@ class LeafTemplate:
     def tbs_certificate(self, fields: LeafFields) -> bytes:
         """The TBSCertificate (RFC 5280 4.1) for ``fields``, as DER."""
         assert fields.serial > 0 and fields.not_before_s < fields.not_after_s, fields
-        name = fields.identity
+        names = self._names.get(fields.identity)
+        if names is None:
+            names = self._names_der(fields.identity)
+            _remember(self._names, fields.identity, names)
+        window = (fields.not_before_s, fields.not_after_s)
+        validity = self._validities.get(window)
+        if validity is None:
+            validity = der.sequence(der.x509_time(fields.not_before_s), der.x509_time(fields.not_after_s))
+            _remember(self._validities, window, validity)
+        subject, extensions = names
+        return der.sequence(
+            _VERSION_3,
+            der.integer(fields.serial),
+            _SIGNATURE_ALGORITHM,
+            self.issuer_name_der,
+            validity,
+            subject,
+            fields.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+            extensions,
+        )
+
+    def _names_der(self, name: str) -> tuple[bytes, bytes]:
+        """The subject and the extensions field ([3], with the SAN last) for identity ``name``."""
         assert name.isascii(), "identities are DNS names (IA5String in the SAN)"
         general_names = der.sequence(der.context(_DNS_NAME_TAG, name.encode("ascii"), constructed=False))
         if len(name) <= COMMON_NAME_BYTES_MAX:
@@ -101,22 +129,19 @@ class LeafTemplate:
         else:  # no common name, so the SAN must be critical (module docstring)
             subject = _EMPTY_NAME
             san = der.sequence(_SAN_OID, _CRITICAL, der.octet_string(general_names))
-        return der.sequence(
-            _VERSION_3,
-            der.integer(fields.serial),
-            _SIGNATURE_ALGORITHM,
-            self.issuer_name_der,
-            der.sequence(der.x509_time(fields.not_before_s), der.x509_time(fields.not_after_s)),
-            subject,
-            fields.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            der.context(3, der.sequence(self.constant_extensions_der, san), constructed=True),
-        )
+        return subject, der.context(3, der.sequence(self.constant_extensions_der, san), constructed=True)
 
     def sign(self, fields: LeafFields) -> bytes:
         """The leaf Certificate for ``fields``, as DER, signed with ECDSA-SHA256 by the issuer key."""
         tbs = self.tbs_certificate(fields)
         signature = self.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
         return der.sequence(tbs, _SIGNATURE_ALGORITHM, der.bit_string(signature))
+
+
+def _remember(memo: dict, key: object, value: bytes | tuple[bytes, bytes]) -> None:
+    if len(memo) >= MEMO_ENTRIES_MAX:
+        memo.clear()
+    memo[key] = value
 
 
 def _extension(value: x509.ExtensionType, *, critical: bool) -> bytes:

@@ -23,6 +23,7 @@ from tether.core.identity.leaf import (
     COMMON_NAME_BYTES_MAX,
     LEAF_EXTENDED_KEY_USAGE,
     LEAF_KEY_USAGE,
+    MEMO_ENTRIES_MAX,
     LeafFields,
     LeafTemplate,
 )
@@ -137,3 +138,17 @@ def test_certify_issues_for_an_identity_longer_than_a_common_name() -> None:
     assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName
     ) == [name]
+
+
+def test_template_memos_stay_bounded_and_do_not_change_the_encoding() -> None:
+    template = LeafTemplate.of(ISSUER, ISSUER_KEY)
+    first = LeafFields(identity="a.b", public_key=LEAF_KEYS[0], serial=1, not_before_s=T0, not_after_s=T0 + 1)
+    before = template.tbs_certificate(first)
+    for index in range(MEMO_ENTRIES_MAX + 5):
+        name = f"n{index}.b"
+        fields = LeafFields(
+            identity=name, public_key=LEAF_KEYS[0], serial=1, not_before_s=T0 + index, not_after_s=T0 + 10**6
+        )
+        assert template.tbs_certificate(fields) == builder_leaf(fields).tbs_certificate_bytes
+        assert len(template._names) <= MEMO_ENTRIES_MAX and len(template._validities) <= MEMO_ENTRIES_MAX
+    assert template.tbs_certificate(first) == before
