@@ -231,6 +231,7 @@ def serve(
 
     Prints one "listening on HOST:PORT" line on stdout once ready.
     """
+    from tether.adapters.cli import event_loop_options
     from tether.adapters.identity_service import (
         IdentityService,
         MeshDirectoryError,
@@ -268,7 +269,14 @@ def serve(
         sys.stdout.flush()
 
     try:
-        serve_processes(service, address, processes=processes, workers=workers, on_ready=ready)
+        serve_processes(
+            service,
+            address,
+            processes=processes,
+            workers=workers,
+            on_ready=ready,
+            use_uvloop=event_loop_options()["use_uvloop"],
+        )
     except OSError as error:
         _fail("serve", error.strerror or str(error), EXIT_BIND)
 

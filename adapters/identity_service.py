@@ -32,7 +32,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,14 +277,21 @@ def _bind(server: grpc.Server | grpc.aio.Server, listen: Address) -> int:
 
 
 def serve_processes(
-    service: IdentityService, listen: Address, *, processes: int, workers: int, on_ready: Callable[[int], None]
+    service: IdentityService,
+    listen: Address,
+    *,
+    processes: int,
+    workers: int,
+    on_ready: Callable[[int], None],
+    use_uvloop: bool = False,
 ) -> None:
     """Serve from ``processes`` processes sharing one port (SO_REUSEPORT), until SIGTERM or Ctrl-C.
 
     Certify is CPU-bound and Python runs one thread at a time, so a second core needs a second process;
     the kernel spreads new connections over the listeners (each proxy holds one connection). The children
     are forked before any gRPC object exists, as grpcio requires; each runs its own grpc.aio loop
-    (``serve_async``). ``on_ready(port)`` runs once this process listens. Raises OSError when the address
+    (``serve_async``), on uvloop when ``use_uvloop`` (the CLI's choice: adapters/cli.py event_loop_options).
+    ``on_ready(port)`` runs once this process listens. Raises OSError when the address
     cannot be bound.
     """
     assert processes >= 1, processes
@@ -295,7 +302,8 @@ def serve_processes(
         pid = os.fork()
         if pid == 0:  # the child serves until its parent forwards SIGTERM
             try:
-                asyncio.run(serve_async(service, address, workers=workers, reuse_port=True, on_ready=lambda _: None))
+                serving = serve_async(service, address, workers=workers, reuse_port=True, on_ready=lambda _: None)
+                _run(serving, use_uvloop)
             finally:
                 os._exit(0)
         children.append(pid)
@@ -306,11 +314,22 @@ def serve_processes(
         on_ready(bound)
 
     try:
-        asyncio.run(serve_async(service, address, workers=workers, reuse_port=processes > 1, on_ready=ready))
+        _run(serve_async(service, address, workers=workers, reuse_port=processes > 1, on_ready=ready), use_uvloop)
     finally:
         if reservation is not None:
             reservation.close()  # again, harmlessly, unless binding failed before ``ready``
         _stop_children(children)
+
+
+def _run(serving: Coroutine[None, None, None], use_uvloop: bool) -> None:
+    # uvloop cut the server's CPU per certificate by about a tenth in bench/certify.py (docs/performance.md).
+    factory = None
+    if use_uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serving)
 
 
 def _reserve_port(listen: Address) -> tuple[socket.socket, int]:
