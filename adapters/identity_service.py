@@ -9,7 +9,7 @@ as INVALID_ARGUMENT with a reason, rather than as grpcio's opaque deserializer f
 `tether identity serve` runs grpc.aio, one event loop per process, and answers Certify on the loop itself
 when the token verifier is pure (the embedded one): Certify is CPU-bound, and grpcio's threaded server
 spent about 150 us of every call passing the GIL between its polling thread and the handler threads
-(measured with bench/certify.py; docs/performance.md). A verifier that blocks (Kubernetes TokenReview)
+(bench/certify.py, under shared load). A verifier that blocks (Kubernetes TokenReview)
 runs the call in a thread pool of ``workers`` instead, so a slow API server stalls no other caller. The
 threaded server (``start_server``) stays for callers that embed the service in a threaded program (the
 demo, tests).
@@ -322,7 +322,7 @@ def serve_processes(
 
 
 def _run(serving: Coroutine[None, None, None], use_uvloop: bool) -> None:
-    # uvloop cut the server's CPU per certificate by about a tenth in bench/certify.py (docs/performance.md).
+    # uvloop cut the server's CPU per certificate by about a tenth in bench/certify.py.
     factory = None
     if use_uvloop:
         import uvloop
