@@ -208,7 +208,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     show_default=True,
     help="Lifetime of workload certificates (never past the issuer's expiry).",
 )
-@click.option("--workers", type=click.IntRange(min=1, max=64), default=8, show_default=True, help="Handler threads.")
+@click.option(
+    "--workers", type=click.IntRange(min=1, max=64), default=8, show_default=True, help="Threads for TokenReview calls."
+)
 @click.option(
     "--processes",
     type=click.IntRange(min=1, max=64),
@@ -229,6 +231,7 @@ def serve(
 
     Prints one "listening on HOST:PORT" line on stdout once ready.
     """
+    from tether.adapters.cli import event_loop_options
     from tether.adapters.identity_service import (
         IdentityService,
         MeshDirectoryError,
@@ -251,7 +254,12 @@ def serve(
         verifier: Any = _kubernetes_verifier(kubeconfig)
     else:
         verifier = EmbeddedTokenVerifier(token_key)
-    service = IdentityService(loaded.issuer, verifier, leaf_validity_s=leaf_validity_hours * 3600)
+    service = IdentityService(
+        loaded.issuer,
+        verifier,
+        leaf_validity_s=leaf_validity_hours * 3600,
+        verifier_blocks=tokens == "kubernetes",  # TokenReview waits on the API server; embedded tokens never wait
+    )
 
     def ready(port: int) -> None:
         click.echo(
@@ -261,7 +269,14 @@ def serve(
         sys.stdout.flush()
 
     try:
-        serve_processes(service, address, processes=processes, workers=workers, on_ready=ready)
+        serve_processes(
+            service,
+            address,
+            processes=processes,
+            workers=workers,
+            on_ready=ready,
+            use_uvloop=event_loop_options()["use_uvloop"],
+        )
     except OSError as error:
         _fail("serve", error.strerror or str(error), EXIT_BIND)
 

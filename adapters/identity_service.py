@@ -6,6 +6,14 @@ the token (the only step that may block: TokenReview is a network call) -> certi
 through grpcio's generic handler with raw bytes, so a malformed message reaches our decoder and comes back
 as INVALID_ARGUMENT with a reason, rather than as grpcio's opaque deserializer failure.
 
+`tether identity serve` runs grpc.aio, one event loop per process, and answers Certify on the loop itself
+when the token verifier is pure (the embedded one): Certify is CPU-bound, and grpcio's threaded server
+spent about 150 us of every call passing the GIL between its polling thread and the handler threads
+(bench/certify.py, under shared load). A verifier that blocks (Kubernetes TokenReview)
+runs the call in a thread pool of ``workers`` instead, so a slow API server stalls no other caller. The
+threaded server (``start_server``) stays for callers that embed the service in a threaded program (the
+demo, tests).
+
 Error kinds map to gRPC status codes:
 
     invalid_request   -> INVALID_ARGUMENT     (fix the request: identity, CSR, message)
@@ -16,6 +24,7 @@ Error kinds map to gRPC status codes:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -23,7 +32,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +155,11 @@ class IdentityService:
         wall_clock: Callable[[], float] = time.time,
         serials: Callable[[], int] = draw_serial,
         leaf_validity_s: int = LEAF_VALIDITY_S_DEFAULT,
+        verifier_blocks: bool = True,
     ) -> None:
+        """``verifier_blocks``: False only for a verifier that never waits on I/O (EmbeddedTokenVerifier), so
+        that grpc.aio may answer on its event loop (module docstring)."""
+        self._verifier_blocks = verifier_blocks
         self._issuer = issuer
         self._verifier = verifier
         self._wall_clock = wall_clock
@@ -159,6 +172,16 @@ class IdentityService:
         except CertifyError as error:
             log.info("Certify refused (%s): %s", error.problem.label, error.message)
             context.abort(STATUS_CODES[CERTIFY_STATUS[error.kind]], error.message)
+            raise AssertionError("context.abort raises") from None
+
+    async def certify_async(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            if self._verifier_blocks:
+                return await asyncio.get_running_loop().run_in_executor(None, self._certify, request)
+            return self._certify(request)
+        except CertifyError as error:
+            log.info("Certify refused (%s): %s", error.problem.label, error.message)
+            await context.abort(STATUS_CODES[CERTIFY_STATUS[error.kind]], error.message)
             raise AssertionError("context.abort raises") from None
 
     def _certify(self, request: bytes) -> bytes:
@@ -178,6 +201,12 @@ class IdentityService:
             SERVICE_NAME, {"Certify": grpc.unary_unary_rpc_method_handler(self.certify)}
         )
 
+    def async_handler(self) -> grpc.GenericRpcHandler:
+        """The same method for a grpc.aio server."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME, {"Certify": grpc.unary_unary_rpc_method_handler(self.certify_async)}
+        )
+
 
 def start_server(
     service: IdentityService, listen: Address, *, workers: int = WORKERS_DEFAULT, reuse_port: bool = False
@@ -191,27 +220,79 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity"),
         handlers=[service.handler()],
-        options=[("grpc.max_receive_message_length", REQUEST_BYTES_MAX), ("grpc.so_reuseport", int(reuse_port))],
+        options=_server_options(reuse_port),
     )
+    port = _bind(server, listen)
+    server.start()
+    return server, port
+
+
+async def serve_async(
+    service: IdentityService, listen: Address, *, workers: int, reuse_port: bool, on_ready: Callable[[int], None]
+) -> None:
+    """Serve on a grpc.aio server in the running loop until SIGTERM or SIGINT (see ``serve_async_until``)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await serve_async_until(stopping, service, listen, workers=workers, reuse_port=reuse_port, on_ready=on_ready)
+
+
+async def serve_async_until(
+    stopping: asyncio.Event,
+    service: IdentityService,
+    listen: Address,
+    *,
+    workers: int,
+    reuse_port: bool,
+    on_ready: Callable[[int], None],
+) -> None:
+    """Serve on a grpc.aio server in the running loop until ``stopping`` is set, then stop, letting calls in
+    flight finish for up to 5 s. ``on_ready(port)`` runs once it listens. Raises OSError when the address
+    cannot be bound."""
+    assert workers > 0, workers
+    executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="identity")
+    asyncio.get_running_loop().set_default_executor(executor)  # for a verifier that blocks
+    server = grpc.aio.server(handlers=[service.async_handler()], options=_server_options(reuse_port))
+    port = _bind(server, listen)
+    await server.start()
+    on_ready(port)
+    await stopping.wait()
+    log.info("stopping (calls in flight get %.0f s)", STOP_GRACE_S)
+    await server.stop(STOP_GRACE_S)
+
+
+def _server_options(reuse_port: bool) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", REQUEST_BYTES_MAX), ("grpc.so_reuseport", int(reuse_port))]
+
+
+def _bind(server: grpc.Server | grpc.aio.Server, listen: Address) -> int:
     try:
         port = server.add_insecure_port(str(listen))
     except RuntimeError as error:  # grpcio >= 1.51 raises instead of returning 0
         raise OSError(f"cannot listen on {listen}: {error}") from None
     if port == 0:
         raise OSError(f"cannot listen on {listen}: the address is in use or not local")
-    server.start()
-    return server, port
+    return port
 
 
 def serve_processes(
-    service: IdentityService, listen: Address, *, processes: int, workers: int, on_ready: Callable[[int], None]
+    service: IdentityService,
+    listen: Address,
+    *,
+    processes: int,
+    workers: int,
+    on_ready: Callable[[int], None],
+    use_uvloop: bool = False,
 ) -> None:
     """Serve from ``processes`` processes sharing one port (SO_REUSEPORT), until SIGTERM or Ctrl-C.
 
     Certify is CPU-bound and Python runs one thread at a time, so a second core needs a second process;
     the kernel spreads new connections over the listeners (each proxy holds one connection). The children
-    are forked before any gRPC object exists, as grpcio requires. ``on_ready(port)`` runs once this process
-    listens. Raises OSError when the address cannot be bound.
+    are forked before any gRPC object exists, as grpcio requires; each runs its own grpc.aio loop
+    (``serve_async``), on uvloop when ``use_uvloop`` (the CLI's choice: adapters/cli.py event_loop_options).
+    ``on_ready(port)`` runs once this process listens. Raises OSError when the address
+    cannot be bound.
     """
     assert processes >= 1, processes
     reservation, port = _reserve_port(listen) if processes > 1 else (None, listen.port)
@@ -221,22 +302,34 @@ def serve_processes(
         pid = os.fork()
         if pid == 0:  # the child serves until its parent forwards SIGTERM
             try:
-                serve_until_signalled(start_server(service, address, workers=workers, reuse_port=True)[0])
+                serving = serve_async(service, address, workers=workers, reuse_port=True, on_ready=lambda _: None)
+                _run(serving, use_uvloop)
             finally:
                 os._exit(0)
         children.append(pid)
+
+    def ready(bound: int) -> None:
+        if reservation is not None:
+            reservation.close()
+        on_ready(bound)
+
     try:
-        server, port = start_server(service, address, workers=workers, reuse_port=processes > 1)
-    except OSError:
-        _stop_children(children)
-        raise
-    if reservation is not None:
-        reservation.close()
-    on_ready(port)
-    try:
-        serve_until_signalled(server)
+        _run(serve_async(service, address, workers=workers, reuse_port=processes > 1, on_ready=ready), use_uvloop)
     finally:
+        if reservation is not None:
+            reservation.close()  # again, harmlessly, unless binding failed before ``ready``
         _stop_children(children)
+
+
+def _run(serving: Coroutine[None, None, None], use_uvloop: bool) -> None:
+    # uvloop cut the server's CPU per certificate by about a tenth in bench/certify.py.
+    factory = None
+    if use_uvloop:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serving)
 
 
 def _reserve_port(listen: Address) -> tuple[socket.socket, int]:
@@ -260,17 +353,3 @@ def _stop_children(children: list[int]) -> None:
     for pid in children:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-
-
-def serve_until_signalled(server: grpc.Server) -> None:
-    """Block until SIGTERM or Ctrl-C, then stop, letting calls in flight finish for up to 5 s."""
-
-    def stop(signum: int, frame: object) -> None:
-        log.info("signal %d: stopping (calls in flight get %.0f s)", signum, STOP_GRACE_S)
-        server.stop(STOP_GRACE_S)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        server.wait_for_termination()
-    except KeyboardInterrupt:
-        server.stop(0)

@@ -9,6 +9,8 @@ spends its CPU on gRPC, not on key generation), warms up, then sends exactly --r
 stops (or stops earlier at --max-seconds). Every answer is checked to be a certificate. It prints
 certificates per second, the server's CPU time per certificate (from /proc), and with --json one JSON line.
 
+The server is `tether identity serve` as deployed: grpc.aio on uvloop (TETHER_EVENT_LOOP=asyncio in the
+environment selects asyncio's loop), answering on its event loop since the embedded verifier never blocks.
 The client and the server share this machine's cores, so the number is a floor for a server with a core
 of its own. ``--client h2load`` sends the timed calls with h2load (nghttp2's C load generator, speaking
 gRPC's framing over HTTP/2) instead of grpcio, so the client takes far less of the shared CPU: it posts one
@@ -57,7 +59,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="Certify calls to time (default 20000).")
     parser.add_argument("--channels", type=int, default=4, help="Client channels (TCP connections), default 4.")
     parser.add_argument("--in-flight", type=int, default=16, help="Outstanding calls per channel, default 16.")
-    parser.add_argument("--workers", type=int, default=8, help="Server handler threads (serve --workers), default 8.")
+    parser.add_argument(
+        "--workers", type=int, default=8, help="Server TokenReview threads (serve --workers); idle here."
+    )
     parser.add_argument("--processes", type=int, default=1, help="Server processes (serve --processes), default 1.")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="Stop sending after this long.")
     parser.add_argument("--json", action="store_true", help="Print one JSON line with the results.")

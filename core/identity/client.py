@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tether.core.effects import LogError
+from tether.core.identity.leaf import COMMON_NAME_BYTES_MAX
 
 NS_PER_S = 1_000_000_000
 
@@ -447,10 +448,15 @@ def backoff_delay_ns(failures: int, config: IdentityClientConfig, rng: random.Ra
 
 
 def build_csr(key: ec.EllipticCurvePrivateKey, identity: str) -> bytes:
-    """A DER PKCS#10 request: CN = the identity, exactly one DNS SAN = the identity, signed ECDSA-SHA256."""
+    """A DER PKCS#10 request: CN = the identity, exactly one DNS SAN = the identity, signed ECDSA-SHA256.
+
+    An identity longer than a common name may be (64 octets) gets no CN, which Certify accepts and which is
+    how the CA writes such a leaf (leaf.py); cryptography refuses to write the longer CN."""
+    fits = len(identity.encode("utf-8")) <= COMMON_NAME_BYTES_MAX
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, identity)] if fits else []
     request = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))
+        .subject_name(x509.Name(subject))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(identity)]), critical=False)
         .sign(key, hashes.SHA256())
     )

@@ -4,12 +4,14 @@ kubernetes client; the mesh directory's errors name the file."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+import queue
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +34,7 @@ from tether.adapters.identity_service import (
     MeshDirectoryError,
     MeshFiles,
     load_mesh,
+    serve_async_until,
     start_server,
 )
 from tether.core.address import Address
@@ -82,23 +85,61 @@ class Running:
         return caught.value
 
 
-def start(files: MeshFiles, verifier: object) -> tuple[grpc.Server, Running]:
+# The threaded server (start_server), and grpc.aio (serve_async_until) answering on its loop or, for a verifier
+# that blocks, in its thread pool.
+SERVERS = ["threaded", "aio-inline", "aio-executor"]
+
+
+def start(files: MeshFiles, verifier: object, server: str = "threaded") -> tuple[Callable[[], None], Running]:
+    """Serve on a free port; returns a function that stops the server, and the client's handle."""
     now = [1.0]
     loaded, _ = load_mesh(files, datetime.datetime.now(datetime.UTC).timestamp())
     now[0] = loaded.issuer.not_before_s + 3600.0
-    service = IdentityService(loaded.issuer, verifier, wall_clock=lambda: now[0])  # type: ignore[arg-type]
-    server, port = start_server(service, Address("127.0.0.1", 0), workers=2)
-    return server, Running(grpc.insecure_channel(f"127.0.0.1:{port}"), files, now)
+    service = IdentityService(
+        loaded.issuer,
+        verifier,  # type: ignore[arg-type]
+        wall_clock=lambda: now[0],
+        verifier_blocks=server != "aio-inline",
+    )
+    if server == "threaded":
+        grpc_server, port = start_server(service, Address("127.0.0.1", 0), workers=2)
+        stop: Callable[[], None] = lambda: grpc_server.stop(None)  # noqa: E731
+    else:
+        stop, port = start_aio(service)
+    return stop, Running(grpc.insecure_channel(f"127.0.0.1:{port}"), files, now)
 
 
-@pytest.fixture
-def running(mesh_dir: Path) -> Iterator[Running]:
+def start_aio(service: IdentityService) -> tuple[Callable[[], None], int]:
+    """serve_async_until on an event loop in a thread of its own (signals only reach the main thread)."""
+    bound: queue.Queue[int] = queue.Queue()
+    loop = asyncio.new_event_loop()
+    stopping = asyncio.Event()
+
+    async def serve() -> None:
+        await serve_async_until(
+            stopping, service, Address("127.0.0.1", 0), workers=2, reuse_port=False, on_ready=bound.put
+        )
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(stopping.set)
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the aio server stopped"
+        loop.close()
+
+    return stop, bound.get(timeout=10)
+
+
+@pytest.fixture(params=SERVERS[:2])
+def running(mesh_dir: Path, request: pytest.FixtureRequest) -> Iterator[Running]:
     files = MeshFiles(mesh_dir)
     _, token_key = load_mesh(files, datetime.datetime.now(datetime.UTC).timestamp())
-    server, handle = start(files, EmbeddedTokenVerifier(token_key))
+    stop, handle = start(files, EmbeddedTokenVerifier(token_key), request.param)
     yield handle
     handle.channel.close()
-    server.stop(None)
+    stop()
 
 
 def csr(name: str = WEB, key: ec.EllipticCurvePrivateKey | None = None) -> bytes:
@@ -231,8 +272,9 @@ def test_kubernetes_verifier_unreachable_api_is_unavailable() -> None:
     assert isinstance(verdict, VerifierUnavailable) and "could not be reached" in verdict.reason
 
 
-def test_identity_service_with_token_review_end_to_end(mesh_dir: Path, api_server: str) -> None:
-    server, running = start(MeshFiles(mesh_dir), k8s_verifier(api_server))
+@pytest.mark.parametrize("server", ["threaded", "aio-executor"])
+def test_identity_service_with_token_review_end_to_end(mesh_dir: Path, api_server: str, server: str) -> None:
+    stop, running = start(MeshFiles(mesh_dir), k8s_verifier(api_server), server)
     try:
         leaf = running.certify(CertifyRequest(identity=WEB, token=b"web-token", certificate_signing_request=csr()))
         assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
@@ -242,7 +284,7 @@ def test_identity_service_with_token_review_end_to_end(mesh_dir: Path, api_serve
         assert error.code() is grpc.StatusCode.UNAVAILABLE and "tokenreviews" in error.details()
     finally:
         running.channel.close()
-        server.stop(None)
+        stop()
 
 
 # The mesh directory

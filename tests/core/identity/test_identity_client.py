@@ -41,6 +41,7 @@ from tether.core.identity.client import (
     build_csr,
     refresh_delay_ns,
 )
+from tether.core.identity.csr import validate_csr
 
 S = 1_000_000_000
 HOUR_S = 3600
@@ -323,6 +324,15 @@ def test_refresh_delay_ns_is_70_percent_clamped_to_10s_and_24h(remaining_s, refr
 def test_build_csr_names_the_identity_once():
     key = new_key()
     assert_csr_is_ours(build_csr(key, IDENTITY), key)
+
+
+def test_build_csr_leaves_out_a_common_name_too_long_for_one_and_the_ca_accepts_it():
+    long_identity = "a-service-account-with-a-long-name.shop.serviceaccount.identity.tether.cluster.local"
+    assert len(long_identity) > 64
+    key = new_key()
+    csr_der = build_csr(key, long_identity)
+    assert x509.load_der_x509_csr(csr_der).subject == x509.Name([])
+    assert validate_csr(csr_der, long_identity) == key.public_key()
 
 
 @pytest.mark.parametrize("phase", list(Phase))

@@ -144,3 +144,50 @@ def test_embedded_token_mac_has_exactly_one_spelling() -> None:
     for low_bits in range(1, 4):
         twin = good[:-1] + alphabet[(index & ~3) | ((index + low_bits) & 3)]
         assert isinstance(VERIFIER.verify(twin.encode(), T0), TokenRejected), twin
+
+
+# The token cache: a cached verifier answers exactly as one that verifies every token afresh.
+CACHE_POOL = [
+    token(valid_for_s=60),
+    token(serviceaccount="vote", valid_for_s=3600),
+    token(namespace="books", valid_for_s=1),
+    token(key=OTHER_KEY),
+    token()[:-2] + b"AA",  # a forged MAC
+    b"garbage",
+]
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(0, 3),
+    st.lists(st.tuples(st.sampled_from(range(len(CACHE_POOL))), st.integers(T0 - 100, T0 + 4000)), max_size=40),
+)
+def test_embedded_verifier_cache_answers_as_a_fresh_verification(
+    entries_max: int, calls: list[tuple[int, int]]
+) -> None:
+    cached, fresh = (
+        EmbeddedTokenVerifier(KEY, cache_entries_max=entries_max),
+        EmbeddedTokenVerifier(KEY, cache_entries_max=0),
+    )
+    for index, wall_time_s in calls:  # times in any order: a wall clock may step back
+        assert cached.verify(CACHE_POOL[index], wall_time_s) == fresh.verify(CACHE_POOL[index], wall_time_s)
+        assert len(cached._accepted) <= entries_max
+
+
+def test_embedded_verifier_cache_honours_expiry_after_a_hit() -> None:
+    verifier = EmbeddedTokenVerifier(KEY, cache_entries_max=8)
+    short = token(valid_for_s=10)
+    assert (
+        verifier.verify(short, T0)
+        == verifier.verify(short, T0 + 9)
+        == TokenAccepted(namespace="emojivoto", serviceaccount="web")
+    )
+    assert "expired" in rejection(verifier.verify(short, T0 + 10))
+
+
+def test_embedded_verifier_cache_evicts_the_least_recently_used_token() -> None:
+    verifier = EmbeddedTokenVerifier(KEY, cache_entries_max=2)
+    first, second, third = token(serviceaccount="a"), token(serviceaccount="b"), token(serviceaccount="c")
+    for each in (first, second, first, third):  # the second is now the least recently used
+        verifier.verify(each, T0)
+    assert list(verifier._accepted) == [first, third]
