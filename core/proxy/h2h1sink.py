@@ -25,12 +25,12 @@ from tether.core.proxy import h2translate as tr
 from tether.core.proxy import http1
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
-from tether.core.proxy.parts import ProxyParts
+from tether.core.proxy.meshlane import MeshLane
 from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import StreamExchange
 
 
-class H1Sink(ProxyParts):
+class H1Sink(MeshLane):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _write_h2(self, connection: Downstream | Upstream) -> None: ...
@@ -87,9 +87,8 @@ class H1Sink(ProxyParts):
         upstream.exchange_id = exchange.exchange_id
         exchange.sink_id = upstream.conn_id
         has_body = exchange.request_has_body and not (exchange.request_ended and not exchange.to_sink)
-        request = tr.h1_request(exchange.head, has_body=has_body)
         exchange.request_chunked = has_body and not tr.has_content_length(exchange.head.headers)
-        self._send(upstream, upstream.h11.send(request))
+        self._send(upstream, self._sink_request_head_bytes(exchange, upstream, has_body=has_body))  # meshlane.py
         while exchange.to_sink:
             self._send(upstream, upstream.h11.send(h11.Data(data=exchange.to_sink.popleft())))
         exchange.to_sink_bytes = 0
@@ -100,6 +99,8 @@ class H1Sink(ProxyParts):
         if upstream.state is UpstreamState.IDLE:
             self._close_upstream(upstream, reset=bool(data))  # nothing was asked: bytes or EOF end it
             return
+        if data and upstream.state is UpstreamState.BUSY and self._sink_lane_response(upstream, data):
+            return  # the lane took it (meshlane.py)
         upstream.eof = upstream.eof or not data
         upstream.h11.receive_data(data)
         held: list[StreamExchange] = []  # exchanges whose response head waits for the body read with it
@@ -110,8 +111,9 @@ class H1Sink(ProxyParts):
                 self._write_source(exchange)
         self._sync_h1_sink_reading(upstream)
 
-    def _h1_sink_events(self, upstream: Upstream, held: list[StreamExchange]) -> None:
-        ahead: object = None  # the event after the current one, read early (below)
+    def _h1_sink_events(self, upstream: Upstream, held: list[StreamExchange], first: object = None) -> None:
+        """The sink's events, from ``first`` (already read) if given."""
+        ahead: object = first  # the event after the current one, read early (below)
         while upstream.conn_id in self._upstream and upstream.state is UpstreamState.BUSY:
             exchange = self._streams.get(upstream.exchange_id or -1)
             event, ahead = (ahead if ahead is not None else _next_h1_event(upstream)), None

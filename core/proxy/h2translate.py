@@ -130,7 +130,7 @@ def head_from_h2(headers: list[tuple[bytes, bytes]]) -> RequestHead:
 
 def check_h1_fields(headers: list[tuple[bytes, bytes]]) -> None:
     """Raise TranslationError unless HTTP/1.1 can carry ``headers`` (lower-case names) as they are; several
-    Content-Length fields must agree (``_h1_rows`` keeps one)."""
+    Content-Length fields must agree (``h1_rows`` keeps one)."""
     length = None
     for name, value in headers:
         if name not in _h1_names:
@@ -150,11 +150,15 @@ def head_from_h1(request: h11.Request, authority: str) -> RequestHead:
     headers = [(name, value) for name, value in forwarded_headers(pairs(request)) if name != b"host"]
     if any(name == b"transfer-encoding" for name, _ in headers):
         headers = [(name, value) for name, value in headers if name != b"transfer-encoding"]
-    path = request.target
-    if path.startswith((b"http://", b"https://")):  # absolute form: HTTP/2 carries the parts separately
-        rest = path.split(b"/", 3)
-        path = b"/" + (rest[3] if len(rest) > 3 else b"")
-    return RequestHead(request.method, b"http", authority.encode(), path, headers, HTTP11)
+    return RequestHead(request.method, b"http", authority.encode(), h2_path(request.target), headers, HTTP11)
+
+
+def h2_path(target: bytes) -> bytes:
+    """The ``:path`` of an HTTP/1.1 request target."""
+    if target.startswith((b"http://", b"https://")):  # absolute form: HTTP/2 carries the parts separately
+        rest = target.split(b"/", 3)
+        return b"/" + (rest[3] if len(rest) > 3 else b"")
+    return target
 
 
 def h1_has_body(request: h11.Request) -> bool:
@@ -183,13 +187,13 @@ def h1_request(head: RequestHead, *, has_body: bool) -> h11.Request:
     """The HTTP/1.1 request for ``head``; a body with no declared length is sent chunked. ``head`` came from
     ``head_from_h2``, which checked that HTTP/1.1 can carry it, so h11 does not validate it again."""
     rows = [(b"host", b"host", head.authority or b"localhost")]
-    length = _h1_rows(head.headers, rows)
+    length = h1_rows(head.headers, rows)
     if has_body and not length:
         rows.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
     return request_event(head.method, head.path, rows)
 
 
-def _h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, bytes]]) -> bool:
+def h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, bytes]]) -> bool:
     """Append h11's rows (name as sent, lower-case name, value) for ``headers`` to ``rows``, less ``te`` and
     ``l5d-orig-proto`` and with one Content-Length (as h11 keeps one of several equal ones); returns whether
     there was a Content-Length."""
@@ -240,7 +244,7 @@ def h1_response(status: int, headers: list[tuple[bytes, bytes]], *, close: bool)
     """The HTTP/1.1 response for an HTTP/2 one whose fields ``split_response(..., for_h1=True)`` checked."""
     assert 200 <= status <= 999, status
     rows: list[tuple[bytes, bytes, bytes]] = []
-    _h1_rows(headers, rows)
+    h1_rows(headers, rows)
     if close:
         rows.append((b"connection", b"connection", b"close"))
     # HTTP/2 carries no reason phrase. An empty one is valid HTTP/1.1, but http-parser based clients (h2load,
