@@ -95,6 +95,16 @@ class EventPathProxy(Proxy):
     def _sink_request_head_bytes(self, exchange: StreamExchange, upstream: Upstream, *, has_body: bool) -> bytes:
         return upstream.h11.send(tr.h1_request(exchange.head, has_body=has_body))
 
+    def _source_response_head_bytes(
+        self,
+        exchange: StreamExchange,
+        downstream: Downstream,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        close: bool,
+    ) -> bytes:
+        return downstream.h11.send(tr.h1_response(status, headers, close=close))
+
 
 class Pair:
     """Client -> outbound -> inbound -> workload, moving bytes in memory."""

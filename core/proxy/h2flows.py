@@ -64,6 +64,14 @@ class H2Flows(H2Windows, H2Traffic):
         def _sink_connection_lost(self, upstream: Upstream, reason: str, *, already_closed: bool = False) -> None: ...
         def _sync_h1_sink_reading(self, upstream: Upstream) -> None: ...
         def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
+        def _source_response_head_bytes(
+            self,
+            exchange: StreamExchange,
+            downstream: Downstream,
+            status: int,
+            headers: list[tuple[bytes, bytes]],
+            close: bool,
+        ) -> bytes: ...
         def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
         def _drop_lease(
             self, holder: Leaseholder, request_id: int, outcome: Outcome, *, rtt_ns: int | None = None
@@ -311,7 +319,7 @@ class H2Flows(H2Windows, H2Traffic):
         else:
             exchange.response_chunked = not tr.has_content_length(headers)
             close = downstream.closing or self._draining
-            self._send(downstream, downstream.h11.send(tr.h1_response(status, headers, close=close)))
+            self._send(downstream, self._source_response_head_bytes(exchange, downstream, status, headers, close))
             if ended:  # a response without a body (HEADERS with END_STREAM): its HTTP/1.1 message ends here
                 self._send(downstream, downstream.h11.send(h11.EndOfMessage()))
         if ended:

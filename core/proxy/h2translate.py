@@ -249,7 +249,12 @@ def h1_response(status: int, headers: list[tuple[bytes, bytes]], *, close: bool)
         rows.append((b"connection", b"connection", b"close"))
     # HTTP/2 carries no reason phrase. An empty one is valid HTTP/1.1, but http-parser based clients (h2load,
     # older Node) then never report the status and count the response as failed: write the standard phrase.
-    return response_event(status, _REASONS.get(status, b""), rows)
+    return response_event(status, reason_phrase(status), rows)
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (b"" for one without)."""
+    return _REASONS.get(status, b"")
 
 
 _REASONS = {int(status): status.phrase.encode("ascii") for status in HTTPStatus}

@@ -22,6 +22,7 @@ in the ``Proxy`` that inherits it.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import h2.events
@@ -108,11 +109,7 @@ class H2Upstream(H1Sink):
             exchange.sink_is_h2 = False
             self._h1_sink_dispatch(exchange, endpoint)
             return
-        if meshed_port is not None:
-            header = transport_header.TransportHeader(endpoint.port, session_protocol="http2").encode()
-            key = (Address(endpoint.host, meshed_port), header)
-        else:
-            key = (endpoint, b"")
+        key = _meshed_pool_key(endpoint, meshed_port) if meshed_port is not None else (endpoint, b"")
         pool = self._h2_pools.get(key)
         if pool is None:
             identity = endpoint_set.identity if endpoint_set is not None and meshed_port is not None else None
@@ -509,3 +506,10 @@ class H2Upstream(H1Sink):
             if exchange is not None:
                 self._exchange_progress(exchange)
         self._write_h2(connection)
+
+
+@lru_cache(maxsize=4096)  # bounded; one entry per meshed endpoint (the header was encoded per request)
+def _meshed_pool_key(endpoint: Address, meshed_port: int) -> tuple[Address, bytes]:
+    """The H2Pool key of a meshed endpoint: its inbound port, and the transport header naming its port."""
+    header = transport_header.TransportHeader(endpoint.port, session_protocol="http2").encode()
+    return Address(endpoint.host, meshed_port), header

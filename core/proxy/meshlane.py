@@ -12,6 +12,8 @@ for HTTP/1.1 to HTTP/1.1:
   ``RequestHead`` is made from the parsed head directly (what ``head_from_h1`` makes of the h11 event), and
   the exchange goes through the same steps as the event path: ``_start_h1_over_h2``, ``_request_body``,
   ``_request_done``, then the connection's read state.
+- ``_source_response_head_bytes`` (outbound, for ``_sink_response_head``): the response head towards an
+  HTTP/1.1 client is written from the HTTP/2 head, as for the workload's request head below.
 - ``_sink_request_head_bytes`` (inbound, for ``_bind_h1_sink``): the HTTP/1.1 head towards the workload is
   written from the ``RequestHead`` ``head_from_h2`` checked, with h1heads.py's writer, instead of an h11
   event that h11 serialises; only for a head h11 would frame by Content-Length (or not at all).
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 from tether.core.discovery import EndpointSet
 from tether.core.proxy import h2translate as tr
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
-from tether.core.proxy.h1heads import Head, request_event, write_head
+from tether.core.proxy.h1heads import Head, request_event, response_event, write_head
 from tether.core.proxy.http1 import HOP_BY_HOP
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.streams import StreamExchange
@@ -113,6 +115,34 @@ class MeshLane(ProxyParts):
         if downstream.conn_id in self._downstream:
             self._sync_reading_downstream(downstream)  # the end of _pump_downstream
         return True
+
+    # ---------------------------------------------------------------- outbound: the response to the client
+
+    def _source_response_head_bytes(
+        self,
+        exchange: StreamExchange,
+        downstream: Downstream,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        close: bool,
+    ) -> bytes:
+        """``downstream.h11.send(tr.h1_response(status, headers, close=close))`` for an HTTP/1.1 client, written
+        out here when h11 would frame it by Content-Length (a response to HEAD or CONNECT, a 204 or 304, and
+        one of unknown length go to h11)."""
+        rows: list[tuple[bytes, bytes, bytes]] = []
+        length = tr.h1_rows(headers, rows)
+        if not length or status in (204, 304) or exchange.head.method in _NO_LANE_RESPONSE_METHODS:
+            return downstream.h11.send(tr.h1_response(status, headers, close=close))
+        framing = int(next(value for _, name, value in rows if name == b"content-length"))
+        if close:
+            rows.append((b"connection", b"connection", b"close"))
+        reason = tr.reason_phrase(status)
+        wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), rows)
+
+        def event() -> object:  # for h11, should this connection ever need it
+            return response_event(status, reason, rows)
+
+        return downstream.h11.send_prepared(event, wire, framing, keep_alive=not close)
 
     # ---------------------------------------------------------------- inbound: towards the workload
 

@@ -54,6 +54,16 @@ class EventPathProxy(Proxy):
     def _sink_request_head_bytes(self, exchange: StreamExchange, upstream: Upstream, *, has_body: bool) -> bytes:
         return upstream.h11.send(tr.h1_request(exchange.head, has_body=has_body))
 
+    def _source_response_head_bytes(
+        self,
+        exchange: StreamExchange,
+        downstream: Downstream,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        close: bool,
+    ) -> bytes:
+        return downstream.h11.send(tr.h1_response(status, headers, close=close))
+
 
 class LaneProxy(Proxy):
     """The proxy as shipped, counting what the meshed lane took whole."""
@@ -97,6 +107,7 @@ class MeshRun:
         self.workload: list[int] = []  # its workload connections, the one written to last at the end
         self.closed: set[tuple[str, int]] = set()
         self.client = self.proxies["out"].accepted(self.now_ns)
+        self.client_eof = False
         self._settle()
 
     def _settle(self) -> None:
@@ -137,7 +148,8 @@ class MeshRun:
 
     def act(self, action: tuple[Any, ...]) -> None:
         kind, outbound, inbound = action[0], self.proxies["out"], self.proxies["in"]
-        if kind == "client" and ("out", self.client) not in self.closed:
+        if kind == "client" and ("out", self.client) not in self.closed and not self.client_eof:
+            self.client_eof = not action[1]  # a half-closed client sends nothing more
             outbound.received(self.client, action[1], self.now_ns)
         elif kind == "connect" and self.connecting:
             conn_id = self.connecting.pop(0)
@@ -204,6 +216,8 @@ def round_of_traffic(draw: st.DrawFn) -> list[tuple[Any, ...]]:
     cut = draw(st.integers(0, 40)) if draw(st.integers(0, 4)) == 0 else 0
     actions: list[tuple[Any, ...]] = [("client", piece) for piece in pieces(request, cut)]
     actions.append(("connect", draw(st.integers(0, 9)) > 0))
+    if draw(st.integers(0, 9)) == 0:
+        actions.append(("client", b""))  # half-closed before the answer: it goes with Connection: close
     common = draw(st.integers(0, 3)) > 0
     response = draw(st.sampled_from(COMMON_RESPONSES)) if common else draw(message(request=False))
     cut = draw(st.integers(0, 40)) if draw(st.integers(0, 4)) == 0 else 0
