@@ -209,8 +209,10 @@ def h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, b
 def h2_response_headers(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """HTTP/2 response headers from an HTTP/1.1 (or HTTP/2) response head."""
     out = [(b":status", _STATUS_FIELDS.get(status) or str(status).encode())]
-    if any(name == b"connection" or name == b"transfer-encoding" for name, _ in headers):
-        headers = forwarded_headers(headers)  # what a Connection header names goes too (http1.py)
+    for name, _ in headers:
+        if name in _REFRAMING_NAMES:
+            headers = forwarded_headers(headers)  # what a Connection header names goes too (http1.py)
+            break
     for name, value in headers:  # without them, hop-by-hop headers are among those dropped here
         lower = name.lower()
         if lower not in _NOT_IN_H2_RESPONSES and not lower.startswith(b":"):
@@ -219,6 +221,7 @@ def h2_response_headers(status: int, headers: list[tuple[bytes, bytes]]) -> list
 
 
 _NOT_IN_H2_RESPONSES = CONNECTION_SPECIFIC | {b"te"}
+_REFRAMING_NAMES = frozenset({b"connection", b"transfer-encoding"})
 _STATUS_FIELDS = {status: str(status).encode() for status in range(100, 600)}
 
 
