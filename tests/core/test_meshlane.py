@@ -31,6 +31,7 @@ from tether.core.proxy import h2translate as tr
 from tether.core.proxy.connections import Downstream, Upstream
 from tether.core.proxy.h1heads import Head
 from tether.core.proxy.streams import StreamExchange
+from tether.core.traffic.route_config import RouteConfig, load_route_yaml
 
 WORKLOAD = Address("127.0.0.1", 8080)
 HOSTS = ["bench", "a", "b", "example.com"]  # the hosts of COMMON_REQUESTS and test_h1fast's messages
@@ -38,6 +39,23 @@ OUTBOUND_RESOLVER = StaticResolver(
     by_host={host: [Address("10.0.0.9", 8080)] for host in HOSTS}, meshed_hosts={host: 4143 for host in HOSTS}
 )
 MS = 1_000_000
+# A route on the outbound proxy (retries with replay, a timeout): the lane's requests take the route hooks.
+RETRYING_ROUTE = load_route_yaml(
+    """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: bench
+  annotations:
+    retry.linkerd.io/http: 5xx
+    retry.linkerd.io/limit: "2"
+    timeout.linkerd.io/request: 30s
+spec:
+  parentRefs: [{name: bench}]
+  rules: [{name: all}]
+""",
+    "route.yaml",
+)
 EXAMPLES = int(os.environ.get("TETHER_MESHLANE_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -94,9 +112,9 @@ class MeshRun:
     """Client -> outbound -> inbound -> workload, driven by a script of actions; ``log`` is everything both
     proxies did, in order. Bytes between the proxies move (and are acknowledged) at once."""
 
-    def __init__(self, kind: type[Proxy], config: ProxyConfig, seed: int) -> None:
+    def __init__(self, kind: type[Proxy], config: ProxyConfig, seed: int, routes: RouteConfig | None = None) -> None:
         self.proxies = {
-            "out": kind(config, OUTBOUND_RESOLVER, random.Random(seed)),
+            "out": kind(config, OUTBOUND_RESOLVER, random.Random(seed), routes=routes),
             "in": kind(config, StaticResolver(default=[WORKLOAD]), random.Random(seed + 1), direction="inbound"),
         }
         self.now_ns = 1
@@ -236,13 +254,18 @@ def round_of_traffic(draw: st.DrawFn) -> list[tuple[Any, ...]]:
     seed=st.integers(0, 2**16),
     limits=st.sampled_from([(16 * 1024, 64 * 1024), (1024, 64 * 1024), (16 * 1024, 1024)]),
     ending=st.sampled_from([[], [("client", b"")], [("workload", b"")]]),
+    routes=st.sampled_from([None, RETRYING_ROUTE]),
 )
 def test_meshlane_matches_the_event_path(
-    rounds: list[list[tuple[Any, ...]]], seed: int, limits: tuple[int, int], ending: list[tuple[Any, ...]]
+    rounds: list[list[tuple[Any, ...]]],
+    seed: int,
+    limits: tuple[int, int],
+    ending: list[tuple[Any, ...]],
+    routes: RouteConfig | None,
 ) -> None:
     max_header_bytes, max_buffered_bytes = limits
     config = ProxyConfig(protocol="detect", max_header_bytes=max_header_bytes, max_buffered_bytes=max_buffered_bytes)
-    runs = [MeshRun(kind, config, seed) for kind in (LaneProxy, EventPathProxy)]
+    runs = [MeshRun(kind, config, seed, routes) for kind in (LaneProxy, EventPathProxy)]
     for action in [action for actions in rounds for action in actions] + ending + [("ack",)]:
         for run in runs:
             run.act(action)
