@@ -35,6 +35,10 @@ _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
 # Names already found to be tokens: a memo of a pure check (what it holds never changes a verdict), bounded.
 _h1_names: set[bytes] = set()
 H1_NAMES_MAX = 1024
+# Values already found fit, the same way: most repeat on every request of a workload (content types, servers,
+# user agents); the first H1_VALUES_MAX distinct ones are kept, the rest are checked each time.
+_h1_values: set[bytes] = set()
+H1_VALUES_MAX = 4096
 # RFC 9113 section 8.2.2: connection-specific headers are malformed in HTTP/2.
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
@@ -138,8 +142,11 @@ def check_h1_fields(headers: list[tuple[bytes, bytes]]) -> None:
                 raise TranslationError(f"header name {name[:100]!r} cannot be carried by HTTP/1.1")
             if len(_h1_names) < H1_NAMES_MAX:
                 _h1_names.add(name)
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise TranslationError(f"the value of {name[:100]!r} cannot be carried by HTTP/1.1")
+        if value not in _h1_values:
+            if _FIELD_VALUE.fullmatch(value) is None:
+                raise TranslationError(f"the value of {name[:100]!r} cannot be carried by HTTP/1.1")
+            if len(_h1_values) < H1_VALUES_MAX:
+                _h1_values.add(value)
         if name == b"content-length":
             if _CONTENT_LENGTH.fullmatch(value) is None or (length is not None and value != length):
                 raise TranslationError("invalid or conflicting content-length")
