@@ -1,6 +1,6 @@
 """Core cost of one request on the meshed path, with no sockets: an outbound and an inbound proxy machine.
 
-    python bench/core_mesh.py [--requests N] [--plaintext] [--profile]
+    python bench/core_mesh.py [--requests N] [--plaintext] [--profile] [--no-lane]
 
     client -> outbound Proxy =(mTLS, HTTP/2)=> inbound Proxy -> workload
 
@@ -8,7 +8,8 @@ Both machines run in this process and bytes move between them in memory, so the 
 machines spend per request (keep-alive client, one pooled HTTP/2 connection between the proxies, a keep-alive
 workload answering a small response), without drivers or the kernel. ``--plaintext`` drops mTLS (the meshed
 hop still rides HTTP/2); ``--profile`` prints where the time goes, grouped by library, then the top
-functions. Certificates come from the project's own CA (core/identity/ca.py), made at startup.
+functions. ``--no-lane`` closes the meshed lane (core/proxy/meshlane.py): the event path on both proxies.
+Certificates come from the project's own CA (core/identity/ca.py), made at startup.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from tether.core.identity.names import Mesh, WorkloadIdentity
 from tether.core.identity.tls import TlsContexts
 from tether.core.identity.tokens import TokenAccepted
 from tether.core.proxy import Proxy
+from tether.core.proxy import h2translate as tr
+from tether.core.proxy.connections import Downstream, Upstream
+from tether.core.proxy.h1heads import Head
 from tether.core.proxy.mtls import CertificateUpdate
+from tether.core.proxy.streams import StreamExchange
 
 REQUEST = b"GET /index.html HTTP/1.1\r\nHost: web\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
@@ -78,10 +83,33 @@ def make_ca() -> tuple:
     return anchor.public_bytes(pem), loaded.issuer
 
 
+class EventPathProxy(Proxy):
+    """The proxy with the meshed lane closed (meshlane.py declines everything)."""
+
+    def _mesh_lane_request(self, downstream: Downstream, head: Head, *args: object) -> bool:
+        return False
+
+    def _sink_lane_response(self, upstream: Upstream, data: bytes) -> bool:
+        return False
+
+    def _sink_request_head_bytes(self, exchange: StreamExchange, upstream: Upstream, *, has_body: bool) -> bytes:
+        return upstream.h11.send(tr.h1_request(exchange.head, has_body=has_body))
+
+    def _source_response_head_bytes(
+        self,
+        exchange: StreamExchange,
+        downstream: Downstream,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        close: bool,
+    ) -> bytes:
+        return downstream.h11.send(tr.h1_response(status, headers, close=close))
+
+
 class Pair:
     """Client -> outbound -> inbound -> workload, moving bytes in memory."""
 
-    def __init__(self, *, mtls: bool) -> None:
+    def __init__(self, *, mtls: bool, lane: bool = True) -> None:
         ca = make_ca() if mtls else None
         server = contexts_for("server", ca) if ca else None
         resolver = StaticResolver(
@@ -89,8 +117,9 @@ class Pair:
             meshed_hosts={"web": INBOUND_PORT},
             identities={"web": server.identity} if server else None,
         )
-        self.outbound = Proxy(ProxyConfig(protocol="detect"), resolver, random.Random(1))
-        self.inbound = Proxy(
+        kind = Proxy if lane else EventPathProxy
+        self.outbound = kind(ProxyConfig(protocol="detect"), resolver, random.Random(1))
+        self.inbound = kind(
             ProxyConfig(protocol="detect"), StaticResolver(default=[WORKLOAD]), random.Random(2), direction="inbound"
         )
         if ca is not None and server is not None:
@@ -144,8 +173,8 @@ class Pair:
             raise AssertionError(f"{name} closed connection {effect.conn_id}")
 
 
-def run(requests: int, *, mtls: bool) -> float:
-    pair = Pair(mtls=mtls)
+def run(requests: int, *, mtls: bool, lane: bool = True) -> float:
+    pair = Pair(mtls=mtls, lane=lane)
     for _ in range(200):  # the handshake and the HTTP/2 connection are set up here, not measured
         pair.request()
     started = time.process_time()
@@ -164,8 +193,8 @@ GROUPS = (
 )
 
 
-def profile(requests: int, *, mtls: bool) -> None:
-    pair = Pair(mtls=mtls)
+def profile(requests: int, *, mtls: bool, lane: bool = True) -> None:
+    pair = Pair(mtls=mtls, lane=lane)
     for _ in range(200):
         pair.request()
     profiler = cProfile.Profile()
@@ -192,12 +221,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--plaintext", action="store_true", help="no mTLS between the proxies")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-lane", action="store_true", help="the event path on both proxies")
     args = parser.parse_args()
+    lane = not args.no_lane
     if args.profile:
-        profile(args.requests, mtls=not args.plaintext)
+        profile(args.requests, mtls=not args.plaintext, lane=lane)
         return
-    what = "plaintext HTTP/2" if args.plaintext else "mTLS"
-    cost = run(args.requests, mtls=not args.plaintext)
+    what = ("plaintext HTTP/2" if args.plaintext else "mTLS") + ("" if lane else ", no lane")
+    cost = run(args.requests, mtls=not args.plaintext, lane=lane)
     print(f"{cost:.1f} µs of CPU per request in the two proxy machines (meshed hop: {what})")
 
 

@@ -79,6 +79,9 @@ class H1Lane(ProxyParts):
         def _sync_reading_downstream(self, downstream: Downstream) -> None: ...
         def _sync_reading_upstream(self, upstream: Upstream) -> None: ...
         def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
+        def _mesh_lane_request(
+            self, downstream: Downstream, head: Head, authority: str, endpoint_set: EndpointSet, now_ns: int
+        ) -> bool: ...
 
     # ---------------------------------------------------------------- requests
 
@@ -90,6 +93,9 @@ class H1Lane(ProxyParts):
             return False
         authority = downstream.target or head.host.decode("ascii", "replace")  # http1.request_authority
         endpoint_set = self.resolver.resolve(authority)
+        meshed = endpoint_set is not None and endpoint_set.meshed_inbound_port is not None
+        if meshed and self._mesh_lane_request(downstream, head, authority, endpoint_set, now_ns):  # type: ignore[arg-type]
+            return True  # meshlane.py took it
         body = None
         if (
             endpoint_set is not None

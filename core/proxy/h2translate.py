@@ -35,6 +35,10 @@ _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
 # Names already found to be tokens: a memo of a pure check (what it holds never changes a verdict), bounded.
 _h1_names: set[bytes] = set()
 H1_NAMES_MAX = 1024
+# Values already found fit, the same way: most repeat on every request of a workload (content types, servers,
+# user agents); the first H1_VALUES_MAX distinct ones are kept, the rest are checked each time.
+_h1_values: set[bytes] = set()
+H1_VALUES_MAX = 4096
 # RFC 9113 section 8.2.2: connection-specific headers are malformed in HTTP/2.
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
@@ -130,7 +134,7 @@ def head_from_h2(headers: list[tuple[bytes, bytes]]) -> RequestHead:
 
 def check_h1_fields(headers: list[tuple[bytes, bytes]]) -> None:
     """Raise TranslationError unless HTTP/1.1 can carry ``headers`` (lower-case names) as they are; several
-    Content-Length fields must agree (``_h1_rows`` keeps one)."""
+    Content-Length fields must agree (``h1_rows`` keeps one)."""
     length = None
     for name, value in headers:
         if name not in _h1_names:
@@ -138,8 +142,11 @@ def check_h1_fields(headers: list[tuple[bytes, bytes]]) -> None:
                 raise TranslationError(f"header name {name[:100]!r} cannot be carried by HTTP/1.1")
             if len(_h1_names) < H1_NAMES_MAX:
                 _h1_names.add(name)
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise TranslationError(f"the value of {name[:100]!r} cannot be carried by HTTP/1.1")
+        if value not in _h1_values:
+            if _FIELD_VALUE.fullmatch(value) is None:
+                raise TranslationError(f"the value of {name[:100]!r} cannot be carried by HTTP/1.1")
+            if len(_h1_values) < H1_VALUES_MAX:
+                _h1_values.add(value)
         if name == b"content-length":
             if _CONTENT_LENGTH.fullmatch(value) is None or (length is not None and value != length):
                 raise TranslationError("invalid or conflicting content-length")
@@ -150,11 +157,15 @@ def head_from_h1(request: h11.Request, authority: str) -> RequestHead:
     headers = [(name, value) for name, value in forwarded_headers(pairs(request)) if name != b"host"]
     if any(name == b"transfer-encoding" for name, _ in headers):
         headers = [(name, value) for name, value in headers if name != b"transfer-encoding"]
-    path = request.target
-    if path.startswith((b"http://", b"https://")):  # absolute form: HTTP/2 carries the parts separately
-        rest = path.split(b"/", 3)
-        path = b"/" + (rest[3] if len(rest) > 3 else b"")
-    return RequestHead(request.method, b"http", authority.encode(), path, headers, HTTP11)
+    return RequestHead(request.method, b"http", authority.encode(), h2_path(request.target), headers, HTTP11)
+
+
+def h2_path(target: bytes) -> bytes:
+    """The ``:path`` of an HTTP/1.1 request target."""
+    if target.startswith((b"http://", b"https://")):  # absolute form: HTTP/2 carries the parts separately
+        rest = target.split(b"/", 3)
+        return b"/" + (rest[3] if len(rest) > 3 else b"")
+    return target
 
 
 def h1_has_body(request: h11.Request) -> bool:
@@ -183,13 +194,13 @@ def h1_request(head: RequestHead, *, has_body: bool) -> h11.Request:
     """The HTTP/1.1 request for ``head``; a body with no declared length is sent chunked. ``head`` came from
     ``head_from_h2``, which checked that HTTP/1.1 can carry it, so h11 does not validate it again."""
     rows = [(b"host", b"host", head.authority or b"localhost")]
-    length = _h1_rows(head.headers, rows)
+    length = h1_rows(head.headers, rows)
     if has_body and not length:
         rows.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
     return request_event(head.method, head.path, rows)
 
 
-def _h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, bytes]]) -> bool:
+def h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, bytes]]) -> bool:
     """Append h11's rows (name as sent, lower-case name, value) for ``headers`` to ``rows``, less ``te`` and
     ``l5d-orig-proto`` and with one Content-Length (as h11 keeps one of several equal ones); returns whether
     there was a Content-Length."""
@@ -205,8 +216,10 @@ def _h1_rows(headers: list[tuple[bytes, bytes]], rows: list[tuple[bytes, bytes, 
 def h2_response_headers(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """HTTP/2 response headers from an HTTP/1.1 (or HTTP/2) response head."""
     out = [(b":status", _STATUS_FIELDS.get(status) or str(status).encode())]
-    if any(name == b"connection" or name == b"transfer-encoding" for name, _ in headers):
-        headers = forwarded_headers(headers)  # what a Connection header names goes too (http1.py)
+    for name, _ in headers:
+        if name in _REFRAMING_NAMES:
+            headers = forwarded_headers(headers)  # what a Connection header names goes too (http1.py)
+            break
     for name, value in headers:  # without them, hop-by-hop headers are among those dropped here
         lower = name.lower()
         if lower not in _NOT_IN_H2_RESPONSES and not lower.startswith(b":"):
@@ -215,6 +228,7 @@ def h2_response_headers(status: int, headers: list[tuple[bytes, bytes]]) -> list
 
 
 _NOT_IN_H2_RESPONSES = CONNECTION_SPECIFIC | {b"te"}
+_REFRAMING_NAMES = frozenset({b"connection", b"transfer-encoding"})
 _STATUS_FIELDS = {status: str(status).encode() for status in range(100, 600)}
 
 
@@ -240,12 +254,17 @@ def h1_response(status: int, headers: list[tuple[bytes, bytes]], *, close: bool)
     """The HTTP/1.1 response for an HTTP/2 one whose fields ``split_response(..., for_h1=True)`` checked."""
     assert 200 <= status <= 999, status
     rows: list[tuple[bytes, bytes, bytes]] = []
-    _h1_rows(headers, rows)
+    h1_rows(headers, rows)
     if close:
         rows.append((b"connection", b"connection", b"close"))
     # HTTP/2 carries no reason phrase. An empty one is valid HTTP/1.1, but http-parser based clients (h2load,
     # older Node) then never report the status and count the response as failed: write the standard phrase.
-    return response_event(status, _REASONS.get(status, b""), rows)
+    return response_event(status, reason_phrase(status), rows)
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (b"" for one without)."""
+    return _REASONS.get(status, b"")
 
 
 _REASONS = {int(status): status.phrase.encode("ascii") for status in HTTPStatus}

@@ -16,11 +16,13 @@ room under the peer's ``MAX_CONCURRENT_STREAMS`` (and ours); otherwise it waits 
 ``pool_max_waiters_per_endpoint`` per pool) while a connection opens, up to
 ``pool_max_connections_per_endpoint``. A connection with no streams closes after ``pool_idle_timeout``; one
 that got GOAWAY takes no new streams, fails the streams the peer says it never processed, and closes when
-the rest end. This class holds only methods; the state lives in the ``Proxy`` that inherits it.
+the rest end. The HTTP/1.1 connections are h2h1sink.py's. This class holds only methods; the state lives
+in the ``Proxy`` that inherits it.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import h2.events
@@ -30,15 +32,13 @@ from h2.errors import ErrorCodes
 
 from tether.core.address import Address
 from tether.core.discovery import EndpointSet
-from tether.core.effects import Connect
 from tether.core.proxy import h2translate as tr
-from tether.core.proxy import http1, transport_header
+from tether.core.proxy import transport_header
 from tether.core.proxy.balancing import Leaseholder
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind
+from tether.core.proxy.h2h1sink import H1Sink
 from tether.core.proxy.h2session import H2Limits, H2Session, H2SessionError
-from tether.core.proxy.parts import ProxyParts
-from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.routing import RouteState
 from tether.core.proxy.streams import H2Pool, StreamExchange
 from tether.core.traffic.breaker import Outcome
@@ -46,7 +46,7 @@ from tether.core.traffic.breaker import Outcome
 NS_PER_MS = 1_000_000
 
 
-class H2Upstream(ProxyParts):
+class H2Upstream(H1Sink):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _h2_limits(self) -> H2Limits: ...
@@ -109,11 +109,7 @@ class H2Upstream(ProxyParts):
             exchange.sink_is_h2 = False
             self._h1_sink_dispatch(exchange, endpoint)
             return
-        if meshed_port is not None:
-            header = transport_header.TransportHeader(endpoint.port, session_protocol="http2").encode()
-            key = (Address(endpoint.host, meshed_port), header)
-        else:
-            key = (endpoint, b"")
+        key = _meshed_pool_key(endpoint, meshed_port) if meshed_port is not None else (endpoint, b"")
         pool = self._h2_pools.get(key)
         if pool is None:
             identity = endpoint_set.identity if endpoint_set is not None and meshed_port is not None else None
@@ -511,170 +507,9 @@ class H2Upstream(ProxyParts):
                 self._exchange_progress(exchange)
         self._write_h2(connection)
 
-    # ---------------------------------------------------------------- HTTP/1.1 endpoints (orig-proto)
 
-    def _h1_sink_pool(self, endpoint: Address) -> EndpointPool:
-        return pool_for(self._h1_sink_pools, endpoint, self.config)
-
-    def _h1_sink_dispatch(self, exchange: StreamExchange, endpoint: Address) -> None:
-        pool = self._h1_sink_pool(endpoint)
-        idle_id = pool.take_idle()
-        if idle_id is not None:
-            self._deadlines.cancel(("pool-idle", idle_id))
-            self._bind_h1_sink(exchange, self._upstream[idle_id])
-        elif pool.has_capacity():
-            conn_id = self._new_id()
-            upstream = Upstream(conn_id, self._new_upstream_parser(), endpoint, stream_world=True)
-            upstream.exchange_id = exchange.exchange_id
-            self._upstream[conn_id] = upstream
-            pool.connection_ids.add(conn_id)
-            exchange.sink_id = conn_id
-            self._effects.append(Connect(conn_id=conn_id, address=endpoint))
-            self._deadlines.set(("connect", conn_id), self._now_ns + self.config.connect_timeout_ns)
-        elif pool.can_queue():
-            pool.waiting_exchange_ids.append(exchange.exchange_id)
-        else:
-            reason = f"{pool.max_connections} connections to {endpoint} busy and {pool.max_waiters} waiting"
-            self._stream_fail(exchange, ProxyError(ProxyErrorKind.POOL_EXHAUSTED, reason))
-
-    def _bind_h1_sink(self, exchange: StreamExchange, upstream: Upstream) -> None:
-        if exchange.route is not None:
-            self._stream_attempt_started(exchange)
-        upstream.state = UpstreamState.BUSY
-        upstream.exchange_id = exchange.exchange_id
-        exchange.sink_id = upstream.conn_id
-        has_body = exchange.request_has_body and not (exchange.request_ended and not exchange.to_sink)
-        request = tr.h1_request(exchange.head, has_body=has_body)
-        exchange.request_chunked = has_body and not tr.has_content_length(exchange.head.headers)
-        self._send(upstream, upstream.h11.send(request))
-        while exchange.to_sink:
-            self._send(upstream, upstream.h11.send(h11.Data(data=exchange.to_sink.popleft())))
-        exchange.to_sink_bytes = 0
-        self._end_sink_request(exchange)
-        self._after_sink_progress(exchange)
-
-    def _h1_sink_received(self, upstream: Upstream, data: bytes) -> None:
-        if upstream.state is UpstreamState.IDLE:
-            self._close_upstream(upstream, reset=bool(data))  # nothing was asked: bytes or EOF end it
-            return
-        upstream.eof = upstream.eof or not data
-        upstream.h11.receive_data(data)
-        held: list[StreamExchange] = []  # exchanges whose response head waits for the body read with it
-        try:
-            self._h1_sink_events(upstream, held)
-        finally:
-            for exchange in held:  # whatever happened since, their HTTP/2 client gets its bytes now
-                self._write_source(exchange)
-        self._sync_h1_sink_reading(upstream)
-
-    def _h1_sink_events(self, upstream: Upstream, held: list[StreamExchange]) -> None:
-        ahead: object = None  # the event after the current one, read early (below)
-        while upstream.conn_id in self._upstream and upstream.state is UpstreamState.BUSY:
-            exchange = self._streams.get(upstream.exchange_id or -1)
-            event, ahead = (ahead if ahead is not None else _next_h1_event(upstream)), None
-            if isinstance(event, h11.RemoteProtocolError):
-                self._sink_connection_lost(upstream, f"invalid response from {upstream.endpoint}: {event}"[:300])
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if exchange is None:
-                self._close_upstream(upstream, reset=True)
-                return
-            write = True
-            if type(event) is h11.Response or type(event) is h11.Data:
-                # A response head or body bytes followed by the end of the message: both go on together, so
-                # that an HTTP/2 client gets END_STREAM on the same frame (HEADERS, or the last DATA). A head
-                # followed by body bytes leaves with them: one write (one TLS record) instead of two.
-                ahead = _next_h1_event(upstream)
-                if type(ahead) is h11.EndOfMessage and not ahead.headers:  # type: ignore[attr-defined]
-                    ahead = None
-                    self._h1_sink_last(upstream, exchange, event)
-                    continue
-                if type(event) is h11.Response and type(ahead) is h11.Data and exchange.source_stream is not None:
-                    write = False
-                    held.append(exchange)
-            self._h1_sink_event(upstream, exchange, event, write=write)
-
-    def _write_source(self, exchange: StreamExchange) -> None:
-        downstream = self._downstream.get(exchange.source_id)
-        if downstream is not None and downstream.h2 is not None:
-            self._write_h2(downstream)
-
-    def _h1_sink_last(self, upstream: Upstream, exchange: StreamExchange, event: h11.Response | h11.Data) -> None:
-        """``event`` is the last of the response (its end was read too): the connection is released first,
-        as for an ``EndOfMessage``, since finishing the exchange would otherwise find its sink busy."""
-        if type(event) is h11.Response and http1.head_size(event) > self.config.max_header_bytes:
-            reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
-            self._sink_connection_lost(upstream, reason)
-            return
-        upstream.exchange_id = None
-        self._release_h1_sink(upstream)
-        if type(event) is h11.Response:
-            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=True)
-        else:
-            self._sink_response_end(exchange, None, bytes(event.data))  # type: ignore[union-attr]
-
-    def _h1_sink_event(self, upstream: Upstream, exchange: StreamExchange, event: object, *, write: bool) -> None:
-        if isinstance(event, h11.InformationalResponse):
-            self._sink_informational(exchange, event.status_code, http1.pairs(event))
-        elif isinstance(event, h11.Response):
-            if http1.head_size(event) > self.config.max_header_bytes:
-                reason = f"response head from {upstream.endpoint} larger than {self.config.max_header_bytes} bytes"
-                self._sink_connection_lost(upstream, reason)
-                return
-            self._sink_response_head(exchange, event.status_code, http1.pairs(event), ended=False, write=write)
-        elif isinstance(event, h11.Data):
-            self._sink_response_data(exchange, bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            upstream.exchange_id = None
-            self._release_h1_sink(upstream)
-            self._sink_response_end(exchange, list(event.headers))
-        elif isinstance(event, h11.ConnectionClosed):
-            self._sink_connection_lost(upstream, f"{upstream.endpoint} closed the connection")
-
-    def _release_h1_sink(self, upstream: Upstream) -> None:
-        leftover, _closed = upstream.h11.trailing_data
-        parser = upstream.h11
-        clean = parser.our_state is h11.DONE and parser.their_state is h11.DONE and not leftover
-        if upstream.state is UpstreamState.BUSY and not clean:
-            self._close_upstream(upstream)
-            return
-        if upstream.state is UpstreamState.BUSY:
-            parser.start_next_cycle()
-        upstream.state = UpstreamState.IDLE
-        pool = self._h1_sink_pool(upstream.endpoint)
-        while pool.waiting_exchange_ids:
-            waiting = self._streams.get(pool.waiting_exchange_ids.popleft())
-            if waiting is not None and not waiting.done and waiting.sink_id is None:
-                self._bind_h1_sink(waiting, upstream)
-                return
-        if self._draining or not pool.keep_idle(upstream.conn_id):
-            self._close_upstream(upstream)
-            return
-        self._deadlines.set(("pool-idle", upstream.conn_id), self._now_ns + self.config.pool_idle_timeout_ns)
-        self._set_reading(upstream, True)
-
-    def _serve_h1_sink_waiters(self, pool: EndpointPool) -> None:
-        while pool.waiting_exchange_ids and pool.has_capacity():
-            exchange = self._streams.get(pool.waiting_exchange_ids.popleft())
-            if exchange is not None and not exchange.done and exchange.sink_id is None:
-                self._h1_sink_dispatch(exchange, pool.endpoint)
-
-    def _sync_h1_sink_reading(self, upstream: Upstream) -> None:
-        if upstream.conn_id not in self._upstream or upstream.state is not UpstreamState.BUSY:
-            return
-        exchange = self._streams.get(upstream.exchange_id or -1)
-        source = self._downstream.get(exchange.source_id) if exchange is not None else None
-        limit = self.config.max_buffered_bytes
-        wanted = source is None or source.unsent_bytes < limit
-        if wanted and source is not None and source.h2 is not None and exchange is not None:
-            wanted = source.h2.queued_bytes(exchange.source_stream or 0) < limit
-        self._set_reading(upstream, wanted)
-
-
-def _next_h1_event(upstream: Upstream) -> object:
-    """The sink connection's next event, or the error its bytes make."""
-    try:
-        return upstream.h11.next_event()
-    except h11.RemoteProtocolError as error:
-        return error
+@lru_cache(maxsize=4096)  # bounded; one entry per meshed endpoint (the header was encoded per request)
+def _meshed_pool_key(endpoint: Address, meshed_port: int) -> tuple[Address, bytes]:
+    """The H2Pool key of a meshed endpoint: its inbound port, and the transport header naming its port."""
+    header = transport_header.TransportHeader(endpoint.port, session_protocol="http2").encode()
+    return Address(endpoint.host, meshed_port), header

@@ -31,6 +31,7 @@ _VALUE_BYTES = st.sampled_from(list(b'abc 019\t,;="()') + [0x01, 0x0B, 0x0C, 0x7
 names = st.binary(min_size=1, max_size=6).filter(lambda name: name.islower() or not name.isalpha()) | st.lists(
     _NAME_BYTES, min_size=1, max_size=6
 ).map(bytes)
+names = names.filter(lambda name: b":" not in name)  # as the comment says: h2 refuses them before translation
 values = st.lists(_VALUE_BYTES, max_size=6).map(bytes).filter(lambda value: value[:1] not in b" \t" or not value)
 values = values.filter(lambda value: value[-1:] not in (b" ", b"\t") or not value)
 fields = st.lists(
