@@ -497,6 +497,8 @@ class H2Connection:
         elif _is_informational(headers):
             if end_stream:
                 raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses.")
+            if stream.response_sent:
+                raise h2.exceptions.ProtocolError("Informational response after final response")
         elif not stream.response_sent:
             stream.response_sent = True
         elif not end_stream:
