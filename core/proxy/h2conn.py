@@ -285,6 +285,8 @@ class H2Connection:
         informational = _is_informational(headers)
         if informational and end and stream is not None:
             raise ConnectionProtocolError("Cannot set END_STREAM on informational responses")
+        if informational and stream is not None and stream.state == _HALF_CLOSED_REMOTE:  # as h2's table has it
+            raise ConnectionProtocolError(f"Informational response on ended stream {stream_id}")
         if stream is None:
             stream = self._open_inbound(stream_id)
             if stream is None:
