@@ -23,7 +23,9 @@ Errors: a connection error raises ``ConnectionProtocolError`` (an ``h2.exception
 RFC's ``error_code``) after queueing GOAWAY with that code; everything received earlier in the same call is
 dropped, as in h2. Stream errors queue RST_STREAM and report ``StreamReset(remote_reset=False)``.
 
-Behaviour follows h2 4.x (tests/core/test_h2wire_differential.py feeds both the same frames), except for
+Behaviour follows h2 4.x (tests/core/test_h2wire_differential.py feeds both the same frames): for frames on
+closed streams, as h2 answered them once it had moved the stream out of its table (before that, h2 answered
+a few hostile frames on a stream it had just reset with a connection error rather than RST_STREAM). Except for
 these deliberate differences, each where h2 departs from RFC 9113 to the proxy's cost:
 
 1. A received GOAWAY does not discard bytes already queued to send (h2 clears its outbound buffer, which
