@@ -532,3 +532,34 @@ def test_h2session_differential_reaches_streams_and_errors() -> None:
     assert not pair.dead
     pair.frame(("data", 9, 1, False, None), 0)  # an idle stream: a connection error
     assert pair.dead and len(events_seen) == 6
+
+
+def test_h2session_differential_client_side_reaches_1xx_bodies_and_trailers() -> None:
+    """The client side in a fixed program (random runs seldom reach a 1xx): every event is compared."""
+    pair = _Pair(client=True)
+    pair.start()
+    seen: list[str] = []
+    receive = pair.ours.receive
+
+    def recording(data: bytes, now_ns: int) -> list:
+        events = receive(data, now_ns)
+        seen.extend(type(event).__name__ for event in events)
+        return events
+
+    pair.ours.receive = recording  # type: ignore[method-assign]
+    pair.call(("open", "post", False))
+    pair.call(("send", 1, 10))
+    pair.call(("end", 1, False, None))
+    pair.frame(("headers", 1, "continue", False, "whole"), 0)
+    pair.frame(("headers", 1, "ok", False, "padded"), 2)
+    pair.frame(("data", 1, 700, False, 3), 11)
+    pair.call(("ack", 1, 700))
+    pair.frame(("headers", 1, "trailers", True, "continued"), 0)
+    assert not pair.dead
+    assert seen == [
+        "InformationalResponseReceived",
+        "ResponseReceived",
+        "DataReceived",
+        "TrailersReceived",
+        "StreamEnded",
+    ]
