@@ -28,6 +28,7 @@ from hpack import NeverIndexedHeaderTuple
 # the first byte of a pseudo-header; a value has no NUL, CR or LF, and no leading or trailing SP or HTAB.
 _NAME = re.compile(rb":?[\x21-\x39\x3b-\x40\x5b-\x7e]*")
 _VALUE = re.compile(rb"[^\x00\n\r \t](?:[^\x00\n\r]*[^\x00\n\r \t])?")
+_EDGE = b"\x00\n\r \t"  # bytes a value may not start or end with
 CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"})
 # Names already found valid: a memo of a pure check (what it holds never changes a verdict), bounded.
 _valid_names: set[bytes] = set()
@@ -74,7 +75,8 @@ def _check(fields: list, block: Block) -> None:
                 raise MalformedHeaders(f"illegal header name {name[:100]!r}")
             if len(_valid_names) < VALID_NAMES_MAX:
                 _valid_names.add(name)
-        if value and _VALUE.fullmatch(value) is None:
+        # _VALUE's rule in bytes methods (each a C scan; a regex match per field cost more than the rest).
+        if value and (value[0] in _EDGE or value[-1] in _EDGE or b"\r" in value or b"\n" in value or b"\x00" in value):
             raise MalformedHeaders(f"illegal value for header {name[:100]!r}")
         if name[0] == 0x3A:  # ':'
             if name in pseudo or regular_seen or name not in _PSEUDO:

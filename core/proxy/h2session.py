@@ -1,8 +1,9 @@
-"""One HTTP/2 connection, client or server side, on h2: settings, flow-controlled writes, flood limits.
+"""One HTTP/2 connection, client or server side: settings, flow-controlled writes, flood limits.
 
 Theory of operation
 -------------------
-h2 parses frames and keeps the protocol's state; this wrapper adds what a proxy needs on top of it.
+h2conn.py keeps the protocol's state (it replaced the h2 library here: same events, same frames, a
+fraction of the CPU); this wrapper adds what a proxy needs on top of it.
 
 Writes respect the peer's windows. ``send_data`` never writes more than the stream's and connection's
 send windows allow; the rest waits in a per-stream queue, followed by the stream's end (a flag or
@@ -12,13 +13,17 @@ side closes the window of the writer on the other, and the queue of a stream nev
 window the proxy advertised to its producer.
 
 Reads are bounded by what we advertise: ``INITIAL_WINDOW_SIZE`` per stream and a larger connection
-window, ``MAX_CONCURRENT_STREAMS`` and ``MAX_HEADER_LIST_SIZE``. Frames that cost the proxy work but
-carry no request (SETTINGS, PING, RST_STREAM from the peer, and empty DATA frames) are counted per
-second; a peer past ``max_control_frames_per_second`` is flooding (the "rapid reset" and "settings flood"
-attacks) and gets GOAWAY ENHANCE_YOUR_CALM.
+window, ``MAX_CONCURRENT_STREAMS`` and ``MAX_HEADER_LIST_SIZE``; a frame longer than the frame size we
+advertised is refused from its 9-byte header, before its payload is buffered. Frames that cost the proxy
+work but carry no request (SETTINGS, PING, RST_STREAM from the peer, and empty DATA frames) are counted
+per second; a peer past ``max_control_frames_per_second`` is flooding (the "rapid reset" and "settings
+flood" attacks) and gets GOAWAY ENHANCE_YOUR_CALM.
 
 Any protocol violation by the peer surfaces as ``H2SessionError`` with a sentence for the log; the
-caller closes the connection (h2 has already queued the GOAWAY).
+caller closes the connection (the GOAWAY is already queued).
+
+The h2 library is still used here for its event classes and error codes, and by ``keep_open_after_goaway``
+for the h2 peers that tests and the simulator run against the proxy.
 """
 
 from __future__ import annotations
@@ -27,20 +32,20 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-import h2.settings
 import h2.stream
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, RstStreamFrame
+from h2.settings import SettingCodes
 
+from tether.core.proxy.h2conn import ConnectionProtocolError, H2Connection
 from tether.core.proxy.h2headers import Block, MalformedHeaders, received_fields
 from tether.core.proxy.hpack_codec import Decoder, StaticEncoder
 
 NS_PER_S = 1_000_000_000
 DEFAULT_WINDOW = 65_535
+DECODED_HEADER_BYTES_MAX = 65_536  # what h2 gave its HPACK decoder (RFC 7541 section 4.1 sizes)
 
 
 class H2SessionError(Exception):
@@ -67,77 +72,26 @@ class _Outgoing:
     reset_after: int | None = None  # RST_STREAM with this code once the end has gone out
 
 
-class _Connection(h2.connection.H2Connection):
-    # h2 remembers up to 65,536 closed streams per connection (a few MB once a busy connection has seen
-    # that many). It needs them only to tell a frame for a recently closed stream from a protocol error,
-    # and a stream closed thousands of streams ago gets no more frames from a sane peer.
-    MAX_CLOSED_STREAMS = 1000
-
-    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
-        """h2's own, less its first line: ``logger.trace("Received frame: %s", repr(frame))`` formats every
-        frame (hex of its payload included) for a logger that discards it, a tenth of h2's receive path. The
-        rest is h2 4.x's code unchanged (tests/core/test_h2session.py compares the two on closed streams)."""
-        events: list[h2.events.Event]
-        try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
-        except h2.exceptions.StreamClosedError as error:
-            # A frame on a stream we reset gets RST_STREAM back; on any other closed stream it is fatal.
-            if not self._stream_is_closed_by_reset(error.stream_id):
-                raise
-            reset = RstStreamFrame(error.stream_id)
-            reset.error_code = error.error_code
-            self._prepare_for_sending([reset])
-            events = error._events  # noqa: SLF001 - as h2 does
-        except h2.exceptions.StreamIDTooLowError as error:
-            # A stream id already used: a stream error if we reset it, else the connection's.
-            if self._stream_is_closed_by_reset(error.stream_id):
-                reset = RstStreamFrame(error.stream_id)
-                reset.error_code = ErrorCodes.STREAM_CLOSED
-                self._prepare_for_sending([reset])
-                events = []
-            elif self._stream_is_closed_by_end(error.stream_id):
-                raise h2.exceptions.StreamClosedError(error.stream_id) from error
-            else:
-                raise
-        else:
-            self._prepare_for_sending(frames)
-        return events
-
-
 class H2Session:
     def __init__(self, *, client: bool, limits: H2Limits) -> None:
-        # Outbound headers were validated on their way in (by h2 or h11) and are rewritten only by this
-        # proxy, so h2 does not check them a second time: that check costs a fifth of a proxied stream.
-        # Received headers are checked (and split cookies joined) by h2headers.py in one pass, not by h2.
-        config = h2.config.H2Configuration(
-            client_side=client,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-        )
-        self._h2 = _Connection(config)
-        self._h2.encoder = StaticEncoder()  # no dynamic table: see hpack_codec.py
-        decoder = Decoder()  # hpack's decoding in one loop, with the limits h2 gave its own
-        decoder.max_header_list_size = self._h2.decoder.max_header_list_size
-        decoder.max_allowed_table_size = self._h2.decoder.max_allowed_table_size
-        self._h2.decoder = decoder
-        keep_open_after_goaway(self._h2)
-        self._limits = limits
+        # Outbound headers were validated on their way in (by h2headers.py or h11) and are rewritten only
+        # by this proxy, so they are not checked a second time. Received headers are checked (and split
+        # cookies joined) by h2headers.py in one pass.
+        decoder = Decoder()
+        # h2's limits for the decoder, kept: the advertised MAX_HEADER_LIST_SIZE is enforced on the
+        # decoded block (h2headers.py and the proxy's own limits); this bounds the work of decoding.
+        decoder.max_header_list_size = DECODED_HEADER_BYTES_MAX
+        decoder.max_allowed_table_size = 4096
+        # The stream limit goes out in SETTINGS; the proxy enforces it itself, per stream (REFUSED_STREAM,
+        # RFC 9113 section 5.1.2, see ``refuse``), so the connection counts no inbound streams.
         settings = {
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_stream_window,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_stream_window,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
         }
-        if client:
-            settings[h2.settings.SettingCodes.ENABLE_PUSH] = 0
-        self._h2.local_settings = h2.settings.Settings(client=client, initial_values=settings)
+        self._h2 = H2Connection(client=client, settings=settings, encoder=StaticEncoder(), decoder=decoder)
+        self._limits = limits
         self._h2.initiate_connection()
-        # The stream limit went out in SETTINGS; the proxy enforces it itself, per stream (REFUSED_STREAM,
-        # RFC 9113 section 5.1.2), because h2 would treat one stream too many as a connection error, and
-        # before the peer has even seen the limit. So h2's own copy of the limit is lifted.
-        self._h2.local_settings._settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = deque([2**31 - 1])  # noqa: SLF001
         if limits.connection_window > DEFAULT_WINDOW:
             self._h2.increment_flow_control_window(limits.connection_window - DEFAULT_WINDOW)
         self._outgoing: dict[int, _Outgoing] = {}
@@ -152,9 +106,10 @@ class H2Session:
     def receive(self, data: bytes, now_ns: int) -> list[h2.events.Event]:
         try:
             events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as error:
+        except ConnectionProtocolError as error:
+            if not error.answered:
+                self.goaway(error.error_code)
             raise H2SessionError(f"HTTP/2 protocol error: {_describe(error)}") from None
-        self._refuse_overlong_frame()
         for event in events:
             kind = type(event)  # h2's event classes have no subclasses
             block = _HEADER_BLOCKS.get(kind)
@@ -175,17 +130,6 @@ class H2Session:
                     "RST_STREAM or empty DATA frames in one second"
                 )
         return events
-
-    def _refuse_overlong_frame(self) -> None:
-        """h2 buffers a frame until it is complete and only then checks its length, so a peer could make
-        it hold 16 MiB per connection; the header of a partial frame is checked here instead."""
-        partial = self._h2.incoming_buffer._data  # noqa: SLF001 - h2 exposes no length check of its own
-        if len(partial) >= 9:
-            length = int.from_bytes(partial[:3], "big")
-            limit = self._h2.max_inbound_frame_size
-            if length > limit:
-                self.goaway(ErrorCodes.FRAME_SIZE_ERROR)
-                raise H2SessionError(f"HTTP/2 protocol error: a {length}-byte frame exceeds the {limit}-byte limit")
 
     def _count_control(self, now_ns: int) -> bool:
         if now_ns - self._flood_window_start_ns >= NS_PER_S:
@@ -288,7 +232,7 @@ class H2Session:
 
     @property
     def peer_max_concurrent_streams(self) -> int:
-        return self._h2.remote_settings.max_concurrent_streams
+        return self._h2.peer_max_concurrent_streams
 
     def _flush_stream(self, stream_id: int, outgoing: _Outgoing) -> int:
         written = 0

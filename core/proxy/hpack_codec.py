@@ -115,6 +115,7 @@ def _encode_plain(header: tuple) -> bytes:
 
 
 _STATIC_ENTRIES: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+_STATIC_COUNT = len(_STATIC_ENTRIES)
 _VARINT_BYTES_MAX = 5  # hpack's VARINT_MAX_LENGTH: longer integers are a decoding error
 
 
@@ -129,12 +130,16 @@ class Decoder(HpackDecoder):
         headers: list = []
         inflated = 0
         limit = self.max_header_list_size
+        dynamic = self.header_table.dynamic_entries
         position, end = 0, len(data)
         while position < end:
             first = data[position]
             if first & 0x80:  # indexed field (RFC 7541 section 6.1)
-                if 0x80 < first <= 0x80 + len(_STATIC_ENTRIES):  # the static table, in one byte
+                if 0x80 < first <= 0x80 + _STATIC_COUNT:  # the static table, in one byte
                     header = _STATIC_ENTRIES[first - 0x81]
+                    position += 1
+                elif 0x80 + _STATIC_COUNT < first < 0xFF and first - 0x80 - _STATIC_COUNT <= len(dynamic):  # dynamic
+                    header = dynamic[first - 0x81 - _STATIC_COUNT]
                     position += 1
                 else:
                     index, position = _read_integer(data, position, 0x7F)
@@ -151,7 +156,16 @@ class Decoder(HpackDecoder):
                 self.header_table_size = size
                 continue
             else:  # literal without indexing (6.2.2) or never indexed (6.2.3)
-                header, position = self._literal(data, position, 0x0F)
+                index = first & 0x0F
+                if 0 < index < 0x0F and position + 1 < end and data[position + 1] < 0x7F:
+                    # A static name and a short value without Huffman coding: StaticEncoder's fields, inline.
+                    value_end = position + 2 + data[position + 1]
+                    if value_end > end:
+                        raise HPACKDecodingError("Truncated header block")
+                    header = (_STATIC_ENTRIES[index - 1][0], data[position + 2 : value_end])
+                    position = value_end
+                else:
+                    header, position = self._literal(data, position, 0x0F)
                 if first & 0x10:
                     header = NeverIndexedHeaderTuple(header[0], header[1])
             headers.append(header)

@@ -120,9 +120,13 @@ def _run(decoder, blocks_, limit: int) -> list:
     return outcomes
 
 
+SEVENTY_ENTRIES = HpackEncoder().encode([(b"x-%d" % i, b"v") for i in range(70)])
+
+
 @settings(max_examples=400)
 @given(blocks_=blocks(), limit=st.sampled_from([64, 500, 65536]))
 @example(blocks_=[b"\xff\x80\x80\x80\x80\x00", b"\xff\x80\x80\x80\x80\x80\x00"], limit=64)  # integer lengths
+@example(blocks_=[SEVENTY_ENTRIES, b"\x80", b"\xc0", b"\xfe"], limit=65536)  # index 0, 64, 126: a full table
 @example(blocks_=[StaticEncoder().encode([(b"x" * 16, b"y" * n)]) for n in (16, 17)], limit=64)  # at the limit
 def test_decoder_agrees_with_hpacks_on_any_sequence_of_blocks(blocks_, limit: int) -> None:
     assert _run(Decoder(), blocks_, limit) == _run(HpackDecoder(), blocks_, limit)

@@ -94,8 +94,8 @@ def test_an_idle_http2_upstream_connection_has_its_whole_window_back() -> None:
     proxy = world.proxies["out"].proxy
     (upstream,) = proxy._upstream.values()  # noqa: SLF001 - the window is not visible from outside
     assert not upstream.streams
-    window = upstream.h2._h2._inbound_flow_control_window_manager  # noqa: SLF001
-    assert window.current_window_size + window._bytes_processed == window.max_window_size  # noqa: SLF001
+    window = upstream.h2._h2._inbound  # noqa: SLF001 - h2conn.py's connection receive window
+    assert window.current + window.processed == window.maximum
 
 
 # The outbound proxy writes the transport header and the HTTP/2 preface in one write; with an MSS of 7 the
