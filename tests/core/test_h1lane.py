@@ -239,8 +239,8 @@ def test_lane_takes_the_common_exchange_whole() -> None:
                 run.act(action)
     lane = runs[0].proxy
     assert isinstance(lane, LaneProxy)
-    # A connection's first bytes pass protocol detection (tunnel.py), which hands them to the parser.
-    assert (lane.whole_requests, lane.whole_responses) == (2, 3)
+    # A connection's first bytes pass protocol detection (tunnel.py), which hands a whole request to the lane.
+    assert (lane.whole_requests, lane.whole_responses) == (3, 3)
     assert runs[0].outcome() == runs[1].outcome()
     forwarded = b"GET /index.html HTTP/1.1\r\nhost: bench\r\nuser-agent: wrk\r\naccept: */*\r\n\r\n"
     assert ("Send", forwarded) in runs[0].log
