@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from tether.core.discovery import EndpointSet
-from tether.core.proxy.connections import Downstream, Upstream
+from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
 from tether.core.proxy.h1heads import FullItems, Head, request_event, response_event, write_head
 from tether.core.proxy.http1 import HOP_BY_HOP, NEVER_HOP_BY_HOP
@@ -44,8 +44,10 @@ from tether.core.proxy.parts import ProxyParts
 from tether.core.traffic.breaker import Outcome
 
 if TYPE_CHECKING:
+    from tether.core.address import Address
     from tether.core.proxy.balancing import Leaseholder
     from tether.core.proxy.errors import ProxyError
+    from tether.core.proxy.pool import EndpointPool
 
 NS_PER_MS = 1_000_000
 _TUNNEL_METHODS = (b"HEAD", b"CONNECT")  # their responses are framed (or switched) differently
@@ -75,6 +77,8 @@ class H1Lane(ProxyParts):
         def _request_body(self, downstream: Downstream, data: bytes) -> None: ...
         def _request_done(self, downstream: Downstream, now_ns: int) -> None: ...
         def _release_upstream(self, upstream: Upstream, now_ns: int) -> None: ...
+        def _finish_request_upstream(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None: ...
+        def _pool(self, endpoint: Address) -> EndpointPool: ...
         def _end_exchange(self, downstream: Downstream, exchange: Exchange, now_ns: int) -> None: ...
         def _sync_reading_downstream(self, downstream: Downstream) -> None: ...
         def _sync_reading_upstream(self, upstream: Upstream) -> None: ...
@@ -129,6 +133,8 @@ class H1Lane(ProxyParts):
         target_addr = str(exchange.endpoint) if exchange.endpoint is not None else ""
         exchange.labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
         self.telemetry.request_started(service, exchange.labels)
+        if refusal is None and exchange.endpoint is not None and self._lane_bind(exchange, downstream, body, now_ns):
+            return
         if refusal is not None:
             exchange.deferred_error = refusal  # _fail_after_request, before the body is read
         elif exchange.endpoint is not None:
@@ -140,6 +146,32 @@ class H1Lane(ProxyParts):
             self._request_done(downstream, now_ns)
         if downstream.conn_id in self._downstream:
             self._sync_reading_downstream(downstream)  # the end of _pump_downstream
+
+    def _lane_bind(self, exchange: Exchange, downstream: Downstream, body: bytes, now_ns: int) -> bool:
+        """The rest of a lane request when its endpoint's pool has an idle connection (most requests on
+        keep-alive traffic): ``_dispatch``, ``_bind``, ``_request_body``, ``_request_done`` and the end of
+        ``_pump_downstream`` as they run for a new exchange with its whole request read, without their
+        lookups and checks. False: no idle connection, and nothing changed."""
+        assert exchange.endpoint is not None and exchange.route is None and not exchange.pending_body
+        idle_id = self._pool(exchange.endpoint).take_idle()
+        if idle_id is None:
+            return False
+        upstream = self._upstream[idle_id]
+        assert upstream.state is not UpstreamState.BUSY, idle_id
+        self._deadlines.cancel(("pool-idle", idle_id))
+        exchange.advance(Step.BOUND)  # _bind
+        exchange.upstream_id = idle_id
+        upstream.exchange_id = exchange.exchange_id
+        upstream.state = UpstreamState.BUSY
+        self._send(upstream, self._request_head_bytes(exchange, upstream))
+        if (upstream.unsent_bytes < self.config.max_buffered_bytes) is not downstream.reading:
+            self._sync_reading_downstream(downstream)  # _bind's, which changes something only here
+        if body:  # _request_body
+            self._send(upstream, upstream.h11.send(h11.Data(data=body)))
+        exchange.request_received = True  # _request_done
+        self._finish_request_upstream(exchange, upstream, now_ns)
+        self._sync_reading_downstream(downstream)  # the end of _pump_downstream
+        return True
 
     def _request_head_bytes(self, exchange: Exchange, upstream: Upstream) -> bytes:
         """``upstream.h11.send(exchange.request)`` for ``_bind``, from the bytes the lane wrote out if it did."""
