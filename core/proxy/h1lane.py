@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from tether.core.proxy.balancing import Leaseholder
     from tether.core.proxy.errors import ProxyError
     from tether.core.proxy.pool import EndpointPool
+    from tether.core.proxy.telemetry import HttpLabels
 
 NS_PER_MS = 1_000_000
 _TUNNEL_METHODS = (b"HEAD", b"CONNECT")  # their responses are framed (or switched) differently
@@ -58,6 +59,7 @@ class H1Lane(ProxyParts):
         _traffic_on: bool
         _tls: dict[int, object]
         _mirror_tickets: dict[int, list[int]]
+        local_identity: str | None
 
         def _request_started(
             self,
@@ -79,7 +81,7 @@ class H1Lane(ProxyParts):
         def _release_upstream(self, upstream: Upstream, now_ns: int) -> None: ...
         def _finish_request_upstream(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None: ...
         def _pool(self, endpoint: Address) -> EndpointPool: ...
-        def _end_exchange(self, downstream: Downstream, exchange: Exchange, now_ns: int) -> None: ...
+        def _next_request(self, downstream: Downstream, now_ns: int) -> None: ...
         def _sync_reading_downstream(self, downstream: Downstream) -> None: ...
         def _sync_reading_upstream(self, upstream: Upstream) -> None: ...
         def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
@@ -130,8 +132,7 @@ class H1Lane(ProxyParts):
         self._exchanges[exchange.exchange_id] = exchange
         downstream.exchange_id = exchange.exchange_id
         refusal = self._h1_choose(exchange, endpoint_set)
-        target_addr = str(exchange.endpoint) if exchange.endpoint is not None else ""
-        exchange.labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
+        exchange.labels = self._lane_labels(downstream, authority, exchange.endpoint)
         self.telemetry.request_started(service, exchange.labels)
         if refusal is None and exchange.endpoint is not None and self._lane_bind(exchange, downstream, body, now_ns):
             return
@@ -146,6 +147,18 @@ class H1Lane(ProxyParts):
             self._request_done(downstream, now_ns)
         if downstream.conn_id in self._downstream:
             self._sync_reading_downstream(downstream)  # the end of _pump_downstream
+
+    def _lane_labels(self, downstream: Downstream, authority: str, endpoint: Address | None) -> HttpLabels:
+        """The request's metric labels as ``_h1_request_started`` makes them, kept on the connection: its
+        requests mostly name the same authority and reach the same endpoint."""
+        identity = self.local_identity  # tls_labels reads it (and the connection's own identity, fixed)
+        cached = downstream.lane_labels
+        if cached is not None and cached[0] == authority and cached[1] == endpoint and cached[2] == identity:
+            return cached[3]
+        target_addr = str(endpoint) if endpoint is not None else ""
+        labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
+        downstream.lane_labels = (authority, endpoint, identity, labels)
+        return labels
 
     def _lane_bind(self, exchange: Exchange, downstream: Downstream, body: bytes, now_ns: int) -> bool:
         """The rest of a lane request when its endpoint's pool has an idle connection (most requests on
@@ -213,8 +226,10 @@ class H1Lane(ProxyParts):
             self._pump_upstream(upstream, now_ns)
             return True
         self._lane_respond(exchange, upstream, head, body, now_ns)
-        if upstream.conn_id in self._upstream:
-            self._sync_reading_upstream(upstream)  # the end of _pump_upstream
+        # The end of _pump_upstream: _sync_reading_upstream, which has nothing to do unless the connection
+        # went straight to an exchange that waited for it.
+        if upstream.state is UpstreamState.BUSY and upstream.conn_id in self._upstream:
+            self._sync_reading_upstream(upstream)
         return True
 
     def _lane_respond(self, exchange: Exchange, upstream: Upstream, head: Head, body: bytes, now_ns: int) -> None:
@@ -249,17 +264,14 @@ class H1Lane(ProxyParts):
         exchange.advance(Step.RESPONSE_DONE)
         # Bytes after the response would be read as the answer to the next request: never reuse such a
         # connection (_response_done).
-        parser = upstream.h11
-        if parser.our_state is h11.DONE and parser.their_state is h11.DONE and not parser.buffered_bytes:
-            parser.start_next_cycle()
+        if upstream.h11.next_cycle_if_clean():
             self._release_upstream(upstream, now_ns)
         else:
             self._close_upstream(upstream)
+        self._exchanges.pop(exchange.exchange_id, None)  # _end_exchange
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None:
-            self._end_exchange(downstream, exchange, now_ns)
-        else:
-            self._exchanges.pop(exchange.exchange_id, None)
+            self._next_request(downstream, now_ns)
 
 
 def _forwarded(head: Head) -> FullItems:
