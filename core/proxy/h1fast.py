@@ -39,6 +39,7 @@ from tether.core.proxy.h1heads import (
     REQUEST_LINE,
     STATUS_LINE,
     Head,
+    Row,
     outgoing_framing,
     parse_fields,
     request_event,
@@ -68,8 +69,15 @@ def _replayed(sent: Any) -> Any:
 class H1Connection:
     """``h11.Connection(role)`` with a fast path; see the module docstring."""
 
-    def __init__(self, our_role: type[h11._util.Sentinel], max_incomplete_event_size: int = 16 * 1024) -> None:
+    def __init__(
+        self,
+        our_role: type[h11._util.Sentinel],
+        max_incomplete_event_size: int = 16 * 1024,
+        *,
+        rows: dict[bytes, Row] | None = None,
+    ) -> None:
         self.our_role = our_role
+        self._rows = rows if rows is not None else {}  # field lines seen before (h1heads.parse_fields)
         self._server = our_role is h11.SERVER
         self._max_incomplete = max_incomplete_event_size
         self._slow: h11.Connection | None = None
@@ -289,7 +297,7 @@ class H1Connection:
             match = REQUEST_LINE.fullmatch(data, 0, line_end)
             if match is None or match.group(1) in _SLOW_METHODS:
                 return None
-            head = parse_fields(data, line_end + 2, end + 2, request=True)
+            head = parse_fields(data, line_end + 2, end + 2, request=True, rows=self._rows)
             if head is None:
                 return None
             head.method, head.target = match.groups()
@@ -298,7 +306,7 @@ class H1Connection:
             match = STATUS_LINE.fullmatch(data, 0, line_end)
             if match is None:
                 return None
-            head = parse_fields(data, line_end + 2, end + 2, request=False)
+            head = parse_fields(data, line_end + 2, end + 2, request=False, rows=self._rows)
             if head is None:
                 return None
             head.status = int(match.group(1))

@@ -95,11 +95,20 @@ class Head:
 
 
 _SPECIAL_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect", b"host"})
+Row = tuple[bytes, bytes, bytes]  # one of FullItems
+# Rows of field lines seen before (see ``parse_fields``): most lines of most heads repeat from one request or
+# response to the next (Host, User-Agent, Server, Content-Type...), and a lookup is cheaper than splitting
+# and stripping again. The owner (one per proxy machine) passes the dict in; it is bounded by these two.
+ROWS_MAX = 1024
+ROW_LINE_BYTES_MAX = 256
 
 
-def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool) -> Head | None:
+def parse_fields(
+    data: bytes | bytearray, start: int, end: int, *, request: bool, rows: dict[bytes, Row] | None = None
+) -> Head | None:
     """The field lines ``data[start:end]`` (each ending in CRLF) -> a Head, or None when anything is out of
-    the common case (the slow path decides)."""
+    the common case (the slow path decides). ``rows`` remembers the rows of lines seen before: the result is
+    the same with or without it."""
     block = bytes(data[start:end])
     lines = block.split(b"\r\n")
     del lines[-1]  # the block ends with its last line's CRLF
@@ -113,16 +122,15 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
     hosts = 0
     host = b""
     connection: set[bytes] = set()
+    if rows is None:
+        rows = {}
     for line in lines:
-        raw_name, colon, value = line.partition(b":")
-        name = _COMMON_NAMES.get(raw_name)
-        if name is None:
-            if not colon or not raw_name or raw_name.translate(None, _TOKEN_BYTES):
-                return None  # not a token (a blank before the colon, an obs-fold line), or no colon at all
-            name = raw_name.lower()
-        elif not colon:
-            return None
-        value = value.strip(b" \t")  # blanks around a value are not part of it
+        row = rows.get(line)
+        if row is None:
+            row = _row(line, rows)
+            if row is None:
+                return None
+        raw_name, name, value = row
         if name in _SPECIAL_FIELDS:
             if name == b"content-length":
                 if content_length is not None or not value.isdigit() or len(value) > 18:
@@ -132,7 +140,7 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
                 if chunked or value.lower() != b"chunked":
                     return None
                 chunked = True
-                value = b"chunked"  # h11 keeps this header's value in lower case
+                row = (raw_name, name, b"chunked")  # h11 keeps this header's value in lower case
             elif name == b"connection":
                 lowered = value.lower()
                 tokens = {lowered} if lowered == b"keep-alive" else {t.strip() for t in lowered.split(b",")}
@@ -145,7 +153,7 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
                 host = value
             else:
                 return None  # Upgrade, Expect
-        fields.append((raw_name, name, value))
+        fields.append(row)
     if request and hosts != 1:
         return None
     if chunked:
@@ -157,6 +165,25 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
             return None  # a body delimited by the connection's close
         return Head(fields, 0, keep_alive, host, connection)
     return Head(fields, int(content_length), keep_alive, host, connection)
+
+
+def _row(line: bytes, rows: dict[bytes, Row]) -> Row | None:
+    """The row of one field line whose bytes are all visible or blank (None: not the common case), kept in
+    ``rows`` when short."""
+    raw_name, colon, value = line.partition(b":")
+    name = _COMMON_NAMES.get(raw_name)
+    if name is None:
+        if not colon or not raw_name or raw_name.translate(None, _TOKEN_BYTES):
+            return None  # not a token (a blank before the colon, an obs-fold line), or no colon at all
+        name = raw_name.lower()
+    elif not colon:
+        return None
+    row = (raw_name, name, value.strip(b" \t"))  # blanks around a value are not part of it
+    if len(line) <= ROW_LINE_BYTES_MAX:
+        if len(rows) >= ROWS_MAX:
+            rows.clear()  # a new set of lines (a Date header a second, say) refills it
+        rows[line] = row
+    return row
 
 
 def outgoing_framing(headers: Any, *, request: bool) -> tuple[int, bool, bool] | None:
