@@ -74,14 +74,18 @@ class Head:
     wire, blank line included. ``framing`` is the body's Content-Length, or ``CHUNKED``."""
 
     __slots__ = (
-        "method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "connection", "length"
+        "method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "hosts", "connection",
+        "length",
     )  # fmt: skip
 
-    def __init__(self, fields: FullItems, framing: int, keep_alive: bool, host: bytes, connection: set[bytes]) -> None:
+    def __init__(
+        self, fields: FullItems, framing: int, keep_alive: bool, host: bytes, connection: set[bytes], hosts: int
+    ) -> None:
         self.fields = fields
         self.framing = framing
         self.keep_alive = keep_alive
         self.host = host
+        self.hosts = hosts  # Host fields (a request the fast path takes has exactly one)
         self.connection = connection  # the Connection header's tokens, lower case (keep-alive, close)
         self.method = self.target = self.reason = b""
         self.status = 0  # a request's; a response's is 200-599
@@ -159,12 +163,12 @@ def parse_fields(
     if chunked:
         if content_length is not None or request:
             return None  # both framings at once is for h11 to refuse; chunked uploads are rare
-        return Head(fields, CHUNKED, keep_alive, host, connection)
+        return Head(fields, CHUNKED, keep_alive, host, connection, hosts)
     if content_length is None:
         if not request:
             return None  # a body delimited by the connection's close
-        return Head(fields, 0, keep_alive, host, connection)
-    return Head(fields, int(content_length), keep_alive, host, connection)
+        return Head(fields, 0, keep_alive, host, connection, hosts)
+    return Head(fields, int(content_length), keep_alive, host, connection, hosts)
 
 
 def _row(line: bytes, rows: dict[bytes, Row]) -> Row | None:
@@ -236,9 +240,12 @@ def _write_rows(out: list[bytes], rows: FullItems) -> None:
     out.append(b"\r\n")
 
 
-def write_head(start_line: bytes, rows: FullItems) -> bytes:
+def write_head(start_line: bytes, rows: FullItems, *, in_order: bool = False) -> bytes:
     """A head as ``send`` writes it from h11-style header rows (name as written, lower-case name, value): the
-    start line (with its CRLF), Host first, the rest in order, the blank line."""
+    start line (with its CRLF), Host first, the rest in order, the blank line. ``in_order``: the caller knows
+    no row but the first is a Host (the common case), so one pass writes them."""
+    if in_order:
+        return b"".join([start_line, *[b"%s: %s\r\n" % (raw_name, value) for raw_name, _, value in rows], b"\r\n"])
     out = [start_line]
     _write_rows(out, rows)
     return b"".join(out)

@@ -125,7 +125,9 @@ class H1Lane(ProxyParts):
         # http1.upstream_request: a lane request names no header in Connection but keep-alive, and has a Host.
         forwarded = [(name, name, value) for _, name, value in head.fields if name not in HOP_BY_HOP]
         request = request_event(head.method, head.target, forwarded)
-        wire = write_head(b"%s %s HTTP/1.1\r\n" % (head.method, head.target), forwarded)
+        # A lane request has exactly one Host (h1heads.parse_fields): first, it is the only one.
+        in_order = bool(forwarded) and forwarded[0][1] == b"host"
+        wire = write_head(b"%s %s HTTP/1.1\r\n" % (head.method, head.target), forwarded, in_order=in_order)
         service = endpoint_set.name
         exchange = Exchange(self._new_id(), downstream.conn_id, request, service, now_ns)
         exchange.prepared = (request, wire, head.framing)
@@ -249,7 +251,7 @@ class H1Lane(ProxyParts):
             forwarded = _forwarded(head)
             if close:
                 forwarded.append((b"connection", b"connection", b"close"))
-            wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, head.reason), forwarded)
+            wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, head.reason), forwarded, in_order=not head.hosts)
             keep = not close
 
             def event() -> h11.Response:  # for h11, should the client's connection ever need it

@@ -184,6 +184,8 @@ class Proxy(MeshTls, H1Lane, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         was_backed_up = connection.unsent_bytes >= self.config.max_buffered_bytes
         connection.unsent_bytes -= byte_count
         assert connection.unsent_bytes >= 0, (conn_id, connection.unsent_bytes)
+        if connection.exchange_id is None and type(connection) is Downstream and connection.mode is Mode.HTTP1:
+            return  # an HTTP/1.1 client between requests (its answer went out): nothing waits on it to drain
         if self._in_stream_world(connection):
             if was_backed_up:
                 self._stream_connection_drained(connection)

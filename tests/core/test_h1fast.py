@@ -423,3 +423,15 @@ def test_parse_fields_with_remembered_rows_matches_a_fresh_parse(
     for each in messages + messages:  # the second round finds every short line remembered
         assert _parsed(each, request, rows) == _parsed(each, request, None)
     assert len(rows) <= ROWS_MAX
+
+
+@SETTINGS
+@given(
+    names=st.lists(st.sampled_from([b"Host", b"host", b"Server", b"X-A", b"content-length"]), max_size=6),
+    value=st.binary(min_size=0, max_size=4),
+)
+def test_write_head_in_order_matches_the_two_passes(names: list[bytes], value: bytes) -> None:
+    rows = [(name, name.lower(), value) for name in names]
+    if any(row[1] == b"host" for row in rows[1:]):
+        return  # the caller's promise for in_order does not hold
+    assert write_head(b"GET / HTTP/1.1\r\n", rows, in_order=True) == write_head(b"GET / HTTP/1.1\r\n", rows)
