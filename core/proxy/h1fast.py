@@ -38,8 +38,8 @@ from tether.core.proxy.h1heads import (
     HEADER_LINE,
     REQUEST_LINE,
     STATUS_LINE,
+    FieldMemo,
     Head,
-    Row,
     outgoing_framing,
     parse_fields,
     request_event,
@@ -74,10 +74,10 @@ class H1Connection:
         our_role: type[h11._util.Sentinel],
         max_incomplete_event_size: int = 16 * 1024,
         *,
-        rows: dict[bytes, Row] | None = None,
+        memo: FieldMemo | None = None,
     ) -> None:
         self.our_role = our_role
-        self._rows = rows if rows is not None else {}  # field lines seen before (h1heads.parse_fields)
+        self._memo = memo if memo is not None else FieldMemo()  # heads seen before (h1heads.parse_fields)
         self._server = our_role is h11.SERVER
         self._max_incomplete = max_incomplete_event_size
         self._slow: h11.Connection | None = None
@@ -297,7 +297,7 @@ class H1Connection:
             match = REQUEST_LINE.fullmatch(data, 0, line_end)
             if match is None or match.group(1) in _SLOW_METHODS:
                 return None
-            head = parse_fields(data, line_end + 2, end + 2, request=True, rows=self._rows)
+            head = parse_fields(data, line_end + 2, end + 2, request=True, memo=self._memo)
             if head is None:
                 return None
             head.method, head.target = match.groups()
@@ -306,7 +306,7 @@ class H1Connection:
             match = STATUS_LINE.fullmatch(data, 0, line_end)
             if match is None:
                 return None
-            head = parse_fields(data, line_end + 2, end + 2, request=False, rows=self._rows)
+            head = parse_fields(data, line_end + 2, end + 2, request=False, memo=self._memo)
             if head is None:
                 return None
             head.status = int(match.group(1))

@@ -100,20 +100,51 @@ class Head:
 
 _SPECIAL_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect", b"host"})
 Row = tuple[bytes, bytes, bytes]  # one of FullItems
-# Rows of field lines seen before (see ``parse_fields``): most lines of most heads repeat from one request or
-# response to the next (Host, User-Agent, Server, Content-Type...), and a lookup is cheaper than splitting
-# and stripping again. The owner (one per proxy machine) passes the dict in; it is bounded by these two.
+# What ``parse_fields`` remembers (see FieldMemo), each table bounded by these: a full table empties itself.
 ROWS_MAX = 1024
 ROW_LINE_BYTES_MAX = 256
+BLOCKS_MAX = 256
+BLOCK_BYTES_MAX = 1024
+_Parsed = tuple[tuple[Row, ...], int, bool, bytes, frozenset[bytes], int]  # a Head's fields, as remembered
+
+
+class FieldMemo:
+    """Field blocks and field lines ``parse_fields`` has seen, with what it made of them.
+
+    Most heads repeat from one request or response to the next: a load generator's requests are the same
+    bytes each time, a server's responses differ in their Date line once a second. A lookup is cheaper than
+    splitting, checking and stripping again. One memo serves every HTTP/1.1 parser of one proxy machine (it
+    is the machine's state, passed in); the result of a parse is the same with or without it."""
+
+    __slots__ = ("blocks", "rows")
+
+    def __init__(self) -> None:
+        self.blocks: dict[tuple[bytes, bool], _Parsed] = {}  # (whole field block, request) -> its parse
+        self.rows: dict[bytes, Row] = {}  # one field line -> its row
 
 
 def parse_fields(
-    data: bytes | bytearray, start: int, end: int, *, request: bool, rows: dict[bytes, Row] | None = None
+    data: bytes | bytearray, start: int, end: int, *, request: bool, memo: FieldMemo | None = None
 ) -> Head | None:
     """The field lines ``data[start:end]`` (each ending in CRLF) -> a Head, or None when anything is out of
-    the common case (the slow path decides). ``rows`` remembers the rows of lines seen before: the result is
-    the same with or without it."""
+    the common case (the slow path decides). ``memo``: see FieldMemo."""
     block = bytes(data[start:end])
+    if memo is None:
+        memo = FieldMemo()
+    known = memo.blocks.get((block, request))
+    if known is not None:
+        fields, framing, keep_alive, host, connection, hosts = known
+        return Head(list(fields), framing, keep_alive, host, set(connection), hosts)
+    head = _parse_block(block, request, memo.rows)
+    if head is not None and len(block) <= BLOCK_BYTES_MAX:
+        if len(memo.blocks) >= BLOCKS_MAX:
+            memo.blocks.clear()
+        parsed = (tuple(head.fields), head.framing, head.keep_alive, head.host, frozenset(head.connection), head.hosts)
+        memo.blocks[(block, request)] = parsed
+    return head
+
+
+def _parse_block(block: bytes, request: bool, rows: dict[bytes, Row]) -> Head | None:
     lines = block.split(b"\r\n")
     del lines[-1]  # the block ends with its last line's CRLF
     # Every byte visible or blank, and no CR or LF but the line ends (split and replace pair them alike).
@@ -126,8 +157,6 @@ def parse_fields(
     hosts = 0
     host = b""
     connection: set[bytes] = set()
-    if rows is None:
-        rows = {}
     for line in lines:
         row = rows.get(line)
         if row is None:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tether.core.proxy.h1fast import H1Connection, write_head
-from tether.core.proxy.h1heads import ROWS_MAX, parse_fields
+from tether.core.proxy.h1heads import BLOCKS_MAX, ROWS_MAX, FieldMemo, parse_fields
 
 EXAMPLES = int(os.environ.get("TETHER_H1FAST_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -399,30 +399,35 @@ def test_send_prepared_writes_what_send_writes_for_a_request() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The proxy's memo of field lines seen before (h1heads.parse_fields ``rows``) changes no parse.
+# The proxy's memo of heads seen before (h1heads.FieldMemo) changes no parse.
 
 
-def _parsed(data: bytes, request: bool, rows: dict[bytes, Any] | None) -> Any:
+def _parsed(data: bytes, request: bool, memo: FieldMemo | None) -> Any:
     line_end, end = data.find(b"\r\n"), data.find(b"\r\n\r\n")
     if line_end < 0 or end < 0:
         return "no head"
-    head = parse_fields(data, line_end + 2, end + 2, request=request, rows=rows)
+    head = parse_fields(data, line_end + 2, end + 2, request=request, memo=memo)
     if head is None:
         return None
-    return (head.fields, head.framing, head.keep_alive, head.host, head.connection)
+    return (head.fields, head.framing, head.keep_alive, head.host, head.connection, head.hosts)
 
 
 @SETTINGS
 @given(request=st.booleans(), data=st.data(), full=st.booleans())
-def test_parse_fields_with_remembered_rows_matches_a_fresh_parse(
-    request: bool, data: st.DataObject, full: bool
-) -> None:
+def test_parse_fields_with_a_memo_matches_a_fresh_parse(request: bool, data: st.DataObject, full: bool) -> None:
     messages = data.draw(st.lists(message(request=request), min_size=1, max_size=6))
-    # A memo at its bound empties itself on the next line it keeps: both states are covered.
-    rows: dict[bytes, Any] = {b"x-filler-%d: v" % i: (b"x", b"x", b"v") for i in range(ROWS_MAX)} if full else {}
-    for each in messages + messages:  # the second round finds every short line remembered
-        assert _parsed(each, request, rows) == _parsed(each, request, None)
-    assert len(rows) <= ROWS_MAX
+    memo = FieldMemo()
+    if full:  # a table at its bound empties itself on the next entry it keeps: both states are covered
+        memo.rows.update({b"x-filler-%d: v" % i: (b"x", b"x", b"v") for i in range(ROWS_MAX)})
+        memo.blocks.update(
+            {(b"x-filler: %d\r\n" % i, request): ((), 0, True, b"", frozenset(), 0) for i in range(BLOCKS_MAX)}
+        )
+    for each in messages + messages:  # the second round finds every short head and line remembered
+        first = _parsed(each, request, memo)
+        assert first == _parsed(each, request, None)
+        if first is not None and first != "no head":
+            first[0].append((b"x", b"x", b"mutated"))  # what a caller does to one head never reaches the next
+    assert len(memo.rows) <= ROWS_MAX and len(memo.blocks) <= BLOCKS_MAX
 
 
 @SETTINGS
