@@ -75,7 +75,7 @@ class Head:
 
     __slots__ = (
         "method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "hosts", "connection",
-        "length",
+        "length", "block",
     )  # fmt: skip
 
     def __init__(
@@ -90,6 +90,7 @@ class Head:
         self.method = self.target = self.reason = b""
         self.status = 0  # a request's; a response's is 200-599
         self.length = 0
+        self.block: Block | None = None  # the memo's entry for these fields, when they are remembered
 
     def event(self) -> h11.Request | h11.Response:
         """The h11 event ``next_event`` returns for this head."""
@@ -105,7 +106,22 @@ ROWS_MAX = 1024
 ROW_LINE_BYTES_MAX = 256
 BLOCKS_MAX = 256
 BLOCK_BYTES_MAX = 1024
-_Parsed = tuple[tuple[Row, ...], int, bool, bytes, frozenset[bytes], int]  # a Head's fields, as remembered
+
+
+class Block:
+    """A field block as FieldMemo remembers it: its parse, and what the lane (h1lane.py) derives from it on
+    first use, ``forwarded``: the rows it forwards and their lines as written (a pure function of the block)."""
+
+    __slots__ = ("fields", "framing", "keep_alive", "host", "connection", "hosts", "forwarded")
+
+    def __init__(self, head: Head) -> None:
+        self.fields = tuple(head.fields)
+        self.framing = head.framing
+        self.keep_alive = head.keep_alive
+        self.host = head.host
+        self.connection = frozenset(head.connection)
+        self.hosts = head.hosts
+        self.forwarded: tuple[tuple[Row, ...], bytes] | None = None
 
 
 class FieldMemo:
@@ -119,7 +135,7 @@ class FieldMemo:
     __slots__ = ("blocks", "rows")
 
     def __init__(self) -> None:
-        self.blocks: dict[tuple[bytes, bool], _Parsed] = {}  # (whole field block, request) -> its parse
+        self.blocks: dict[tuple[bytes, bool], Block] = {}  # (whole field block, request) -> its parse
         self.rows: dict[bytes, Row] = {}  # one field line -> its row
 
 
@@ -133,14 +149,14 @@ def parse_fields(
         memo = FieldMemo()
     known = memo.blocks.get((block, request))
     if known is not None:
-        fields, framing, keep_alive, host, connection, hosts = known
-        return Head(list(fields), framing, keep_alive, host, set(connection), hosts)
+        head = Head(list(known.fields), known.framing, known.keep_alive, known.host, set(known.connection), known.hosts)
+        head.block = known
+        return head
     head = _parse_block(block, request, memo.rows)
     if head is not None and len(block) <= BLOCK_BYTES_MAX:
         if len(memo.blocks) >= BLOCKS_MAX:
             memo.blocks.clear()
-        parsed = (tuple(head.fields), head.framing, head.keep_alive, head.host, frozenset(head.connection), head.hosts)
-        memo.blocks[(block, request)] = parsed
+        head.block = memo.blocks[(block, request)] = Block(head)
     return head
 
 

@@ -38,7 +38,7 @@ import h11
 from tether.core.discovery import EndpointSet
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
-from tether.core.proxy.h1heads import FullItems, Head, request_event, response_event, write_head
+from tether.core.proxy.h1heads import FullItems, Head, Row, request_event, response_event, write_head
 from tether.core.proxy.http1 import HOP_BY_HOP, NEVER_HOP_BY_HOP
 from tether.core.proxy.parts import ProxyParts
 from tether.core.traffic.breaker import Outcome
@@ -122,12 +122,9 @@ class H1Lane(ProxyParts):
         to have endpoints, then ``_request_body`` and ``_request_done`` as the parser's events would call them
         (in between, the exchange may pause or resume the client's connection just as on the event path)."""
         self._deadlines.cancel(("idle", downstream.conn_id))
-        # http1.upstream_request: a lane request names no header in Connection but keep-alive, and has a Host.
-        forwarded = [(name, name, value) for _, name, value in head.fields if name not in HOP_BY_HOP]
-        request = request_event(head.method, head.target, forwarded)
-        # A lane request has exactly one Host (h1heads.parse_fields): first, it is the only one.
-        in_order = bool(forwarded) and forwarded[0][1] == b"host"
-        wire = write_head(b"%s %s HTTP/1.1\r\n" % (head.method, head.target), forwarded, in_order=in_order)
+        rows, lines = _forwarded_request(head)
+        request = request_event(head.method, head.target, list(rows))
+        wire = b"%s %s HTTP/1.1\r\n" % (head.method, head.target) + lines
         service = endpoint_set.name
         exchange = Exchange(self._new_id(), downstream.conn_id, request, service, now_ns)
         exchange.prepared = (request, wire, head.framing)
@@ -248,14 +245,18 @@ class H1Lane(ProxyParts):
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None:
             close = downstream.closing or self._draining
-            forwarded = _forwarded(head)
             if close:
+                forwarded = _forwarded(head)
                 forwarded.append((b"connection", b"connection", b"close"))
-            wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, head.reason), forwarded, in_order=not head.hosts)
+                rows = tuple(forwarded)
+                lines = write_head(b"", forwarded, in_order=not head.hosts)
+            else:
+                rows, lines = _forwarded_response(head)
+            wire = b"HTTP/1.1 %d %s\r\n" % (status, head.reason) + lines
             keep = not close
 
             def event() -> h11.Response:  # for h11, should the client's connection ever need it
-                return response_event(status, head.reason, forwarded)
+                return response_event(status, head.reason, list(rows))
 
             data = downstream.h11.send_whole(event, wire, body, keep_alive=keep)
             if self._tls and body and downstream.conn_id in self._tls:
@@ -274,6 +275,33 @@ class H1Lane(ProxyParts):
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None:
             self._next_request(downstream, now_ns)
+
+
+def _forwarded_request(head: Head) -> tuple[tuple[Row, ...], bytes]:
+    """http1.upstream_request's rows for a lane request (which names no header in Connection but keep-alive,
+    and has exactly one Host), and its field lines as written: worked out once per remembered block."""
+    block = head.block
+    if block is not None and block.forwarded is not None:
+        return block.forwarded
+    forwarded = [(name, name, value) for _, name, value in head.fields if name not in HOP_BY_HOP]
+    in_order = bool(forwarded) and forwarded[0][1] == b"host"  # first, the only Host is in h11's place
+    made = (tuple(forwarded), write_head(b"", forwarded, in_order=in_order))
+    if block is not None:
+        block.forwarded = made
+    return made
+
+
+def _forwarded_response(head: Head) -> tuple[tuple[Row, ...], bytes]:
+    """``_forwarded`` for a response the client's connection stays open after, and its field lines as
+    written: worked out once per remembered block."""
+    block = head.block
+    if block is not None and block.forwarded is not None:
+        return block.forwarded
+    forwarded = _forwarded(head)
+    made = (tuple(forwarded), write_head(b"", forwarded, in_order=not head.hosts))
+    if block is not None:
+        block.forwarded = made
+    return made
 
 
 def _forwarded(head: Head) -> FullItems:

@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tether.core.proxy.h1fast import H1Connection, write_head
-from tether.core.proxy.h1heads import BLOCKS_MAX, ROWS_MAX, FieldMemo, parse_fields
+from tether.core.proxy.h1heads import BLOCKS_MAX, ROWS_MAX, Block, FieldMemo, Head, parse_fields
+
+FILLER = Block(Head([], 0, True, b"", set(), 0))
 
 EXAMPLES = int(os.environ.get("TETHER_H1FAST_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -419,9 +421,7 @@ def test_parse_fields_with_a_memo_matches_a_fresh_parse(request: bool, data: st.
     memo = FieldMemo()
     if full:  # a table at its bound empties itself on the next entry it keeps: both states are covered
         memo.rows.update({b"x-filler-%d: v" % i: (b"x", b"x", b"v") for i in range(ROWS_MAX)})
-        memo.blocks.update(
-            {(b"x-filler: %d\r\n" % i, request): ((), 0, True, b"", frozenset(), 0) for i in range(BLOCKS_MAX)}
-        )
+        memo.blocks.update({(b"x-filler: %d\r\n" % i, request): FILLER for i in range(BLOCKS_MAX)})
     for each in messages + messages:  # the second round finds every short head and line remembered
         first = _parsed(each, request, memo)
         assert first == _parsed(each, request, None)
