@@ -152,7 +152,12 @@ class H1Lane(ProxyParts):
         requests mostly name the same authority and reach the same endpoint."""
         identity = self.local_identity  # tls_labels reads it (and the connection's own identity, fixed)
         cached = downstream.lane_labels
-        if cached is not None and cached[0] == authority and cached[1] == endpoint and cached[2] == identity:
+        if (
+            cached is not None
+            and cached[0] == authority
+            and (cached[1] is endpoint or cached[1] == endpoint)  # the balancer hands out its own Address
+            and cached[2] == identity
+        ):
             return cached[3]
         target_addr = str(endpoint) if endpoint is not None else ""
         labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
