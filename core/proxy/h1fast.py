@@ -185,6 +185,18 @@ class H1Connection:
         self._body_received = 0
         self._message_received = False
 
+    def next_cycle_if_done(self) -> bool:
+        """``start_next_cycle`` when both sides are DONE (bytes may wait: a pipelined request); False: not so,
+        and nothing changed."""
+        slow = self._slow
+        if slow is not None:
+            if slow.our_state is not h11.DONE or slow.their_state is not h11.DONE:
+                return False
+        elif self._our is not h11.DONE or self._their is not h11.DONE:
+            return False
+        self.start_next_cycle()
+        return True
+
     def next_cycle_if_clean(self) -> bool:
         """``start_next_cycle`` when both sides are DONE and no byte waits to be parsed: whether the connection
         may carry another exchange (an endpoint's bytes after its response would be read as the next answer).

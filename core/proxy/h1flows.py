@@ -512,15 +512,9 @@ class H1Flows(H1Traffic, H1Reading):
     def _next_request(self, downstream: Downstream, now_ns: int) -> None:
         downstream.exchange_id = None
         parser = downstream.h11
-        if (
-            downstream.closing
-            or self._draining
-            or parser.our_state is not h11.DONE
-            or parser.their_state is not h11.DONE
-        ):
+        if downstream.closing or self._draining or not parser.next_cycle_if_done():
             self._close_downstream(downstream)
             return
-        parser.start_next_cycle()
         self._deadlines.set(("idle", downstream.conn_id), now_ns + self.config.idle_timeout_ns)
         if parser.nothing_to_read():
             self._sync_reading_downstream(downstream)  # all that pumping would do

@@ -38,6 +38,7 @@ import h11
 from tether.core.discovery import EndpointSet
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
+from tether.core.proxy.h1fast import END_OF_MESSAGE
 from tether.core.proxy.h1heads import FullItems, Head, Row, request_event, response_event, write_head
 from tether.core.proxy.http1 import HOP_BY_HOP, NEVER_HOP_BY_HOP
 from tether.core.proxy.parts import ProxyParts
@@ -79,7 +80,6 @@ class H1Lane(ProxyParts):
         def _request_body(self, downstream: Downstream, data: bytes) -> None: ...
         def _request_done(self, downstream: Downstream, now_ns: int) -> None: ...
         def _release_upstream(self, upstream: Upstream, now_ns: int) -> None: ...
-        def _finish_request_upstream(self, exchange: Exchange, upstream: Upstream, now_ns: int) -> None: ...
         def _pool(self, endpoint: Address) -> EndpointPool: ...
         def _next_request(self, downstream: Downstream, now_ns: int) -> None: ...
         def _sync_reading_downstream(self, downstream: Downstream) -> None: ...
@@ -185,8 +185,13 @@ class H1Lane(ProxyParts):
             self._sync_reading_downstream(downstream)  # _bind's, which changes something only here
         if body:  # _request_body
             self._send(upstream, upstream.h11.send(h11.Data(data=body)))
-        exchange.request_received = True  # _request_done
-        self._finish_request_upstream(exchange, upstream, now_ns)
+        exchange.request_received = True  # _request_done, and its _finish_request_upstream:
+        end = upstream.h11.send(END_OF_MESSAGE)  # b"" (a lane request has a Content-Length or no body)
+        if end:
+            self._send(upstream, end)
+        exchange.advance(Step.REQUEST_DONE)
+        if exchange.state is ExchangeState.AWAITING and self.config.response_timeout_ns:
+            self._deadlines.set(("response", exchange.exchange_id), now_ns + self.config.response_timeout_ns)
         self._sync_reading_downstream(downstream)  # the end of _pump_downstream
         return True
 
