@@ -304,6 +304,28 @@ class H1Connection:
     def _take_head(self, data: bytes | bytearray, end: int) -> Head | None:
         """The head ``data[:end + 4]`` (``end``: where its blank line starts) if it is common-case, with this
         connection's state moved past it as h11 would; None: nothing changed."""
+        raw = bytes(data[: end + 4])
+        head = self._memo.known_head(raw, self._server)
+        if head is None:
+            head = self._parse_head(data, end)
+            if head is None:
+                return None
+            if head.block is not None:
+                self._memo.remember_head(raw, self._server, head)
+        if self._server:
+            self._our = h11.SEND_RESPONSE
+        self._their = h11.SEND_BODY
+        self._receive_framing = head.framing
+        self._reading_trailers = self._chunk_crlf_due = False
+        self._chunk_left = 0
+        if not head.keep_alive:
+            self._disable_keep_alive()
+        head.length = end + 4
+        self._head_received = raw
+        return head
+
+    def _parse_head(self, data: bytes | bytearray, end: int) -> Head | None:
+        """``_take_head``'s parse, which changes nothing."""
         line_end = data.find(b"\r\n", 0, end + 2)
         if self._server:
             match = REQUEST_LINE.fullmatch(data, 0, line_end)
@@ -313,7 +335,6 @@ class H1Connection:
             if head is None:
                 return None
             head.method, head.target = match.groups()
-            self._our = h11.SEND_RESPONSE
         else:
             match = STATUS_LINE.fullmatch(data, 0, line_end)
             if match is None:
@@ -325,14 +346,6 @@ class H1Connection:
             head.reason = match.group(2) or b""
             if head.status in (204, 304):
                 head.framing = 0
-        self._their = h11.SEND_BODY
-        self._receive_framing = head.framing
-        self._reading_trailers = self._chunk_crlf_due = False
-        self._chunk_left = 0
-        if not head.keep_alive:
-            self._disable_keep_alive()
-        head.length = end + 4
-        self._head_received = bytes(data[: end + 4])
         return head
 
     def _read_body(self) -> Any:

@@ -132,11 +132,33 @@ class FieldMemo:
     splitting, checking and stripping again. One memo serves every HTTP/1.1 parser of one proxy machine (it
     is the machine's state, passed in); the result of a parse is the same with or without it."""
 
-    __slots__ = ("blocks", "rows")
+    __slots__ = ("heads", "blocks", "rows")
 
     def __init__(self) -> None:
+        # (whole head, request) -> its field block's entry and its start line's parts (h1fast._take_head)
+        self.heads: dict[tuple[bytes, bool], tuple[Block, bytes, bytes, int, bytes, int]] = {}
         self.blocks: dict[tuple[bytes, bool], Block] = {}  # (whole field block, request) -> its parse
         self.rows: dict[bytes, Row] = {}  # one field line -> its row
+
+    def remember_head(self, raw: bytes, request: bool, head: Head) -> None:
+        """``raw`` (a whole head, blank line included) parses to ``head``, whose fields are remembered."""
+        assert head.block is not None
+        if len(raw) <= BLOCK_BYTES_MAX:
+            if len(self.heads) >= BLOCKS_MAX:
+                self.heads.clear()
+            entry = (head.block, head.method, head.target, head.status, head.reason, head.framing)
+            self.heads[(raw, request)] = entry
+
+    def known_head(self, raw: bytes, request: bool) -> Head | None:
+        """A new Head for ``raw`` if it was remembered (as ``parse_fields`` and the start line made it)."""
+        known = self.heads.get((raw, request))
+        if known is None:
+            return None
+        block, method, target, status, reason, framing = known  # framing: 0 for a 204 or 304 answer
+        head = Head(list(block.fields), framing, block.keep_alive, block.host, set(block.connection), block.hosts)
+        head.block = block
+        head.method, head.target, head.status, head.reason = method, target, status, reason
+        return head
 
 
 def parse_fields(

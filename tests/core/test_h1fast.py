@@ -440,3 +440,32 @@ def test_write_head_in_order_matches_the_two_passes(names: list[bytes], value: b
     if any(row[1] == b"host" for row in rows[1:]):
         return  # the caller's promise for in_order does not hold
     assert write_head(b"GET / HTTP/1.1\r\n", rows, in_order=True) == write_head(b"GET / HTTP/1.1\r\n", rows)
+
+
+@SETTINGS
+@given(request=st.booleans(), data=st.data())
+def test_remembered_heads_read_as_fresh_ones(request: bool, data: st.DataObject) -> None:
+    """Connections sharing one memo (as a proxy's do) read each head as a connection with a memo of its own."""
+    messages = data.draw(st.lists(message(request=request), min_size=1, max_size=4))
+    role = h11.SERVER if request else h11.CLIENT
+    memo = FieldMemo()
+    for each in messages + messages:
+        shared, alone = H1Connection(role, memo=memo), H1Connection(role)
+        if not request:  # a client reads a response to a request it sent
+            for connection in (shared, alone):
+                connection.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+                connection.send(h11.EndOfMessage())
+        heads = [connection.receive_head(each) for connection in (shared, alone)]
+        if heads[0] is None or heads[1] is None:
+            assert heads[0] is heads[1] is None
+            continue
+        seen = [
+            (normal(head.event()), head.framing, head.keep_alive, head.length, head.host, head.connection)
+            for head in heads
+        ]
+        assert seen[0] == seen[1]
+        assert (shared.our_state, shared.their_state, shared.trailing_data) == (
+            alone.our_state,
+            alone.their_state,
+            alone.trailing_data,
+        )
