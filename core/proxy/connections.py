@@ -13,6 +13,7 @@ from tether.core.proxy.h2session import H2Session
 
 if TYPE_CHECKING:
     from tether.core.proxy.balancing import Backend
+    from tether.core.proxy.telemetry import HttpLabels
     from tether.core.traffic.balancer import Handle
 
 
@@ -56,6 +57,8 @@ class Downstream:
     backend: Backend | None = None
     handle: Handle | None = None
     awaiting_endpoint: bool = False
+    # The lane's last request labels (h1lane.py): (authority, endpoint, local identity, labels).
+    lane_labels: tuple[str, Address | None, str | None, HttpLabels] | None = None
 
 
 class UpstreamState(enum.Enum):

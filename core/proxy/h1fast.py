@@ -38,6 +38,7 @@ from tether.core.proxy.h1heads import (
     HEADER_LINE,
     REQUEST_LINE,
     STATUS_LINE,
+    FieldMemo,
     Head,
     outgoing_framing,
     parse_fields,
@@ -68,8 +69,15 @@ def _replayed(sent: Any) -> Any:
 class H1Connection:
     """``h11.Connection(role)`` with a fast path; see the module docstring."""
 
-    def __init__(self, our_role: type[h11._util.Sentinel], max_incomplete_event_size: int = 16 * 1024) -> None:
+    def __init__(
+        self,
+        our_role: type[h11._util.Sentinel],
+        max_incomplete_event_size: int = 16 * 1024,
+        *,
+        memo: FieldMemo | None = None,
+    ) -> None:
         self.our_role = our_role
+        self._memo = memo if memo is not None else FieldMemo()  # heads seen before (h1heads.parse_fields)
         self._server = our_role is h11.SERVER
         self._max_incomplete = max_incomplete_event_size
         self._slow: h11.Connection | None = None
@@ -177,6 +185,31 @@ class H1Connection:
         self._body_received = 0
         self._message_received = False
 
+    def next_cycle_if_done(self) -> bool:
+        """``start_next_cycle`` when both sides are DONE (bytes may wait: a pipelined request); False: not so,
+        and nothing changed."""
+        slow = self._slow
+        if slow is not None:
+            if slow.our_state is not h11.DONE or slow.their_state is not h11.DONE:
+                return False
+        elif self._our is not h11.DONE or self._their is not h11.DONE:
+            return False
+        self.start_next_cycle()
+        return True
+
+    def next_cycle_if_clean(self) -> bool:
+        """``start_next_cycle`` when both sides are DONE and no byte waits to be parsed: whether the connection
+        may carry another exchange (an endpoint's bytes after its response would be read as the next answer).
+        False: not so, and nothing changed."""
+        slow = self._slow
+        if slow is not None:
+            if slow.our_state is not h11.DONE or slow.their_state is not h11.DONE or slow.trailing_data[0]:
+                return False
+        elif self._our is not h11.DONE or self._their is not h11.DONE or self._buffer:
+            return False
+        self.start_next_cycle()
+        return True
+
     # ------------------------------------------------------------------ whole heads, without events
 
     def receive_head(self, data: bytes) -> Head | None:
@@ -271,27 +304,16 @@ class H1Connection:
     def _take_head(self, data: bytes | bytearray, end: int) -> Head | None:
         """The head ``data[:end + 4]`` (``end``: where its blank line starts) if it is common-case, with this
         connection's state moved past it as h11 would; None: nothing changed."""
-        line_end = data.find(b"\r\n", 0, end + 2)
+        raw = bytes(data[: end + 4])
+        head = self._memo.known_head(raw, self._server)
+        if head is None:
+            head = self._parse_head(data, end)
+            if head is None:
+                return None
+            if head.block is not None:
+                self._memo.remember_head(raw, self._server, head)
         if self._server:
-            match = REQUEST_LINE.fullmatch(data, 0, line_end)
-            if match is None or match.group(1) in _SLOW_METHODS:
-                return None
-            head = parse_fields(data, line_end + 2, end + 2, request=True)
-            if head is None:
-                return None
-            head.method, head.target = match.groups()
             self._our = h11.SEND_RESPONSE
-        else:
-            match = STATUS_LINE.fullmatch(data, 0, line_end)
-            if match is None:
-                return None
-            head = parse_fields(data, line_end + 2, end + 2, request=False)
-            if head is None:
-                return None
-            head.status = int(match.group(1))
-            head.reason = match.group(2) or b""
-            if head.status in (204, 304):
-                head.framing = 0
         self._their = h11.SEND_BODY
         self._receive_framing = head.framing
         self._reading_trailers = self._chunk_crlf_due = False
@@ -299,7 +321,31 @@ class H1Connection:
         if not head.keep_alive:
             self._disable_keep_alive()
         head.length = end + 4
-        self._head_received = bytes(data[: end + 4])
+        self._head_received = raw
+        return head
+
+    def _parse_head(self, data: bytes | bytearray, end: int) -> Head | None:
+        """``_take_head``'s parse, which changes nothing."""
+        line_end = data.find(b"\r\n", 0, end + 2)
+        if self._server:
+            match = REQUEST_LINE.fullmatch(data, 0, line_end)
+            if match is None or match.group(1) in _SLOW_METHODS:
+                return None
+            head = parse_fields(data, line_end + 2, end + 2, request=True, memo=self._memo)
+            if head is None:
+                return None
+            head.method, head.target = match.groups()
+        else:
+            match = STATUS_LINE.fullmatch(data, 0, line_end)
+            if match is None:
+                return None
+            head = parse_fields(data, line_end + 2, end + 2, request=False, memo=self._memo)
+            if head is None:
+                return None
+            head.status = int(match.group(1))
+            head.reason = match.group(2) or b""
+            if head.status in (204, 304):
+                head.framing = 0
         return head
 
     def _read_body(self) -> Any:

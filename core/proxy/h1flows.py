@@ -33,10 +33,11 @@ from tether.core.discovery import EndpointSet
 from tether.core.effects import Connect, LogError
 from tether.core.proxy import http1
 from tether.core.proxy.balancing import Backend, Leaseholder, error_outcome
-from tether.core.proxy.connections import Downstream, Mode, Upstream, UpstreamState
+from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers
-from tether.core.proxy.exchange import LIVE_STATES, Exchange, ExchangeState, Step
+from tether.core.proxy.exchange import Exchange, ExchangeState, Step
 from tether.core.proxy.h1fast import END_OF_MESSAGE
+from tether.core.proxy.h1reading import H1Reading
 from tether.core.proxy.h1traffic import H1Traffic
 from tether.core.proxy.pool import EndpointPool, pool_for
 from tether.core.proxy.streams import StreamExchange
@@ -45,21 +46,19 @@ from tether.core.traffic.breaker import Outcome
 NS_PER_MS = 1_000_000
 
 
-class H1Flows(H1Traffic):
+class H1Flows(H1Traffic, H1Reading):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _exchange(self, exchange_id: int | None) -> Exchange | None: ...
         def _switch_to_tunnel(
             self, exchange: Exchange, upstream: Upstream, head: h11.InformationalResponse | h11.Response
         ) -> None: ...
-        def _sync_tunnel_reading(self, downstream: Downstream) -> None: ...
         def _start_h1_over_h2(
             self, downstream: Downstream, request: h11.Request, authority: str, endpoint_set: EndpointSet
         ) -> None: ...
         def _h1_source_body(self, exchange: StreamExchange, data: bytes) -> None: ...
         def _source_request_ended(self, exchange: StreamExchange, now_ns: int) -> None: ...
         def _abandon_stream(self, exchange: StreamExchange, code: int) -> None: ...
-        def _sync_h1_source_reading(self, downstream: Downstream) -> None: ...
         def _backend(self, name: str, endpoints: tuple[Address, ...], kind: str) -> Backend: ...
         def _take_lease(self, holder: Leaseholder, request_id: int, backend: Backend) -> ProxyError | None: ...
         def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
@@ -513,15 +512,9 @@ class H1Flows(H1Traffic):
     def _next_request(self, downstream: Downstream, now_ns: int) -> None:
         downstream.exchange_id = None
         parser = downstream.h11
-        if (
-            downstream.closing
-            or self._draining
-            or parser.our_state is not h11.DONE
-            or parser.their_state is not h11.DONE
-        ):
+        if downstream.closing or self._draining or not parser.next_cycle_if_done():
             self._close_downstream(downstream)
             return
-        parser.start_next_cycle()
         self._deadlines.set(("idle", downstream.conn_id), now_ns + self.config.idle_timeout_ns)
         if parser.nothing_to_read():
             self._sync_reading_downstream(downstream)  # all that pumping would do
@@ -551,57 +544,3 @@ class H1Flows(H1Traffic):
             # Half a request went out on it: it cannot carry another one.
             self._close_upstream(upstream, reset=True)
         # A CONNECTING connection stays: once open it joins the pool or serves a waiter.
-
-    # ---------------------------------------------------------------- reading and backpressure
-
-    def _sync_reading_downstream(self, downstream: Downstream) -> None:
-        if downstream.conn_id not in self._downstream:
-            return
-        if downstream.exchange_id in self._streams:
-            self._sync_h1_source_reading(downstream)
-            return
-        exchange = self._exchanges.get(downstream.exchange_id)  # type: ignore[arg-type]  (None: no exchange)
-        limit = self.config.max_buffered_bytes
-        if exchange is None:
-            wanted = True
-        elif exchange.request_received and exchange.state in LIVE_STATES:
-            # HTTP/1.1 answers in order: a pipelined request waits in the parser until this one is answered.
-            # Reading on (up to the limit) spares the driver a pause and a resume for every request.
-            wanted = downstream.h11.buffered_bytes < limit
-        elif not exchange.live:
-            wanted = False  # answered early (an error): the rest of this request is not wanted
-        elif exchange.state is ExchangeState.QUEUED or exchange.state is ExchangeState.BACKOFF:
-            wanted = exchange.pending_body_bytes < limit
-        else:
-            upstream = self._upstream.get(exchange.upstream_id) if exchange.upstream_id is not None else None
-            wanted = upstream is None or upstream.unsent_bytes < limit
-        if downstream.reading is not wanted:
-            self._set_reading(downstream, wanted)
-
-    def _sync_reading_upstream(self, upstream: Upstream) -> None:
-        if upstream.state is not UpstreamState.BUSY:
-            return
-        exchange = self._exchanges.get(upstream.exchange_id)  # type: ignore[arg-type]
-        downstream = self._downstream.get(exchange.downstream_id) if exchange is not None else None
-        wanted = downstream is None or downstream.unsent_bytes < self.config.max_buffered_bytes
-        if upstream.reading is not wanted:
-            self._set_reading(upstream, wanted)
-
-    def _sync_reading_all_for(self, connection: Downstream | Upstream) -> None:
-        """``connection`` drained some bytes: the connection feeding it may be read again."""
-        downstream = connection if isinstance(connection, Downstream) else None
-        if isinstance(connection, Upstream) and connection.tunnel_downstream_id is not None:
-            downstream = self._downstream.get(connection.tunnel_downstream_id)
-        if downstream is not None:
-            if downstream.mode is Mode.OPAQUE:
-                self._sync_tunnel_reading(downstream)
-                return
-            exchange = self._exchanges.get(downstream.exchange_id)  # type: ignore[arg-type]  (None: none)
-            upstream = self._upstream.get(exchange.upstream_id) if exchange is not None else None  # type: ignore[arg-type]
-            if upstream is not None:
-                self._sync_reading_upstream(upstream)
-            return
-        exchange = self._exchanges.get(connection.exchange_id)  # type: ignore[arg-type]
-        downstream = self._downstream.get(exchange.downstream_id) if exchange is not None else None
-        if downstream is not None:
-            self._sync_reading_downstream(downstream)

@@ -74,18 +74,23 @@ class Head:
     wire, blank line included. ``framing`` is the body's Content-Length, or ``CHUNKED``."""
 
     __slots__ = (
-        "method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "connection", "length"
+        "method", "target", "status", "reason", "fields", "framing", "keep_alive", "host", "hosts", "connection",
+        "length", "block",
     )  # fmt: skip
 
-    def __init__(self, fields: FullItems, framing: int, keep_alive: bool, host: bytes, connection: set[bytes]) -> None:
+    def __init__(
+        self, fields: FullItems, framing: int, keep_alive: bool, host: bytes, connection: set[bytes], hosts: int
+    ) -> None:
         self.fields = fields
         self.framing = framing
         self.keep_alive = keep_alive
         self.host = host
+        self.hosts = hosts  # Host fields (a request the fast path takes has exactly one)
         self.connection = connection  # the Connection header's tokens, lower case (keep-alive, close)
         self.method = self.target = self.reason = b""
         self.status = 0  # a request's; a response's is 200-599
         self.length = 0
+        self.block: Block | None = None  # the memo's entry for these fields, when they are remembered
 
     def event(self) -> h11.Request | h11.Response:
         """The h11 event ``next_event`` returns for this head."""
@@ -95,12 +100,89 @@ class Head:
 
 
 _SPECIAL_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect", b"host"})
+Row = tuple[bytes, bytes, bytes]  # one of FullItems
+# What ``parse_fields`` remembers (see FieldMemo), each table bounded by these: a full table empties itself.
+ROWS_MAX = 1024
+ROW_LINE_BYTES_MAX = 256
+BLOCKS_MAX = 256
+BLOCK_BYTES_MAX = 1024
 
 
-def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool) -> Head | None:
+class Block:
+    """A field block as FieldMemo remembers it: its parse, and what the lane (h1lane.py) derives from it on
+    first use, ``forwarded``: the rows it forwards and their lines as written (a pure function of the block)."""
+
+    __slots__ = ("fields", "framing", "keep_alive", "host", "connection", "hosts", "forwarded")
+
+    def __init__(self, head: Head) -> None:
+        self.fields = tuple(head.fields)
+        self.framing = head.framing
+        self.keep_alive = head.keep_alive
+        self.host = head.host
+        self.connection = frozenset(head.connection)
+        self.hosts = head.hosts
+        self.forwarded: tuple[tuple[Row, ...], bytes] | None = None
+
+
+class FieldMemo:
+    """Field blocks and field lines ``parse_fields`` has seen, with what it made of them.
+
+    Most heads repeat from one request or response to the next: a load generator's requests are the same
+    bytes each time, a server's responses differ in their Date line once a second. A lookup is cheaper than
+    splitting, checking and stripping again. One memo serves every HTTP/1.1 parser of one proxy machine (it
+    is the machine's state, passed in); the result of a parse is the same with or without it."""
+
+    __slots__ = ("heads", "blocks", "rows")
+
+    def __init__(self) -> None:
+        # (whole head, request) -> its field block's entry and its start line's parts (h1fast._take_head)
+        self.heads: dict[tuple[bytes, bool], tuple[Block, bytes, bytes, int, bytes, int]] = {}
+        self.blocks: dict[tuple[bytes, bool], Block] = {}  # (whole field block, request) -> its parse
+        self.rows: dict[bytes, Row] = {}  # one field line -> its row
+
+    def remember_head(self, raw: bytes, request: bool, head: Head) -> None:
+        """``raw`` (a whole head, blank line included) parses to ``head``, whose fields are remembered."""
+        assert head.block is not None
+        if len(raw) <= BLOCK_BYTES_MAX:
+            if len(self.heads) >= BLOCKS_MAX:
+                self.heads.clear()
+            entry = (head.block, head.method, head.target, head.status, head.reason, head.framing)
+            self.heads[(raw, request)] = entry
+
+    def known_head(self, raw: bytes, request: bool) -> Head | None:
+        """A new Head for ``raw`` if it was remembered (as ``parse_fields`` and the start line made it)."""
+        known = self.heads.get((raw, request))
+        if known is None:
+            return None
+        block, method, target, status, reason, framing = known  # framing: 0 for a 204 or 304 answer
+        head = Head(list(block.fields), framing, block.keep_alive, block.host, set(block.connection), block.hosts)
+        head.block = block
+        head.method, head.target, head.status, head.reason = method, target, status, reason
+        return head
+
+
+def parse_fields(
+    data: bytes | bytearray, start: int, end: int, *, request: bool, memo: FieldMemo | None = None
+) -> Head | None:
     """The field lines ``data[start:end]`` (each ending in CRLF) -> a Head, or None when anything is out of
-    the common case (the slow path decides)."""
+    the common case (the slow path decides). ``memo``: see FieldMemo."""
     block = bytes(data[start:end])
+    if memo is None:
+        memo = FieldMemo()
+    known = memo.blocks.get((block, request))
+    if known is not None:
+        head = Head(list(known.fields), known.framing, known.keep_alive, known.host, set(known.connection), known.hosts)
+        head.block = known
+        return head
+    head = _parse_block(block, request, memo.rows)
+    if head is not None and len(block) <= BLOCK_BYTES_MAX:
+        if len(memo.blocks) >= BLOCKS_MAX:
+            memo.blocks.clear()
+        head.block = memo.blocks[(block, request)] = Block(head)
+    return head
+
+
+def _parse_block(block: bytes, request: bool, rows: dict[bytes, Row]) -> Head | None:
     lines = block.split(b"\r\n")
     del lines[-1]  # the block ends with its last line's CRLF
     # Every byte visible or blank, and no CR or LF but the line ends (split and replace pair them alike).
@@ -114,15 +196,12 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
     host = b""
     connection: set[bytes] = set()
     for line in lines:
-        raw_name, colon, value = line.partition(b":")
-        name = _COMMON_NAMES.get(raw_name)
-        if name is None:
-            if not colon or not raw_name or raw_name.translate(None, _TOKEN_BYTES):
-                return None  # not a token (a blank before the colon, an obs-fold line), or no colon at all
-            name = raw_name.lower()
-        elif not colon:
-            return None
-        value = value.strip(b" \t")  # blanks around a value are not part of it
+        row = rows.get(line)
+        if row is None:
+            row = _row(line, rows)
+            if row is None:
+                return None
+        raw_name, name, value = row
         if name in _SPECIAL_FIELDS:
             if name == b"content-length":
                 if content_length is not None or not value.isdigit() or len(value) > 18:
@@ -132,7 +211,7 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
                 if chunked or value.lower() != b"chunked":
                     return None
                 chunked = True
-                value = b"chunked"  # h11 keeps this header's value in lower case
+                row = (raw_name, name, b"chunked")  # h11 keeps this header's value in lower case
             elif name == b"connection":
                 lowered = value.lower()
                 tokens = {lowered} if lowered == b"keep-alive" else {t.strip() for t in lowered.split(b",")}
@@ -145,18 +224,37 @@ def parse_fields(data: bytes | bytearray, start: int, end: int, *, request: bool
                 host = value
             else:
                 return None  # Upgrade, Expect
-        fields.append((raw_name, name, value))
+        fields.append(row)
     if request and hosts != 1:
         return None
     if chunked:
         if content_length is not None or request:
             return None  # both framings at once is for h11 to refuse; chunked uploads are rare
-        return Head(fields, CHUNKED, keep_alive, host, connection)
+        return Head(fields, CHUNKED, keep_alive, host, connection, hosts)
     if content_length is None:
         if not request:
             return None  # a body delimited by the connection's close
-        return Head(fields, 0, keep_alive, host, connection)
-    return Head(fields, int(content_length), keep_alive, host, connection)
+        return Head(fields, 0, keep_alive, host, connection, hosts)
+    return Head(fields, int(content_length), keep_alive, host, connection, hosts)
+
+
+def _row(line: bytes, rows: dict[bytes, Row]) -> Row | None:
+    """The row of one field line whose bytes are all visible or blank (None: not the common case), kept in
+    ``rows`` when short."""
+    raw_name, colon, value = line.partition(b":")
+    name = _COMMON_NAMES.get(raw_name)
+    if name is None:
+        if not colon or not raw_name or raw_name.translate(None, _TOKEN_BYTES):
+            return None  # not a token (a blank before the colon, an obs-fold line), or no colon at all
+        name = raw_name.lower()
+    elif not colon:
+        return None
+    row = (raw_name, name, value.strip(b" \t"))  # blanks around a value are not part of it
+    if len(line) <= ROW_LINE_BYTES_MAX:
+        if len(rows) >= ROWS_MAX:
+            rows.clear()  # a new set of lines (a Date header a second, say) refills it
+        rows[line] = row
+    return row
 
 
 def outgoing_framing(headers: Any, *, request: bool) -> tuple[int, bool, bool] | None:
@@ -209,9 +307,12 @@ def _write_rows(out: list[bytes], rows: FullItems) -> None:
     out.append(b"\r\n")
 
 
-def write_head(start_line: bytes, rows: FullItems) -> bytes:
+def write_head(start_line: bytes, rows: FullItems, *, in_order: bool = False) -> bytes:
     """A head as ``send`` writes it from h11-style header rows (name as written, lower-case name, value): the
-    start line (with its CRLF), Host first, the rest in order, the blank line."""
+    start line (with its CRLF), Host first, the rest in order, the blank line. ``in_order``: the caller knows
+    no row but the first is a Host (the common case), so one pass writes them."""
+    if in_order:
+        return b"".join([start_line, *[b"%s: %s\r\n" % (raw_name, value) for raw_name, _, value in rows], b"\r\n"])
     out = [start_line]
     _write_rows(out, rows)
     return b"".join(out)

@@ -36,16 +36,20 @@ from typing import TYPE_CHECKING
 import h11
 
 from tether.core.discovery import EndpointSet
-from tether.core.proxy.connections import Downstream, Upstream
+from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
-from tether.core.proxy.h1heads import FullItems, Head, request_event, response_event, write_head
+from tether.core.proxy.h1fast import END_OF_MESSAGE
+from tether.core.proxy.h1heads import FullItems, Head, Row, request_event, response_event, write_head
 from tether.core.proxy.http1 import HOP_BY_HOP, NEVER_HOP_BY_HOP
 from tether.core.proxy.parts import ProxyParts
 from tether.core.traffic.breaker import Outcome
 
 if TYPE_CHECKING:
+    from tether.core.address import Address
     from tether.core.proxy.balancing import Leaseholder
     from tether.core.proxy.errors import ProxyError
+    from tether.core.proxy.pool import EndpointPool
+    from tether.core.proxy.telemetry import HttpLabels
 
 NS_PER_MS = 1_000_000
 _TUNNEL_METHODS = (b"HEAD", b"CONNECT")  # their responses are framed (or switched) differently
@@ -56,6 +60,7 @@ class H1Lane(ProxyParts):
         _traffic_on: bool
         _tls: dict[int, object]
         _mirror_tickets: dict[int, list[int]]
+        local_identity: str | None
 
         def _request_started(
             self,
@@ -75,7 +80,8 @@ class H1Lane(ProxyParts):
         def _request_body(self, downstream: Downstream, data: bytes) -> None: ...
         def _request_done(self, downstream: Downstream, now_ns: int) -> None: ...
         def _release_upstream(self, upstream: Upstream, now_ns: int) -> None: ...
-        def _end_exchange(self, downstream: Downstream, exchange: Exchange, now_ns: int) -> None: ...
+        def _pool(self, endpoint: Address) -> EndpointPool: ...
+        def _next_request(self, downstream: Downstream, now_ns: int) -> None: ...
         def _sync_reading_downstream(self, downstream: Downstream) -> None: ...
         def _sync_reading_upstream(self, upstream: Upstream) -> None: ...
         def _drop_lease(self, holder: Leaseholder, request_id: int, outcome: Outcome) -> None: ...
@@ -122,19 +128,19 @@ class H1Lane(ProxyParts):
         to have endpoints, then ``_request_body`` and ``_request_done`` as the parser's events would call them
         (in between, the exchange may pause or resume the client's connection just as on the event path)."""
         self._deadlines.cancel(("idle", downstream.conn_id))
-        # http1.upstream_request: a lane request names no header in Connection but keep-alive, and has a Host.
-        forwarded = [(name, name, value) for _, name, value in head.fields if name not in HOP_BY_HOP]
-        request = request_event(head.method, head.target, forwarded)
-        wire = write_head(b"%s %s HTTP/1.1\r\n" % (head.method, head.target), forwarded)
+        rows, lines = _forwarded_request(head)
+        request = request_event(head.method, head.target, list(rows))
+        wire = b"%s %s HTTP/1.1\r\n" % (head.method, head.target) + lines
         service = endpoint_set.name
         exchange = Exchange(self._new_id(), downstream.conn_id, request, service, now_ns)
         exchange.prepared = (request, wire, head.framing)
         self._exchanges[exchange.exchange_id] = exchange
         downstream.exchange_id = exchange.exchange_id
         refusal = self._h1_choose(exchange, endpoint_set)
-        target_addr = str(exchange.endpoint) if exchange.endpoint is not None else ""
-        exchange.labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
+        exchange.labels = self._lane_labels(downstream, authority, exchange.endpoint)
         self.telemetry.request_started(service, exchange.labels)
+        if refusal is None and exchange.endpoint is not None and self._lane_bind(exchange, downstream, body, now_ns):
+            return
         if refusal is not None:
             exchange.deferred_error = refusal  # _fail_after_request, before the body is read
         elif exchange.endpoint is not None:
@@ -146,6 +152,54 @@ class H1Lane(ProxyParts):
             self._request_done(downstream, now_ns)
         if downstream.conn_id in self._downstream:
             self._sync_reading_downstream(downstream)  # the end of _pump_downstream
+
+    def _lane_labels(self, downstream: Downstream, authority: str, endpoint: Address | None) -> HttpLabels:
+        """The request's metric labels as ``_h1_request_started`` makes them, kept on the connection: its
+        requests mostly name the same authority and reach the same endpoint."""
+        identity = self.local_identity  # tls_labels reads it (and the connection's own identity, fixed)
+        cached = downstream.lane_labels
+        if (
+            cached is not None
+            and cached[0] == authority
+            and (cached[1] is endpoint or cached[1] == endpoint)  # the balancer hands out its own Address
+            and cached[2] == identity
+        ):
+            return cached[3]
+        target_addr = str(endpoint) if endpoint is not None else ""
+        labels = self.telemetry.http_labels(authority, target_addr, self.tls_labels(downstream, None))
+        downstream.lane_labels = (authority, endpoint, identity, labels)
+        return labels
+
+    def _lane_bind(self, exchange: Exchange, downstream: Downstream, body: bytes, now_ns: int) -> bool:
+        """The rest of a lane request when its endpoint's pool has an idle connection (most requests on
+        keep-alive traffic): ``_dispatch``, ``_bind``, ``_request_body``, ``_request_done`` and the end of
+        ``_pump_downstream`` as they run for a new exchange with its whole request read, without their
+        lookups and checks. False: no idle connection, and nothing changed."""
+        assert exchange.endpoint is not None and exchange.route is None and not exchange.pending_body
+        idle_id = self._pool(exchange.endpoint).take_idle()
+        if idle_id is None:
+            return False
+        upstream = self._upstream[idle_id]
+        assert upstream.state is not UpstreamState.BUSY, idle_id
+        self._deadlines.cancel(("pool-idle", idle_id))
+        exchange.advance(Step.BOUND)  # _bind
+        exchange.upstream_id = idle_id
+        upstream.exchange_id = exchange.exchange_id
+        upstream.state = UpstreamState.BUSY
+        self._send(upstream, self._request_head_bytes(exchange, upstream))
+        if (upstream.unsent_bytes < self.config.max_buffered_bytes) is not downstream.reading:
+            self._sync_reading_downstream(downstream)  # _bind's, which changes something only here
+        if body:  # _request_body
+            self._send(upstream, upstream.h11.send(h11.Data(data=body)))
+        exchange.request_received = True  # _request_done, and its _finish_request_upstream:
+        end = upstream.h11.send(END_OF_MESSAGE)  # b"" (a lane request has a Content-Length or no body)
+        if end:
+            self._send(upstream, end)
+        exchange.advance(Step.REQUEST_DONE)
+        if exchange.state is ExchangeState.AWAITING and self.config.response_timeout_ns:
+            self._deadlines.set(("response", exchange.exchange_id), now_ns + self.config.response_timeout_ns)
+        self._sync_reading_downstream(downstream)  # the end of _pump_downstream
+        return True
 
     def _request_head_bytes(self, exchange: Exchange, upstream: Upstream) -> bytes:
         """``upstream.h11.send(exchange.request)`` for ``_bind``, from the bytes the lane wrote out if it did."""
@@ -187,8 +241,10 @@ class H1Lane(ProxyParts):
             self._pump_upstream(upstream, now_ns)
             return True
         self._lane_respond(exchange, upstream, head, body, now_ns)
-        if upstream.conn_id in self._upstream:
-            self._sync_reading_upstream(upstream)  # the end of _pump_upstream
+        # The end of _pump_upstream: _sync_reading_upstream, which has nothing to do unless the connection
+        # went straight to an exchange that waited for it.
+        if upstream.state is UpstreamState.BUSY and upstream.conn_id in self._upstream:
+            self._sync_reading_upstream(upstream)
         return True
 
     def _lane_respond(self, exchange: Exchange, upstream: Upstream, head: Head, body: bytes, now_ns: int) -> None:
@@ -205,14 +261,18 @@ class H1Lane(ProxyParts):
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None:
             close = downstream.closing or self._draining
-            forwarded = _forwarded(head)
             if close:
+                forwarded = _forwarded(head)
                 forwarded.append((b"connection", b"connection", b"close"))
-            wire = write_head(b"HTTP/1.1 %d %s\r\n" % (status, head.reason), forwarded)
+                rows = tuple(forwarded)
+                lines = write_head(b"", forwarded, in_order=not head.hosts)
+            else:
+                rows, lines = _forwarded_response(head)
+            wire = b"HTTP/1.1 %d %s\r\n" % (status, head.reason) + lines
             keep = not close
 
             def event() -> h11.Response:  # for h11, should the client's connection ever need it
-                return response_event(status, head.reason, forwarded)
+                return response_event(status, head.reason, list(rows))
 
             data = downstream.h11.send_whole(event, wire, body, keep_alive=keep)
             if self._tls and body and downstream.conn_id in self._tls:
@@ -223,17 +283,41 @@ class H1Lane(ProxyParts):
         exchange.advance(Step.RESPONSE_DONE)
         # Bytes after the response would be read as the answer to the next request: never reuse such a
         # connection (_response_done).
-        parser = upstream.h11
-        if parser.our_state is h11.DONE and parser.their_state is h11.DONE and not parser.buffered_bytes:
-            parser.start_next_cycle()
+        if upstream.h11.next_cycle_if_clean():
             self._release_upstream(upstream, now_ns)
         else:
             self._close_upstream(upstream)
+        self._exchanges.pop(exchange.exchange_id, None)  # _end_exchange
         downstream = self._downstream.get(exchange.downstream_id)
         if downstream is not None:
-            self._end_exchange(downstream, exchange, now_ns)
-        else:
-            self._exchanges.pop(exchange.exchange_id, None)
+            self._next_request(downstream, now_ns)
+
+
+def _forwarded_request(head: Head) -> tuple[tuple[Row, ...], bytes]:
+    """http1.upstream_request's rows for a lane request (which names no header in Connection but keep-alive,
+    and has exactly one Host), and its field lines as written: worked out once per remembered block."""
+    block = head.block
+    if block is not None and block.forwarded is not None:
+        return block.forwarded
+    forwarded = [(name, name, value) for _, name, value in head.fields if name not in HOP_BY_HOP]
+    in_order = bool(forwarded) and forwarded[0][1] == b"host"  # first, the only Host is in h11's place
+    made = (tuple(forwarded), write_head(b"", forwarded, in_order=in_order))
+    if block is not None:
+        block.forwarded = made
+    return made
+
+
+def _forwarded_response(head: Head) -> tuple[tuple[Row, ...], bytes]:
+    """``_forwarded`` for a response the client's connection stays open after, and its field lines as
+    written: worked out once per remembered block."""
+    block = head.block
+    if block is not None and block.forwarded is not None:
+        return block.forwarded
+    forwarded = _forwarded(head)
+    made = (tuple(forwarded), write_head(b"", forwarded, in_order=not head.hosts))
+    if block is not None:
+        block.forwarded = made
+    return made
 
 
 def _forwarded(head: Head) -> FullItems:

@@ -38,6 +38,7 @@ from tether.core.proxy.errors import ProxyError, ProxyErrorKind
 from tether.core.proxy.exchange import Exchange, ExchangeState
 from tether.core.proxy.h1fast import H1Connection
 from tether.core.proxy.h1flows import H1Flows
+from tether.core.proxy.h1heads import FieldMemo
 from tether.core.proxy.h1lane import H1Lane
 from tether.core.proxy.h2flows import H2Flows
 from tether.core.proxy.h2upstream import H2Upstream
@@ -87,6 +88,8 @@ class Proxy(MeshTls, H1Lane, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         self._h2_pools: dict[tuple[Address, bytes], H2Pool] = {}
         self._h1_sink_pools: dict[Address, EndpointPool] = {}
         self._deadlines = Deadlines()
+        # Heads seen before, shared by every HTTP/1.1 parser of this proxy (bounded: h1heads.FieldMemo).
+        self._field_memo = FieldMemo()
         self._draining = False
         self._now_ns = 0  # the latest time any input carried; helpers without a now_ns argument use it
         self._init_mtls()
@@ -121,7 +124,7 @@ class Proxy(MeshTls, H1Lane, H1Flows, TunnelFlows, H2Flows, H2Upstream):
             self._effects.append(Close(conn_id=conn_id))
             self.telemetry.tcp_closed(conn_id, now_ns)
             return conn_id
-        parser = H1Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+        parser = H1Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes, memo=self._field_memo)
         downstream = self._downstream[conn_id] = Downstream(conn_id, parser, peer, target, identity)
         self._deadlines.set(("idle", conn_id), now_ns + self.config.idle_timeout_ns)
         self._start_detecting(downstream, now_ns)
@@ -180,6 +183,8 @@ class Proxy(MeshTls, H1Lane, H1Flows, TunnelFlows, H2Flows, H2Upstream):
         was_backed_up = connection.unsent_bytes >= self.config.max_buffered_bytes
         connection.unsent_bytes -= byte_count
         assert connection.unsent_bytes >= 0, (conn_id, connection.unsent_bytes)
+        if connection.exchange_id is None and type(connection) is Downstream and connection.mode is Mode.HTTP1:
+            return  # an HTTP/1.1 client between requests (its answer went out): nothing waits on it to drain
         if self._in_stream_world(connection):
             if was_backed_up:
                 self._stream_connection_drained(connection)
@@ -465,7 +470,7 @@ class Proxy(MeshTls, H1Lane, H1Flows, TunnelFlows, H2Flows, H2Upstream):
             self._effects.append(SetReading(conn_id=connection.conn_id, enabled=enabled))
 
     def _new_upstream_parser(self) -> H1Connection:
-        return H1Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes)
+        return H1Connection(h11.CLIENT, max_incomplete_event_size=self.config.max_header_bytes, memo=self._field_memo)
 
     def _exchange(self, exchange_id: int | None) -> Exchange | None:
         return self._exchanges.get(exchange_id) if exchange_id is not None else None

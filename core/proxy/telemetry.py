@@ -99,7 +99,7 @@ class Telemetry:
         by_status = stats.responses_by_status
         by_status[status] = by_status.get(status, 0) + 1
         if count:
-            key = (labels, classify(status), status, "")
+            key = (labels, "failure" if status >= 500 else "success", status, "")  # classify(status), inline
             self.response_total[key] = self.response_total.get(key, 0) + 1
         histogram = self.response_latency_ms.get((labels, status))
         if histogram is None:

@@ -43,6 +43,7 @@ class TunnelFlows(ProxyParts):
     if TYPE_CHECKING:  # defined by the other flows
 
         def _pump_downstream(self, downstream: Downstream, now_ns: int) -> None: ...
+        def _lane_request(self, downstream: Downstream, data: bytes, now_ns: int) -> bool: ...
         def _start_h2_downstream(self, downstream: Downstream, buffered: bytes, now_ns: int) -> None: ...
         def _h2_downstream_received(self, downstream: Downstream, data: bytes, now_ns: int) -> None: ...
         def _pool(self, endpoint: Address) -> EndpointPool: ...
@@ -90,6 +91,8 @@ class TunnelFlows(ProxyParts):
         buffered, downstream.detect_buffer = bytes(downstream.detect_buffer), bytearray()
         if protocol is Protocol.HTTP1:
             downstream.mode = Mode.HTTP1
+            if buffered and not downstream.eof and self._lane_request(downstream, buffered, now_ns):
+                return  # a connection's first request takes the lane as its later ones do (h1lane.py)
             if buffered:  # (b"" would read as the client's end of stream)
                 downstream.h11.receive_data(buffered)
             if downstream.eof:

@@ -20,6 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tether.core.proxy.h1fast import H1Connection, write_head
+from tether.core.proxy.h1heads import BLOCKS_MAX, ROWS_MAX, Block, FieldMemo, Head, parse_fields
+
+FILLER = Block(Head([], 0, True, b"", set(), 0))
 
 EXAMPLES = int(os.environ.get("TETHER_H1FAST_EXAMPLES", "300"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -395,3 +398,74 @@ def test_send_prepared_writes_what_send_writes_for_a_request() -> None:
     ) + events.send(h11.EndOfMessage())
     assert (whole.our_state, whole.their_state) == (events.our_state, events.their_state)
     whole._go_slow()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The proxy's memo of heads seen before (h1heads.FieldMemo) changes no parse.
+
+
+def _parsed(data: bytes, request: bool, memo: FieldMemo | None) -> Any:
+    line_end, end = data.find(b"\r\n"), data.find(b"\r\n\r\n")
+    if line_end < 0 or end < 0:
+        return "no head"
+    head = parse_fields(data, line_end + 2, end + 2, request=request, memo=memo)
+    if head is None:
+        return None
+    return (head.fields, head.framing, head.keep_alive, head.host, head.connection, head.hosts)
+
+
+@SETTINGS
+@given(request=st.booleans(), data=st.data(), full=st.booleans())
+def test_parse_fields_with_a_memo_matches_a_fresh_parse(request: bool, data: st.DataObject, full: bool) -> None:
+    messages = data.draw(st.lists(message(request=request), min_size=1, max_size=6))
+    memo = FieldMemo()
+    if full:  # a table at its bound empties itself on the next entry it keeps: both states are covered
+        memo.rows.update({b"x-filler-%d: v" % i: (b"x", b"x", b"v") for i in range(ROWS_MAX)})
+        memo.blocks.update({(b"x-filler: %d\r\n" % i, request): FILLER for i in range(BLOCKS_MAX)})
+    for each in messages + messages:  # the second round finds every short head and line remembered
+        first = _parsed(each, request, memo)
+        assert first == _parsed(each, request, None)
+        if first is not None and first != "no head":
+            first[0].append((b"x", b"x", b"mutated"))  # what a caller does to one head never reaches the next
+    assert len(memo.rows) <= ROWS_MAX and len(memo.blocks) <= BLOCKS_MAX
+
+
+@SETTINGS
+@given(
+    names=st.lists(st.sampled_from([b"Host", b"host", b"Server", b"X-A", b"content-length"]), max_size=6),
+    value=st.binary(min_size=0, max_size=4),
+)
+def test_write_head_in_order_matches_the_two_passes(names: list[bytes], value: bytes) -> None:
+    rows = [(name, name.lower(), value) for name in names]
+    if any(row[1] == b"host" for row in rows[1:]):
+        return  # the caller's promise for in_order does not hold
+    assert write_head(b"GET / HTTP/1.1\r\n", rows, in_order=True) == write_head(b"GET / HTTP/1.1\r\n", rows)
+
+
+@SETTINGS
+@given(request=st.booleans(), data=st.data())
+def test_remembered_heads_read_as_fresh_ones(request: bool, data: st.DataObject) -> None:
+    """Connections sharing one memo (as a proxy's do) read each head as a connection with a memo of its own."""
+    messages = data.draw(st.lists(message(request=request), min_size=1, max_size=4))
+    role = h11.SERVER if request else h11.CLIENT
+    memo = FieldMemo()
+    for each in messages + messages:
+        shared, alone = H1Connection(role, memo=memo), H1Connection(role)
+        if not request:  # a client reads a response to a request it sent
+            for connection in (shared, alone):
+                connection.send(h11.Request(method="GET", target="/", headers=[("Host", "a")]))
+                connection.send(h11.EndOfMessage())
+        heads = [connection.receive_head(each) for connection in (shared, alone)]
+        if heads[0] is None or heads[1] is None:
+            assert heads[0] is heads[1] is None
+            continue
+        seen = [
+            (normal(head.event()), head.framing, head.keep_alive, head.length, head.host, head.connection)
+            for head in heads
+        ]
+        assert seen[0] == seen[1]
+        assert (shared.our_state, shared.their_state, shared.trailing_data) == (
+            alone.our_state,
+            alone.their_state,
+            alone.trailing_data,
+        )

@@ -102,6 +102,7 @@ class Run:
         self.connecting: list[int] = []
         self.upstreams: list[int] = []  # ids of endpoint connections, newest last
         self.closed: set[int] = set()
+        self.ended: set[int] = set()  # peers that sent their EOF: TCP carries nothing after it
         self.client = proxy.accepted(self.now_ns)
         self._flush()
 
@@ -122,8 +123,10 @@ class Run:
     def act(self, action: tuple[Any, ...]) -> None:
         kind = action[0]
         proxy = self.proxy
-        if kind == "client" and self.client not in self.closed:
+        if kind == "client" and self.client not in self.closed and self.client not in self.ended:
             proxy.received(self.client, action[1], self.now_ns)
+            if not action[1]:
+                self.ended.add(self.client)
         elif kind == "connect" and self.connecting:
             conn_id = self.connecting.pop(0)
             if action[1]:
@@ -133,8 +136,10 @@ class Run:
                 proxy.connect_failed(conn_id, "refused", self.now_ns)
         elif kind == "endpoint":
             live = [conn_id for conn_id in self.upstreams if conn_id not in self.closed]
-            if live:
+            if live and live[-1] not in self.ended:
                 proxy.received(live[-1], action[1], self.now_ns)
+                if not action[1]:
+                    self.ended.add(live[-1])
         elif kind == "ack":
             for conn_id, count in sorted(self.unacked.items()):
                 proxy.sent(conn_id, count, self.now_ns)
@@ -239,8 +244,8 @@ def test_lane_takes_the_common_exchange_whole() -> None:
                 run.act(action)
     lane = runs[0].proxy
     assert isinstance(lane, LaneProxy)
-    # A connection's first bytes pass protocol detection (tunnel.py), which hands them to the parser.
-    assert (lane.whole_requests, lane.whole_responses) == (2, 3)
+    # A connection's first bytes pass protocol detection (tunnel.py), which hands a whole request to the lane.
+    assert (lane.whole_requests, lane.whole_responses) == (3, 3)
     assert runs[0].outcome() == runs[1].outcome()
     forwarded = b"GET /index.html HTTP/1.1\r\nhost: bench\r\nuser-agent: wrk\r\naccept: */*\r\n\r\n"
     assert ("Send", forwarded) in runs[0].log
