@@ -89,7 +89,9 @@ class H1Connection:
         self._receive_framing = 0
         self._send_framing = 0
         self._reading_trailers = False
-        self._chunk_crlf_due = False
+        # The part of a chunk's closing CRLF still to come: taken as it arrives, as h11 does, so a lone
+        # b"\r" never lingers in trailing_data.
+        self._chunk_crlf_due = b""
         self._chunk_left = 0  # bytes of the current chunk still to come
         # This cycle so far, for a replay into h11: what we sent (events, a head's maker, a body's length), the
         # head received, its body bytes received.
@@ -316,7 +318,8 @@ class H1Connection:
             self._our = h11.SEND_RESPONSE
         self._their = h11.SEND_BODY
         self._receive_framing = head.framing
-        self._reading_trailers = self._chunk_crlf_due = False
+        self._reading_trailers = False
+        self._chunk_crlf_due = b""
         self._chunk_left = 0
         if not head.keep_alive:
             self._disable_keep_alive()
@@ -367,13 +370,15 @@ class H1Connection:
 
     def _read_chunked(self) -> Any:
         buffer = self._buffer
-        if self._chunk_crlf_due:
-            if len(buffer) < 2:
-                return self._need_body_bytes(b"\r\n".startswith(bytes(buffer)))
-            if buffer[:2] != b"\r\n":
+        due = self._chunk_crlf_due
+        if due:
+            taken = bytes(buffer[: len(due)])
+            if not due.startswith(taken):
                 self._fail("malformed chunk footer")
-            del buffer[:2]
-            self._chunk_crlf_due = False
+            del buffer[: len(taken)]
+            self._chunk_crlf_due = due[len(taken) :]
+            if self._chunk_crlf_due:
+                return self._need_body_bytes(True)
         if self._reading_trailers:
             return self._read_trailers()
         if self._chunk_left == 0:
@@ -394,7 +399,7 @@ class H1Connection:
         del buffer[: len(data)]
         self._chunk_left -= len(data)
         self._body_received += len(data)
-        self._chunk_crlf_due = self._chunk_left == 0
+        self._chunk_crlf_due = b"\r\n" if self._chunk_left == 0 else b""
         return h11.Data(data=data)
 
     def _read_trailers(self) -> Any:

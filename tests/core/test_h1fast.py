@@ -469,3 +469,18 @@ def test_remembered_heads_read_as_fresh_ones(request: bool, data: st.DataObject)
             alone.their_state,
             alone.trailing_data,
         )
+
+
+def test_a_chunk_whose_crlf_arrives_split_leaves_what_h11_leaves() -> None:
+    """Only the CR of a chunk's closing CRLF here: h11 takes it at once, so trailing_data holds nothing."""
+    slow = h11.Connection(h11.CLIENT)
+    fast = H1Connection(h11.CLIENT)
+    for connection in (slow, fast):
+        connection.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+        connection.send(h11.EndOfMessage())
+    for piece in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r", b"\n0\r\n\r\n"):
+        slow.receive_data(piece)
+        fast.receive_data(piece)
+        assert drain(fast) == drain(slow)
+        assert fast.trailing_data == slow.trailing_data
+    assert (fast.their_state, slow.their_state) == (h11.DONE, h11.DONE)
