@@ -13,7 +13,7 @@ Sub-machines:
 - Framing (h2frames.py): the preface, frame headers, frame-size and stream-association checks, header
   block assembly with CONTINUATION.
 - The connection: settings both ways, both connection windows, stream ids, GOAWAY, PING.
-- One ``_Stream`` per open stream: its state (RFC 9113 section 5.1; ``_OPEN``, the two half-closed states;
+- One ``StreamState`` per open stream: its state (RFC 9113 section 5.1; ``_OPEN``, the two half-closed states;
   reserved states never occur because both sides send ENABLE_PUSH 0 and a PUSH_PROMISE is refused), its
   two windows, and what it has received (a final response yet? Content-Length and the bytes so far).
   A stream that closes leaves the table at once and only its way of closing (``_RESET`` or ``_ENDED``) is
@@ -42,8 +42,6 @@ these deliberate differences, each where h2 departs from RFC 9113 to the proxy's
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
@@ -53,83 +51,21 @@ from hyperframe.frame import ExtensionFrame
 
 from tether.core.proxy import h2frames as wire
 from tether.core.proxy.h2frames import Frame, FrameError, FrameReader, FrameTooLong
+from tether.core.proxy.h2state import (
+    ConnectionProtocolError,
+    InboundWindow,
+    StreamState,
+    check_setting,
+    error_code_of,
+    is_informational,
+    setting_of,
+)
 
 _OPEN, _HALF_CLOSED_LOCAL, _HALF_CLOSED_REMOTE = 1, 2, 3
 _RESET, _ENDED = "reset", "ended"
 CLOSED_STREAMS_MAX = 1000  # late frames on streams closed longer ago than this are treated as on unknown ids
 HIGHEST_STREAM_ID = 2**31 - 1
 _ALTSVC = 0xA
-
-
-class ConnectionProtocolError(h2.exceptions.ProtocolError):
-    """The peer broke the protocol: a connection error; GOAWAY with ``error_code`` is already queued, unless
-    ``answered`` is False (a frame too long: the session answers it, as it did when h2 could not)."""
-
-    def __init__(self, message: str, code: int = ErrorCodes.PROTOCOL_ERROR, *, answered: bool = True) -> None:
-        super().__init__(message)
-        self.error_code = code
-        self.answered = answered  # False: no GOAWAY queued yet
-
-
-class _InboundWindow:
-    """What the peer may still send, and when to open it again: h2's ``WindowManager`` algorithm (a
-    WINDOW_UPDATE once half the window has been processed, or sooner when the window is shut), so that
-    both implementations send the same updates."""
-
-    __slots__ = ("current", "maximum", "processed")
-
-    def __init__(self, size: int) -> None:
-        self.current = self.maximum = size
-        self.processed = 0
-
-    def consume(self, size: int) -> None:
-        self.current -= size
-        if self.current < 0:
-            raise ConnectionProtocolError("Flow control window shrunk below 0", ErrorCodes.FLOW_CONTROL_ERROR)
-
-    def open(self, size: int) -> None:
-        self.current += size
-        if self.current > wire.WINDOW_MAX:
-            raise ConnectionProtocolError("Flow control window too large", ErrorCodes.FLOW_CONTROL_ERROR)
-        self.maximum = max(self.current, self.maximum)
-
-    def process(self, size: int) -> int:
-        self.processed += size
-        if not self.processed:
-            return 0
-        if (self.current == 0 and self.processed > min(1024, self.maximum // 4)) or self.processed >= (
-            self.maximum // 2
-        ):
-            increment = min(self.processed, self.maximum - self.current)
-            self.processed = 0
-            self.current += increment
-            return increment
-        return 0
-
-
-class _Stream:
-    __slots__ = (
-        "content_length",
-        "content_received",
-        "head",
-        "outbound_window",
-        "inbound",
-        "response_received",
-        "response_sent",
-        "state",
-        "stream_id",
-    )
-
-    def __init__(self, stream_id: int, state: int, inbound_window: int, outbound_window: int) -> None:
-        self.stream_id = stream_id
-        self.state = state
-        self.inbound = _InboundWindow(inbound_window)
-        self.outbound_window = outbound_window
-        self.response_received = False  # a final header block arrived (a later one is trailers)
-        self.response_sent = False  # a final header block went out
-        self.content_length: int | None = None
-        self.content_received = 0
-        self.head = False  # a response to HEAD has no body whatever its Content-Length says
 
 
 class H2Connection:
@@ -156,9 +92,9 @@ class H2Connection:
         self._reader = FrameReader(server=not client)
         self._reader.max_frame_size = self.local_settings[SettingCodes.MAX_FRAME_SIZE]
         self._out: list[bytes] = []
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, StreamState] = {}
         self._closed: dict[int, str] = {}  # stream id -> _RESET or _ENDED, the latest CLOSED_STREAMS_MAX
-        self._inbound = _InboundWindow(65_535)
+        self._inbound = InboundWindow(65_535)
         self.outbound_window = 65_535
         self.max_outbound_frame_size = wire.DEFAULT_MAX_FRAME_SIZE
         self.highest_inbound_stream_id = 0
@@ -222,7 +158,7 @@ class H2Connection:
         highest = self.highest_outbound_stream_id if self._is_outbound(stream_id) else self.highest_inbound_stream_id
         return stream_id > highest
 
-    def _close(self, stream: _Stream, how: str) -> None:
+    def _close(self, stream: StreamState, how: str) -> None:
         del self._streams[stream.stream_id]
         closed = self._closed
         closed[stream.stream_id] = how
@@ -270,7 +206,7 @@ class H2Connection:
             self._out.append(wire.window_update_bytes(0, increment))
         self._out.append(wire.rst_stream_bytes(stream_id, ErrorCodes.STREAM_CLOSED))
 
-    def _remote_ended(self, stream: _Stream, events: list) -> h2.events.StreamEnded:
+    def _remote_ended(self, stream: StreamState, events: list) -> h2.events.StreamEnded:
         ended = h2.events.StreamEnded(stream_id=stream.stream_id)
         events.append(ended)
         if stream.state == _OPEN:
@@ -284,7 +220,7 @@ class H2Connection:
         stream_id = frame.stream_id
         end = bool(frame.flags & wire.FLAG_END_STREAM)
         stream = self._streams.get(stream_id)
-        informational = _is_informational(headers)
+        informational = is_informational(headers)
         if informational and end and stream is not None:
             raise ConnectionProtocolError("Cannot set END_STREAM on informational responses")
         if informational and stream is not None and stream.state == _HALF_CLOSED_REMOTE:  # as h2's table has it
@@ -325,7 +261,7 @@ class H2Connection:
             event.priority_updated = priority
             events.append(priority)
 
-    def _open_inbound(self, stream_id: int) -> _Stream | None:
+    def _open_inbound(self, stream_id: int) -> StreamState | None:
         """A HEADERS frame on a stream not in the table: a new stream of the peer's, or a late frame."""
         if not self._unknown_is_idle(stream_id) or self._is_outbound(stream_id):
             how = self._closed.get(stream_id)
@@ -339,7 +275,7 @@ class H2Connection:
             raise ConnectionProtocolError(f"stream id {stream_id} is lower than one already used")
         if self.client_side:  # difference 4
             raise ConnectionProtocolError(f"HEADERS opening server stream {stream_id}")
-        stream = _Stream(
+        stream = StreamState(
             stream_id,
             _OPEN,
             self.local_settings[SettingCodes.INITIAL_WINDOW_SIZE],
@@ -358,7 +294,7 @@ class H2Connection:
             raise ConnectionProtocolError(f"Error decoding header block: {error}") from None
 
     @staticmethod
-    def _expect_content_length(stream: _Stream, headers: list) -> None:
+    def _expect_content_length(stream: StreamState, headers: list) -> None:
         if stream.head:
             stream.content_length = 0
             return
@@ -394,7 +330,9 @@ class H2Connection:
                 raise ConnectionProtocolError(f"RST_STREAM on idle stream {frame.stream_id}")
             return  # closed: section 5.1 allows it (and h2 ignores it too)
         self._close(stream, _RESET)
-        events.append(h2.events.StreamReset(stream_id=frame.stream_id, error_code=_code(code), remote_reset=True))
+        events.append(
+            h2.events.StreamReset(stream_id=frame.stream_id, error_code=error_code_of(code), remote_reset=True)
+        )
 
     def _on_settings(self, frame: Frame, events: list) -> None:
         if frame.flags & wire.FLAG_ACK:
@@ -405,11 +343,11 @@ class H2Connection:
             return
         received = wire.parse_settings(frame)
         for code, value in received.items():
-            _check_setting(code, value, from_server=self.client_side)
+            check_setting(code, value, from_server=self.client_side)
         changed = h2.events.RemoteSettingsChanged()
         remote = self.remote_settings
         for code, value in received.items():
-            setting = _setting(code)
+            setting = setting_of(code)
             changed.changed_settings[setting] = ChangedSetting(setting, remote.get(code), value)
         events.append(changed)
         window = received.get(SettingCodes.INITIAL_WINDOW_SIZE)
@@ -441,7 +379,7 @@ class H2Connection:
     def _on_goaway(self, frame: Frame, events: list) -> None:
         last, code, debug = wire.parse_goaway(frame)
         event = h2.events.ConnectionTerminated()
-        event.error_code = _code(code)
+        event.error_code = error_code_of(code)
         event.last_stream_id = last
         event.additional_data = debug or None
         events.append(event)  # difference 1: what was queued to send stays queued
@@ -484,7 +422,7 @@ class H2Connection:
             raise h2.exceptions.NoAvailableStreamIDError("Exhausted allowed stream IDs")
         return next_id
 
-    def _sending_stream(self, stream_id: int) -> _Stream:
+    def _sending_stream(self, stream_id: int) -> StreamState:
         stream = self._streams.get(stream_id)
         if stream is None:
             if self._unknown_is_idle(stream_id):
@@ -498,7 +436,7 @@ class H2Connection:
             stream = self._open_outbound(stream_id, headers)
         elif stream.state == _HALF_CLOSED_LOCAL:
             raise h2.exceptions.StreamClosedError(stream_id)
-        elif _is_informational(headers):
+        elif is_informational(headers):
             if end_stream:
                 raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses.")
             if stream.response_sent:
@@ -514,13 +452,13 @@ class H2Connection:
         if end_stream:
             self._local_ended(stream)
 
-    def _open_outbound(self, stream_id: int, headers: list) -> _Stream:
+    def _open_outbound(self, stream_id: int, headers: list) -> StreamState:
         if not self._is_outbound(stream_id) or not self._unknown_is_idle(stream_id):
             raise h2.exceptions.StreamIDTooLowError(stream_id, self.highest_outbound_stream_id)
         limit = self.remote_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS, 2**32 + 1)
         if self.open_outbound_streams + 1 > limit:
             raise h2.exceptions.TooManyStreamsError(f"Max outbound streams is {limit}")
-        stream = _Stream(
+        stream = StreamState(
             stream_id,
             _OPEN,
             self.local_settings[SettingCodes.INITIAL_WINDOW_SIZE],
@@ -532,7 +470,7 @@ class H2Connection:
         self.highest_outbound_stream_id = stream_id
         return stream
 
-    def _local_ended(self, stream: _Stream) -> None:
+    def _local_ended(self, stream: StreamState) -> None:
         if stream.state == _OPEN:
             stream.state = _HALF_CLOSED_LOCAL
         else:
@@ -600,46 +538,3 @@ class H2Connection:
     @property
     def peer_max_concurrent_streams(self) -> int:
         return self.remote_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS, 2**32 + 1)
-
-
-def _is_informational(headers: Iterable) -> bool:
-    """h2's test: the :status among the leading pseudo-headers starts with 1."""
-    for field in headers:
-        name = field[0]
-        if name == b":status":
-            return field[1][:1] == b"1"
-        if name[:1] != b":":
-            return False
-    return False
-
-
-def _code(code: int) -> int:
-    try:
-        return ErrorCodes(code)
-    except ValueError:
-        return code
-
-
-def _setting(code: int) -> int:
-    try:
-        return SettingCodes(code)
-    except ValueError:
-        return code
-
-
-def _check_setting(code: int, value: int, *, from_server: bool) -> None:
-    """Section 6.5.2's bounds (h2's ``_validate_setting``); a server may not enable push."""
-    error = None
-    if code == SettingCodes.ENABLE_PUSH:
-        if value not in (0, 1) or (from_server and value != 0):
-            error = ErrorCodes.PROTOCOL_ERROR
-    elif code == SettingCodes.INITIAL_WINDOW_SIZE:
-        if value > wire.WINDOW_MAX:
-            error = ErrorCodes.FLOW_CONTROL_ERROR
-    elif code == SettingCodes.MAX_FRAME_SIZE:
-        if not 16_384 <= value <= 16_777_215:
-            error = ErrorCodes.PROTOCOL_ERROR
-    elif code == SettingCodes.ENABLE_CONNECT_PROTOCOL and value not in (0, 1):
-        error = ErrorCodes.PROTOCOL_ERROR
-    if error is not None:
-        raise ConnectionProtocolError(f"Setting {code} has invalid value {value}", error)

@@ -285,8 +285,8 @@ def test_meshlane_takes_the_common_exchange_whole() -> None:
                 run.act(action)
     outbound, inbound = runs[0].proxies["out"], runs[0].proxies["in"]
     assert isinstance(outbound, LaneProxy) and isinstance(inbound, LaneProxy)
-    # A connection's first bytes pass protocol detection (tunnel.py), which hands them to the parser.
-    assert outbound.whole_requests == 2
+    # The first request too: protocol detection (tunnel.py) hands a whole HTTP/1.1 request to the lane.
+    assert outbound.whole_requests == 3
     assert (inbound.written_heads, inbound.whole_responses) == (3, 3)
     assert runs[0].outcome() == runs[1].outcome()
     restored = b"GET /index.html HTTP/1.1\r\nhost: bench\r\nuser-agent: wrk\r\naccept: */*\r\n\r\n"
