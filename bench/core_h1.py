@@ -25,23 +25,13 @@ from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
 from tether.core.effects import Connect, Send
 from tether.core.proxy import Proxy
-from tether.core.proxy.connections import Downstream, Upstream
+from tether.core.proxy.event_path import EventPathProxy
 
 REQUEST = b"GET /index.html HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Fri, 27 Nov 2026 18:00:00 GMT\r\nContent-Type: text/html\r\n"
     b"Content-Length: 12\r\nConnection: keep-alive\r\n\r\nhello world\n"
 )
-
-
-class EventPathProxy(Proxy):
-    """The proxy with its lane closed (h1lane.py declines everything)."""
-
-    def _lane_request(self, downstream: Downstream, data: bytes, now_ns: int) -> bool:
-        return False
-
-    def _lane_response(self, upstream: Upstream, data: bytes, now_ns: int) -> bool:
-        return False
 
 
 def run(requests: int, *, lane: bool = True) -> float:

@@ -33,11 +33,8 @@ from tether.core.identity.names import Mesh, WorkloadIdentity
 from tether.core.identity.tls import TlsContexts
 from tether.core.identity.tokens import TokenAccepted
 from tether.core.proxy import Proxy
-from tether.core.proxy import h2translate as tr
-from tether.core.proxy.connections import Downstream, Upstream
-from tether.core.proxy.h1heads import Head
+from tether.core.proxy.event_path import EventPathProxy
 from tether.core.proxy.mtls import CertificateUpdate
-from tether.core.proxy.streams import StreamExchange
 
 REQUEST = b"GET /index.html HTTP/1.1\r\nHost: web\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
@@ -81,29 +78,6 @@ def make_ca() -> tuple:
         wall_time_s=WALL_S,
     )
     return anchor.public_bytes(pem), loaded.issuer
-
-
-class EventPathProxy(Proxy):
-    """The proxy with the meshed lane closed (meshlane.py declines everything)."""
-
-    def _mesh_lane_request(self, downstream: Downstream, head: Head, *args: object) -> bool:
-        return False
-
-    def _sink_lane_response(self, upstream: Upstream, data: bytes) -> bool:
-        return False
-
-    def _sink_request_head_bytes(self, exchange: StreamExchange, upstream: Upstream, *, has_body: bool) -> bytes:
-        return upstream.h11.send(tr.h1_request(exchange.head, has_body=has_body))
-
-    def _source_response_head_bytes(
-        self,
-        exchange: StreamExchange,
-        downstream: Downstream,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        close: bool,
-    ) -> bytes:
-        return downstream.h11.send(tr.h1_response(status, headers, close=close))
 
 
 class Pair:

@@ -25,7 +25,7 @@ from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
 from tether.core.effects import Connect, Effect, Send
 from tether.core.proxy import Proxy
-from tether.core.proxy.connections import Downstream, Upstream
+from tether.core.proxy.event_path import EventPathProxy
 
 ENDPOINTS = [Address("10.0.0.1", 80), Address("10.0.0.2", 80)]
 MS = 1_000_000
@@ -59,16 +59,6 @@ COMMON_RESPONSES = [
     b"HTTP/1.1 200\r\nX-Big:" + b"b" * 990 + b"\r\nContent-Length: 1\r\n\r\nx",
     b"HTTP/1.1 200 OK\r\nContent-Length: 1100\r\n\r\n" + b"d" * 1100,
 ]
-
-
-class EventPathProxy(Proxy):
-    """The proxy with its lane closed: every byte goes through h11 events."""
-
-    def _lane_request(self, downstream: Downstream, data: bytes, now_ns: int) -> bool:
-        return False
-
-    def _lane_response(self, upstream: Upstream, data: bytes, now_ns: int) -> bool:
-        return False
 
 
 class LaneProxy(Proxy):

@@ -27,9 +27,8 @@ from tether.core.config import ProxyConfig
 from tether.core.discovery import StaticResolver
 from tether.core.effects import Close, Connect, Effect, Send
 from tether.core.proxy import Proxy
-from tether.core.proxy import h2translate as tr
-from tether.core.proxy.connections import Downstream, Upstream
-from tether.core.proxy.h1heads import Head
+from tether.core.proxy.connections import Upstream
+from tether.core.proxy.event_path import EventPathProxy
 from tether.core.proxy.streams import StreamExchange
 from tether.core.traffic.route_config import RouteConfig, load_route_yaml
 
@@ -58,29 +57,6 @@ spec:
 )
 EXAMPLES = int(os.environ.get("TETHER_MESHLANE_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-class EventPathProxy(Proxy):
-    """The proxy with the meshed lane closed: h11 events on both sides of the meshed hop."""
-
-    def _mesh_lane_request(self, downstream: Downstream, head: Head, *args: object) -> bool:
-        return False
-
-    def _sink_lane_response(self, upstream: Upstream, data: bytes) -> bool:
-        return False
-
-    def _sink_request_head_bytes(self, exchange: StreamExchange, upstream: Upstream, *, has_body: bool) -> bytes:
-        return upstream.h11.send(tr.h1_request(exchange.head, has_body=has_body))
-
-    def _source_response_head_bytes(
-        self,
-        exchange: StreamExchange,
-        downstream: Downstream,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        close: bool,
-    ) -> bytes:
-        return downstream.h11.send(tr.h1_response(status, headers, close=close))
 
 
 class LaneProxy(Proxy):
