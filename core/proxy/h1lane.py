@@ -38,7 +38,7 @@ import h11
 from tether.core.discovery import EndpointSet
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.exchange import Exchange, ExchangeState, Step
-from tether.core.proxy.h1fast import END_OF_MESSAGE
+from tether.core.proxy.h1fast import END_OF_MESSAGE, H1Connection
 from tether.core.proxy.h1heads import FullItems, Head, Row, request_event, response_event, write_head
 from tether.core.proxy.http1 import HOP_BY_HOP, NEVER_HOP_BY_HOP
 from tether.core.proxy.parts import ProxyParts
@@ -224,17 +224,10 @@ class H1Lane(ProxyParts):
             return False
         if exchange.downstream_id not in self._downstream:
             return False  # the event path has the rare answers nobody reads
-        head = upstream.h11.receive_head(data)
-        if head is None:
+        read = whole_response(upstream.h11, data, self.config.max_header_bytes)
+        if read is None:
             return False
-        body = None
-        if (
-            head.framing >= 0
-            and head.status not in (204, 304)
-            # http1.head_size of a response counts at most its wire length + 9 + one byte a line.
-            and head.length + 9 + len(head.fields) <= self.config.max_header_bytes
-        ):
-            body = upstream.h11.take_body()
+        head, body = read
         if body is None:
             # Not the lane's: the event path from this head on (_pump_upstream's h11.Response branch).
             self._response_started(exchange, upstream, head.event(), now_ns)
@@ -325,3 +318,22 @@ def _forwarded(head: Head) -> FullItems:
     named = head.connection  # names the Connection header makes hop-by-hop (only keep-alive and close here)
     dropped = HOP_BY_HOP | (named - NEVER_HOP_BY_HOP) if named else HOP_BY_HOP
     return [(name, name, value) for _, name, value in head.fields if name not in dropped]
+
+
+def whole_response(connection: H1Connection, data: bytes, max_header_bytes: int) -> tuple[Head, bytes | None] | None:
+    """A lane's reading of an endpoint's bytes: None when no whole head is here yet (the parser keeps the
+    bytes). Else the head, with its whole body, or with None when the body is not a lane's to take (no
+    Content-Length framing, a 204 or 304, or a head near the size limit): the event path goes on from
+    that head."""
+    head = connection.receive_head(data)
+    if head is None:
+        return None
+    body = None
+    if (
+        head.framing >= 0
+        and head.status not in (204, 304)
+        # http1.head_size of a response counts at most its wire length + 9 + one byte a line.
+        and head.length + 9 + len(head.fields) <= max_header_bytes
+    ):
+        body = connection.take_body()
+    return head, body

@@ -38,6 +38,7 @@ from tether.core.discovery import EndpointSet
 from tether.core.proxy import h2translate as tr
 from tether.core.proxy.connections import Downstream, Upstream, UpstreamState
 from tether.core.proxy.h1heads import Head, request_event, response_event, write_head
+from tether.core.proxy.h1lane import whole_response
 from tether.core.proxy.http1 import HOP_BY_HOP
 from tether.core.proxy.parts import ProxyParts
 from tether.core.proxy.streams import StreamExchange
@@ -170,17 +171,10 @@ class MeshLane(ProxyParts):
         exchange = self._streams.get(upstream.exchange_id or -1)
         if exchange is None or exchange.head.method in _NO_LANE_RESPONSE_METHODS:
             return False
-        head = upstream.h11.receive_head(data)
-        if head is None:
+        read = whole_response(upstream.h11, data, self.config.max_header_bytes)
+        if read is None:
             return False
-        body = None
-        if (
-            head.framing >= 0
-            and head.status not in (204, 304)
-            # http1.head_size of a response counts at most its wire length + 9 + one byte a line (h1lane.py).
-            and head.length + 9 + len(head.fields) <= self.config.max_header_bytes
-        ):
-            body = upstream.h11.take_body()
+        head, body = read
         held: list[StreamExchange] = []
         try:
             if body is None:
