@@ -177,8 +177,16 @@ def pieces(data: bytes, cut: int) -> list[bytes]:
 
 
 @st.composite
-def round_of_traffic(draw: st.DrawFn) -> list[tuple[Any, ...]]:
-    """One request's worth of actions: the request, maybe a connect, the response, acknowledgements, time."""
+def round_of_traffic(
+    draw: st.DrawFn,
+    *,
+    answerer: str = "endpoint",
+    before_answer: tuple[Any, ...] = ("ack",),
+    before_answer_odds: int = 7,
+) -> list[tuple[Any, ...]]:
+    """One request's worth of actions: the request, maybe a connect, the response from ``answerer``,
+    acknowledgements, time. One round in ``before_answer_odds`` puts ``before_answer`` between the request
+    and the answer (here: the request written out first; test_meshlane.py: the client half-closes)."""
     common = draw(st.integers(0, 3)) > 0
     request = draw(st.sampled_from(COMMON_REQUESTS)) if common else draw(message(request=True))
     if draw(st.integers(0, 5)) == 0:  # a pipelined second request in the same read
@@ -186,12 +194,12 @@ def round_of_traffic(draw: st.DrawFn) -> list[tuple[Any, ...]]:
     cut = draw(st.integers(0, 40)) if draw(st.integers(0, 4)) == 0 else 0
     actions: list[tuple[Any, ...]] = [("client", piece) for piece in pieces(request, cut)]
     actions.append(("connect", draw(st.integers(0, 9)) > 0))
-    if draw(st.integers(0, 6)) == 0:
-        actions.append(("ack",))  # the request written before the answer
+    if draw(st.integers(0, before_answer_odds - 1)) == 0:
+        actions.append(before_answer)
     common = draw(st.integers(0, 3)) > 0
     response = draw(st.sampled_from(COMMON_RESPONSES)) if common else draw(message(request=False))
     cut = draw(st.integers(0, 40)) if draw(st.integers(0, 4)) == 0 else 0
-    actions += [("endpoint", piece) for piece in pieces(response, cut)]
+    actions += [(answerer, piece) for piece in pieces(response, cut)]
     if draw(st.booleans()):
         actions.append(("ack",))
     advance = draw(st.sampled_from([0, 0, 0, 1, 5_000, 20_000, 70_000]))
