@@ -146,6 +146,11 @@ class H1Lane(ProxyParts):
         elif exchange.endpoint is not None:
             self._dispatch(exchange, now_ns)
         # else: it waits in the backend's failfast queue
+        self._lane_request_rest(downstream, body, now_ns)
+
+    def _lane_request_rest(self, downstream: Downstream, body: bytes, now_ns: int) -> None:
+        """A whole request's body and end after its head, as _pump_downstream hands on the parser's Data and
+        EndOfMessage events; any step may have closed the client. meshlane.py's lane ends the same way."""
         if downstream.conn_id in self._downstream and body:
             self._request_body(downstream, body)
         if downstream.conn_id in self._downstream:

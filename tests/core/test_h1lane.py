@@ -142,31 +142,35 @@ class Run:
         self._flush()
 
     def outcome(self) -> Any:
-        telemetry = self.proxy.telemetry
-        balancers = {}
-        for key, backend in sorted(self.proxy._backends.items()):
-            balancer = backend.balancer
-            balancers[key] = (
-                balancer.stats,
-                [
-                    (e, balancer.pending(e), balancer.endpoint_state(e), balancer.rtt_estimate_ns(e, self.now_ns))
-                    for e in balancer.endpoints()
-                ],
-            )
-        return (
-            self.log,
-            telemetry.request_total,
-            telemetry.response_total,
-            telemetry.response_latency_ms,
-            telemetry.tcp_open_total,
-            telemetry.tcp_close_total,
-            telemetry.tcp_open_connections,
-            telemetry.tcp_read_bytes_total,
-            telemetry.tcp_write_bytes_total,
-            telemetry.tcp_connection_duration_ms,
-            telemetry.services,
-            balancers,
+        return self.log, proxy_outcome(self.proxy, self.now_ns)
+
+
+def proxy_outcome(proxy: Proxy, now_ns: int) -> Any:
+    """What a run leaves in a proxy besides its effects: the metrics and each balancer's view."""
+    telemetry = proxy.telemetry
+    balancers = {}
+    for key, backend in sorted(proxy._backends.items()):
+        balancer = backend.balancer
+        balancers[key] = (
+            balancer.stats,
+            [
+                (e, balancer.pending(e), balancer.endpoint_state(e), balancer.rtt_estimate_ns(e, now_ns))
+                for e in balancer.endpoints()
+            ],
         )
+    return (
+        telemetry.request_total,
+        telemetry.response_total,
+        telemetry.response_latency_ms,
+        telemetry.tcp_open_total,
+        telemetry.tcp_close_total,
+        telemetry.tcp_open_connections,
+        telemetry.tcp_read_bytes_total,
+        telemetry.tcp_write_bytes_total,
+        telemetry.tcp_connection_duration_ms,
+        telemetry.services,
+        balancers,
+    )
 
 
 def pieces(data: bytes, cut: int) -> list[bytes]:

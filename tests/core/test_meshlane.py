@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_h1lane import COMMON_REQUESTS, COMMON_RESPONSES, round_of_traffic
+from test_h1lane import COMMON_REQUESTS, COMMON_RESPONSES, proxy_outcome, round_of_traffic
 
 from tether.core.address import Address
 from tether.core.config import ProxyConfig
@@ -169,34 +169,7 @@ class MeshRun:
         self._settle()
 
     def outcome(self) -> Any:
-        return self.log, [_proxy_outcome(proxy, self.now_ns) for proxy in self.proxies.values()]
-
-
-def _proxy_outcome(proxy: Proxy, now_ns: int) -> Any:
-    telemetry = proxy.telemetry
-    balancers = {}
-    for key, backend in sorted(proxy._backends.items()):
-        balancer = backend.balancer
-        balancers[key] = (
-            balancer.stats,
-            [
-                (e, balancer.pending(e), balancer.endpoint_state(e), balancer.rtt_estimate_ns(e, now_ns))
-                for e in balancer.endpoints()
-            ],
-        )
-    return (
-        telemetry.request_total,
-        telemetry.response_total,
-        telemetry.response_latency_ms,
-        telemetry.tcp_open_total,
-        telemetry.tcp_close_total,
-        telemetry.tcp_open_connections,
-        telemetry.tcp_read_bytes_total,
-        telemetry.tcp_write_bytes_total,
-        telemetry.tcp_connection_duration_ms,
-        telemetry.services,
-        balancers,
-    )
+        return self.log, [proxy_outcome(proxy, self.now_ns) for proxy in self.proxies.values()]
 
 
 # One request's worth of actions, as test_h1lane.py draws them, answered by the workload; one round in ten
