@@ -132,13 +132,27 @@ class FieldMemo:
     splitting, checking and stripping again. One memo serves every HTTP/1.1 parser of one proxy machine (it
     is the machine's state, passed in); the result of a parse is the same with or without it."""
 
-    __slots__ = ("heads", "blocks", "rows")
+    __slots__ = ("blocks", "h1_names", "h1_values", "heads", "rows")
 
     def __init__(self) -> None:
         # (whole head, request) -> its field block's entry and its start line's parts (h1fast._take_head)
         self.heads: dict[tuple[bytes, bool], tuple[Block, bytes, bytes, int, bytes, int]] = {}
         self.blocks: dict[tuple[bytes, bool], Block] = {}  # (whole field block, request) -> its parse
         self.rows: dict[bytes, Row] = {}  # one field line -> its row
+        # HTTP/2 field names and values found fit for HTTP/1.1 (h2translate.check_h1_fields): most repeat on
+        # every request of a workload (content types, servers, user agents).
+        self.h1_names: set[bytes] = set()
+        self.h1_values: set[bytes] = set()
+
+    def fit_name(self, name: bytes) -> None:
+        if len(self.h1_names) >= ROWS_MAX:
+            self.h1_names.clear()
+        self.h1_names.add(name)
+
+    def fit_value(self, value: bytes) -> None:
+        if len(self.h1_values) >= ROWS_MAX:
+            self.h1_values.clear()
+        self.h1_values.add(value)
 
     def remember_head(self, raw: bytes, request: bool, head: Head) -> None:
         """``raw`` (a whole head, blank line included) parses to ``head``, whose fields are remembered."""

@@ -161,7 +161,7 @@ class H2Flows(H2Windows, H2Traffic):
             return
         self._deadlines.cancel(("idle", downstream.conn_id))
         try:
-            head = tr.head_from_h2(list(event.headers))
+            head = tr.head_from_h2(list(event.headers), self._field_memo)
         except tr.TranslationError as error:
             head = tr.RequestHead(b"GET", b"http", b"", b"/", [])
             failure = ProxyError(ProxyErrorKind.MALFORMED_REQUEST, f"malformed HTTP/2 request: {error}")

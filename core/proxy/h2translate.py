@@ -16,12 +16,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import h11
 
 from tether.core.proxy.errors import ProxyError, ProxyErrorKind, error_body, error_response_headers, header_safe
 from tether.core.proxy.h1fast import request_event, response_event
 from tether.core.proxy.http1 import forwarded_headers, pairs
+
+if TYPE_CHECKING:
+    from tether.core.proxy.h1heads import FieldMemo
 
 ORIG_PROTO = b"l5d-orig-proto"
 HTTP11 = b"HTTP/1.1"
@@ -32,13 +36,7 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
-# Names already found to be tokens: a memo of a pure check (what it holds never changes a verdict), bounded.
-_h1_names: set[bytes] = set()
-H1_NAMES_MAX = 1024
-# Values already found fit, the same way: most repeat on every request of a workload (content types, servers,
-# user agents); the first H1_VALUES_MAX distinct ones are kept, the rest are checked each time.
-_h1_values: set[bytes] = set()
-H1_VALUES_MAX = 4096
+_NOTHING: frozenset[bytes] = frozenset()
 # RFC 9113 section 8.2.2: connection-specific headers are malformed in HTTP/2.
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
@@ -103,7 +101,7 @@ class TranslationError(ValueError):
     """A message that cannot be expressed on the other side (a missing pseudo-header, say)."""
 
 
-def head_from_h2(headers: list[tuple[bytes, bytes]]) -> RequestHead:
+def head_from_h2(headers: list[tuple[bytes, bytes]], memo: FieldMemo | None = None) -> RequestHead:
     pseudo: dict[bytes, bytes] = {}
     regular: list[tuple[bytes, bytes]] = []
     orig_proto = None
@@ -128,25 +126,27 @@ def head_from_h2(headers: list[tuple[bytes, bytes]]) -> RequestHead:
             raise TranslationError("the method or path cannot be carried by HTTP/1.1")
         if _FIELD_VALUE.fullmatch(authority) is None:
             raise TranslationError("the authority cannot be carried by HTTP/1.1")
-        check_h1_fields(regular)
+        check_h1_fields(regular, memo)
     return RequestHead(method, pseudo.get(b":scheme", b"http"), authority, path, regular, orig_proto)
 
 
-def check_h1_fields(headers: list[tuple[bytes, bytes]]) -> None:
+def check_h1_fields(headers: list[tuple[bytes, bytes]], memo: FieldMemo | None = None) -> None:
     """Raise TranslationError unless HTTP/1.1 can carry ``headers`` (lower-case names) as they are; several
-    Content-Length fields must agree (``h1_rows`` keeps one)."""
+    Content-Length fields must agree (``h1_rows`` keeps one). ``memo`` (the proxy's) skips the checks of names
+    and values it has seen pass; the verdict is the same without it."""
+    names, values = (memo.h1_names, memo.h1_values) if memo is not None else (_NOTHING, _NOTHING)
     length = None
     for name, value in headers:
-        if name not in _h1_names:
+        if name not in names:
             if _TOKEN.fullmatch(name) is None:
                 raise TranslationError(f"header name {name[:100]!r} cannot be carried by HTTP/1.1")
-            if len(_h1_names) < H1_NAMES_MAX:
-                _h1_names.add(name)
-        if value not in _h1_values:
+            if memo is not None:
+                memo.fit_name(name)
+        if value not in values:
             if _FIELD_VALUE.fullmatch(value) is None:
                 raise TranslationError(f"the value of {name[:100]!r} cannot be carried by HTTP/1.1")
-            if len(_h1_values) < H1_VALUES_MAX:
-                _h1_values.add(value)
+            if memo is not None:
+                memo.fit_value(value)
         if name == b"content-length":
             if _CONTENT_LENGTH.fullmatch(value) is None or (length is not None and value != length):
                 raise TranslationError("invalid or conflicting content-length")
@@ -233,7 +233,7 @@ _STATUS_FIELDS = {status: str(status).encode() for status in range(100, 600)}
 
 
 def split_response(
-    headers: list[tuple[bytes, bytes]], *, for_h1: bool = False
+    headers: list[tuple[bytes, bytes]], *, for_h1: bool = False, memo: FieldMemo | None = None
 ) -> tuple[int, list[tuple[bytes, bytes]]]:
     """The status and regular headers of an HTTP/2 response head; ``for_h1``: checked for an HTTP/1.1 client."""
     status = 0
@@ -246,7 +246,7 @@ def split_response(
     if not 100 <= status <= 999:
         raise TranslationError("response without a valid :status")
     if for_h1:
-        check_h1_fields(regular)
+        check_h1_fields(regular, memo)
     return status, regular
 
 

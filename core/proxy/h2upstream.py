@@ -310,7 +310,7 @@ class H2Upstream(H1Sink):
     def _h2_trailers(self, exchange: StreamExchange, trailers: list[tuple[bytes, bytes]]) -> None:
         if exchange.source_stream is None:  # an HTTP/1.1 client: the trailers must fit HTTP/1.1
             try:
-                tr.check_h1_fields(trailers)
+                tr.check_h1_fields(trailers, self._field_memo)
             except tr.TranslationError as error:
                 self._stream_abort(exchange, f"invalid trailers from {exchange.endpoint}: {error}")
                 return
@@ -318,7 +318,7 @@ class H2Upstream(H1Sink):
 
     def _h2_informational(self, exchange: StreamExchange, headers: list[tuple[bytes, bytes]]) -> None:
         try:
-            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None)
+            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None, memo=self._field_memo)
         except tr.TranslationError as error:
             reason = f"invalid informational response from {exchange.endpoint}: {error}"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.INVALID_RESPONSE, reason))
@@ -327,7 +327,7 @@ class H2Upstream(H1Sink):
 
     def _h2_response_head(self, exchange: StreamExchange, headers: list[tuple[bytes, bytes]], *, ended: bool) -> None:
         try:
-            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None)
+            status, regular = tr.split_response(headers, for_h1=exchange.source_stream is None, memo=self._field_memo)
         except tr.TranslationError as error:
             reason = f"invalid response from {exchange.endpoint}: {error}"
             self._stream_fail(exchange, ProxyError(ProxyErrorKind.INVALID_RESPONSE, reason))

@@ -19,6 +19,7 @@ from tether.core.discovery import Resolver
 from tether.core.effects import Effect
 from tether.core.proxy.connections import Downstream, Upstream
 from tether.core.proxy.exchange import Exchange
+from tether.core.proxy.h1heads import FieldMemo
 from tether.core.proxy.pool import EndpointPool
 from tether.core.proxy.streams import H2Pool, StreamExchange
 from tether.core.proxy.telemetry import Telemetry
@@ -43,6 +44,7 @@ class ProxyParts:
     _draining: bool
     _now_ns: int  # the latest time any input carried
     _tls_refusal: str  # why meshed connections cannot be opened now (mtls.py)
+    _field_memo: FieldMemo  # heads and fields this proxy has checked before (h1heads.py)
 
     if TYPE_CHECKING:  # defined by Proxy (machine.py)
 
