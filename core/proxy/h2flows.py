@@ -302,6 +302,8 @@ class H2Flows(H2Windows, H2Traffic):
         self._deadlines.cancel(("response", exchange.exchange_id))
         exchange.response_status = status
         exchange.head_ns = self._now_ns
+        if exchange.grpc:
+            exchange.head_grpc_status = tr.grpc_status(headers)
         if exchange.handle is not None and not exchange.grpc:
             self._drop_lease(exchange, exchange.exchange_id, http_outcome(status))
         latency_ms = (self._now_ns - exchange.started_ns) / NS_PER_MS
@@ -385,6 +387,8 @@ class H2Flows(H2Windows, H2Traffic):
         """
         if exchange.grpc:
             grpc_status = tr.grpc_status(trailers)
+            if grpc_status is None:  # a status in the head counts too (a head, a body and no trailers)
+                grpc_status = exchange.head_grpc_status
             self.telemetry.response_finished(exchange.labels, exchange.response_status or 0, grpc_status)
             if exchange.handle is not None:
                 outcome = grpc_outcome(exchange.response_status or 0, grpc_status)

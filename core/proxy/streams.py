@@ -56,6 +56,7 @@ class StreamExchange:
     source_unacked: int = 0
     sink_unacked: int = 0
     response_status: int | None = None
+    head_grpc_status: int | None = None  # a grpc-status in the response head (gRPC classifies by head or trailers)
     head_ns: int | None = None  # when the response head arrived (the RTT a gRPC response feeds the balancer)
     response_chunked: bool = True  # HTTP/1.1 client: whether trailers can be written
     response_ended: bool = False

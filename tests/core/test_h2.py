@@ -64,6 +64,16 @@ def test_grpc_failure_status_in_trailers_is_a_failure(make_harness) -> None:
     assert (classification, status, grpc_status) == ("failure", 200, "14")
 
 
+def test_grpc_status_in_the_head_of_a_response_with_a_body_classifies_it(make_harness) -> None:
+    h = make_harness()
+    client, stream, endpoint, upstream_stream = one_stream(h, "/svc.Echo/Say", body=b"\0\0\0\0\0", extra=GRPC)
+    endpoint.respond(upstream_stream, 200, b"\0\0\0\0\0", extra=[*GRPC[:1], (b"grpc-status", b"0")])
+    client.read()
+    assert client.streams[stream].ended and client.streams[stream].trailers == []
+    ((_labels, classification, status, grpc_status),) = h.proxy.telemetry.response_total
+    assert (classification, status, grpc_status) == ("success", 200, "0")
+
+
 def test_grpc_request_with_no_endpoints_gets_a_trailers_only_unavailable(make_harness) -> None:
     h = make_harness(endpoints=[])
     client = client_for(h)
