@@ -145,14 +145,10 @@ class FieldMemo:
         self.h1_values: set[bytes] = set()
 
     def fit_name(self, name: bytes) -> None:
-        if len(self.h1_names) >= ROWS_MAX:
-            self.h1_names.clear()
-        self.h1_names.add(name)
+        _remember(self.h1_names, name)
 
     def fit_value(self, value: bytes) -> None:
-        if len(self.h1_values) >= ROWS_MAX:
-            self.h1_values.clear()
-        self.h1_values.add(value)
+        _remember(self.h1_values, value)
 
     def remember_head(self, raw: bytes, request: bool, head: Head) -> None:
         """``raw`` (a whole head, blank line included) parses to ``head``, whose fields are remembered."""
@@ -173,6 +169,14 @@ class FieldMemo:
         head.block = block
         head.method, head.target, head.status, head.reason = method, target, status, reason
         return head
+
+
+def _remember(seen: set[bytes], item: bytes) -> None:
+    """Add ``item`` to ``seen`` if it is short, emptying ``seen`` once it holds ROWS_MAX items (under 256 KiB)."""
+    if len(item) <= ROW_LINE_BYTES_MAX:
+        if len(seen) >= ROWS_MAX:
+            seen.clear()
+        seen.add(item)
 
 
 def parse_fields(
